@@ -1,0 +1,208 @@
+"""`ViTSegConfig`: a pretrained HF vision backbone, which of its layers to tap, and a segmentation head."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
+
+from .heads import get_head_class
+
+
+# ViT families whose tokens the adapter reshapes itself: model_type -> number of non-register prefix tokens.
+VIT_FAMILIES = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 1, "dinov3_vit": 1}
+SAM_FAMILIES = ("sam_vision_model",)
+
+
+def backbone_kind(backbone_config: PreTrainedConfig) -> str:
+    """`"vit"` (tokens with prefix tokens), `"sam"` (spatial tokens) or `"hierarchical"` (AutoBackbone maps)."""
+    model_type = backbone_config.model_type
+    if model_type in VIT_FAMILIES:
+        return "vit"
+    if model_type in SAM_FAMILIES:
+        return "sam"
+    if model_type in MODEL_FOR_BACKBONE_MAPPING_NAMES and hasattr(backbone_config, "stage_names"):
+        return "hierarchical"
+    raise ValueError(
+        f"Backbone model_type {model_type!r} is not supported. Supported: ViT families "
+        f"{', '.join(VIT_FAMILIES)}; SAM's vision encoder (sam_vision_model, or a sam config); "
+        "and hierarchical backbones that transformers' AutoBackbone builds (e.g. swin)."
+    )
+
+
+def num_prefix_tokens(backbone_config: PreTrainedConfig) -> int:
+    """CLS + distillation + register tokens in front of the patch tokens (0 without any)."""
+    if backbone_kind(backbone_config) != "vit":
+        return 0
+    return VIT_FAMILIES[backbone_config.model_type] + int(getattr(backbone_config, "num_register_tokens", 0) or 0)
+
+
+def num_backbone_levels(backbone_config: PreTrainedConfig) -> int:
+    """The largest valid tap index: transformer layers for ViT/SAM, stages for hierarchical backbones."""
+    if backbone_kind(backbone_config) == "hierarchical":
+        return len(backbone_config.stage_names) - 1
+    return backbone_config.num_hidden_layers
+
+
+def evenly_spaced_indices(num_levels: int, num_taps: int) -> list[int]:
+    """`num_taps` evenly spaced layers ending at the last one: (12, 4) -> [3, 6, 9, 12]."""
+    num_taps = min(num_taps, num_levels)
+    return sorted({round(num_levels * (i + 1) / num_taps) for i in range(num_taps)})
+
+
+class ViTSegConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`ViTSegForSemanticSegmentation`]: a backbone, the layers tapped from it and a head.
+
+    Args:
+        backbone_config (`PreTrainedConfig` or `dict`, *optional*):
+            The backbone's config, any of: `ViTConfig`, `DeiTConfig`, `Dinov2Config`,
+            `Dinov2WithRegistersConfig`, `DINOv3ViTConfig`, `SamVisionConfig` (a `SamConfig` is reduced to
+            its vision config), or a hierarchical backbone config that `AutoBackbone` builds (`SwinConfig`).
+            Saved nested with its `model_type` and reloaded as the same class. Defaults to a DINOv2 ViT-S/14
+            config (random weights; use `from_pretrained_backbone` for pretrained ones).
+        backbone_out_indices (`list[int]`, *optional*):
+            Which backbone layers to tap, sorted and unique. For ViT families and SAM these are transformer
+            layers `0..num_hidden_layers` (0 is the embedding output, negative values count from the end);
+            for hierarchical backbones they are stages `1..num_stages` (0 is the stem). Defaults to the
+            head's choice: the last layer for single-map heads, four evenly spaced layers for multi-level
+            heads. The backbone runs only as deep as the deepest tap.
+        backbone_apply_layernorm (`bool`, *optional*, defaults to `True`):
+            Apply the backbone's final layer norm to every tapped layer, as DINOv2's linear evaluation does.
+            (ViT families only; SAM has no final norm and hierarchical backbones norm their own maps.)
+        head (`str`, *optional*, defaults to `"linear"`):
+            A registered head name, see `hf_vitseg.list_heads()`.
+        head_kwargs (`dict`, *optional*):
+            Keyword arguments of the head's constructor (its own and `BaseHead`'s: `channels`, `dropout`,
+            `in_index`, `input_transform`). Unknown keys are an error.
+        num_labels / id2label / label2id:
+            The classes. `num_labels` and `id2label` must agree.
+        ignore_index (`int`, *optional*, defaults to 255):
+            Label value ignored by the loss and the metrics.
+        class_weights (`list[float]`, *optional*):
+            Per-class weights of the cross-entropy loss.
+        label_smoothing (`float`, *optional*, defaults to 0.0):
+            Label smoothing of the cross-entropy loss.
+        validate_labels (`bool`, *optional*, defaults to `True`):
+            Check that labels lie in `[0, num_labels)` or equal `ignore_index` before the loss, raising a clear
+            error instead of a device-side assert or NaN. Costs one host-device sync per step.
+        freeze_backbone (`bool`, *optional*, defaults to `False`):
+            No gradients into the backbone, which stays in eval mode (dropout, drop-path off) while the head trains.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Std of the normal initialisation of the head's linear and conv layers.
+    """
+
+    model_type = "vitseg"
+    sub_configs = {"backbone_config": AutoConfig}
+
+    def __init__(
+        self,
+        backbone_config: PreTrainedConfig | dict | None = None,
+        backbone_out_indices: list[int] | None = None,
+        backbone_apply_layernorm: bool = True,
+        head: str = "linear",
+        head_kwargs: dict | None = None,
+        ignore_index: int = 255,
+        class_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        validate_labels: bool = True,
+        freeze_backbone: bool = False,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        if backbone_config is None:
+            from transformers import Dinov2Config
+
+            backbone_config = Dinov2Config(
+                hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518
+            )
+        elif isinstance(backbone_config, dict):
+            if "model_type" not in backbone_config:
+                raise ValueError("backbone_config given as a dict needs a 'model_type' key (e.g. 'dinov2').")
+            backbone_config = dict(backbone_config)
+            backbone_config = AutoConfig.for_model(backbone_config.pop("model_type"), **backbone_config)
+        if backbone_config.model_type == "sam":
+            backbone_config = backbone_config.vision_config
+        kind = backbone_kind(backbone_config)
+
+        head_cls = get_head_class(head)
+        head_kwargs = dict(head_kwargs or {})
+        unknown = set(head_kwargs) - head_cls.init_kwargs()
+        if unknown:
+            raise ValueError(
+                f"head_kwargs {sorted(unknown)} are not arguments of head {head!r}. "
+                f"Valid: {sorted(head_cls.init_kwargs())}."
+            )
+        head_cls.check_backbone(kind == "hierarchical", num_prefix_tokens(backbone_config))
+
+        num_levels = num_backbone_levels(backbone_config)
+        if backbone_out_indices is None:
+            backbone_out_indices = evenly_spaced_indices(num_levels, head_cls.num_default_taps)
+        backbone_out_indices = self._normalize_indices(backbone_out_indices, num_levels, kind)
+        if kind == "hierarchical":
+            backbone_config.out_indices = backbone_out_indices
+            backbone_config.out_features = [backbone_config.stage_names[i] for i in backbone_out_indices]
+
+        id2label = kwargs.get("id2label")
+        if id2label is not None and kwargs.get("num_labels") is not None and len(id2label) != kwargs["num_labels"]:
+            raise ValueError(
+                f"num_labels={kwargs['num_labels']} disagrees with id2label, which has {len(id2label)} entries. "
+                "Pass one of them, or make them agree."
+            )
+        if class_weights is not None:
+            n = len(id2label) if id2label is not None else kwargs.get("num_labels")
+            if n is not None and len(class_weights) != n:
+                raise ValueError(f"class_weights has {len(class_weights)} entries for {n} labels.")
+
+        self.backbone_config = backbone_config
+        self.backbone_out_indices = backbone_out_indices
+        self.backbone_apply_layernorm = backbone_apply_layernorm
+        self.head = head
+        self.head_kwargs = head_kwargs
+        self.ignore_index = ignore_index
+        self.class_weights = list(class_weights) if class_weights is not None else None
+        self.label_smoothing = label_smoothing
+        self.validate_labels = validate_labels
+        self.freeze_backbone = freeze_backbone
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be at least 1, got {self.num_labels}.")
+        if 0 <= self.ignore_index < self.num_labels:
+            raise ValueError(
+                f"ignore_index={self.ignore_index} is a valid class id for num_labels={self.num_labels}; "
+                "choose an ignore_index outside [0, num_labels) (255 or -100 are usual)."
+            )
+
+    @staticmethod
+    def _normalize_indices(indices, num_levels: int, kind: str) -> list[int]:
+        if isinstance(indices, int):
+            indices = [indices]
+        lowest = 0
+        what = "stages (0 = stem)" if kind == "hierarchical" else "layers (0 = embeddings)"
+        normalized = []
+        for i in indices:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise ValueError(f"backbone_out_indices must be ints, got {indices!r}.")
+            j = i + num_levels + 1 if i < 0 else i
+            if not lowest <= j <= num_levels:
+                raise ValueError(
+                    f"backbone_out_indices {list(indices)} has {i}, out of range: this backbone has {num_levels} "
+                    f"{what}; valid indices are {lowest}..{num_levels} (or -{num_levels + 1}..-1 from the end)."
+                )
+            normalized.append(j)
+        if not normalized:
+            raise ValueError("backbone_out_indices must name at least one layer.")
+        if normalized != sorted(set(normalized)):
+            raise ValueError(
+                f"backbone_out_indices {list(indices)} must be sorted and unique (after resolving negative "
+                f"indices: {normalized}); e.g. {sorted(set(normalized))}."
+            )
+        return normalized
+
+    @property
+    def backbone_kind(self) -> str:
+        return backbone_kind(self.backbone_config)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return num_prefix_tokens(self.backbone_config)

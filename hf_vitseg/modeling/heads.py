@@ -1,0 +1,16 @@
+"""All built-in heads, imported so that they register themselves; plus the registry's public functions.
+
+A new built-in head: add its file and one import line here.
+"""
+
+from .head_base import HEAD_REGISTRY, BackboneFeatures, BaseHead, get_head_class, list_heads, register_head
+from .head_conv import ConvHead
+from .head_linear import LinearHead
+from .head_mlp import MLPHead
+from .head_setr import SETRPUPHead
+
+
+__all__ = [
+    "HEAD_REGISTRY", "BackboneFeatures", "BaseHead", "get_head_class", "list_heads", "register_head",
+    "ConvHead", "LinearHead", "MLPHead", "SETRPUPHead",
+]

@@ -1,0 +1,263 @@
+"""`ViTSegForSemanticSegmentation`: any HF vision backbone + any registered segmentation head.
+
+The whole data flow is in `forward`:
+
+    pixel_values (B, 3, H, W)                       H, W multiples of the patch size (the processor pads)
+      -> BackboneAdapter: taps -> BackboneFeatures   maps (B, C, H/p, W/p) + prefix tokens
+      -> head: logits (B, num_labels, h', w')        at the head's natural resolution (documented per head)
+      -> loss: logits upsampled to the label size, cross-entropy with ignore_index
+
+This file and its sibling imports travel with every saved checkpoint (remote code), so they import only
+torch and transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from .backbone_adapter import BackboneAdapter
+from .configuration_vitseg import ViTSegConfig
+from .head_base import BaseHead, get_head_class
+from .losses import segmentation_loss
+
+
+class ViTSegPreTrainedModel(PreTrainedModel):
+    config_class = ViTSegConfig
+    base_model_prefix = "vitseg"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        """Heads: normal(initializer_range) for convs and linears, unit/zero norms (transformers' defaults);
+        parameters a head owns directly are initialised by the head's `reset_extra_parameters`."""
+        super()._init_weights(module)
+        if isinstance(module, BaseHead) and hasattr(module, "reset_extra_parameters"):
+            module.reset_extra_parameters(std=self.config.initializer_range)
+
+
+class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
+    """A segmentation model: `backbone` (a `BackboneAdapter` around the HF model) followed by `head`.
+
+    Outputs `SemanticSegmenterOutput` whose `logits` are at the head's natural resolution, coarser than the
+    input for most heads (e.g. H/14 for `linear` on DINOv2): upsample them to the image size with
+    `ViTSegImageProcessor.post_process_semantic_segmentation`, as the loss does internally. Computing full
+    resolution logits inside `forward` would cost memory and time every step for nothing.
+    """
+
+    def __init__(self, config: ViTSegConfig):
+        super().__init__(config)
+        self.backbone = BackboneAdapter(config)
+        head_cls = get_head_class(config.head)
+        self.head = head_cls(
+            in_channels=self.backbone.out_channels,
+            in_strides=self.backbone.out_strides,
+            num_labels=config.num_labels,
+            num_prefix_tokens=self.backbone.num_prefix_tokens,
+            **config.head_kwargs,
+        )
+        self.post_init()
+        if config.freeze_backbone:
+            self.freeze_backbone()
+
+    # -- freezing ---------------------------------------------------------------------------------------------
+    def freeze_backbone(self, freeze: bool = True) -> None:
+        """No gradients into the backbone and backbone kept in eval mode (see `train`)."""
+        self.config.freeze_backbone = freeze
+        self.backbone.requires_grad_(not freeze)
+        if freeze:
+            self.backbone.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_backbone:
+            self.backbone.eval()  # BatchNorm statistics, dropout and drop-path stay as pretrained
+        return self
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images; height and width multiples of `self.backbone.size_divisor`.
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Class ids in `[0, num_labels)` or `config.ignore_index`, at any resolution (usually the input's).
+        output_hidden_states / output_attentions (`bool`, *optional*):
+            Return the backbone's hidden states (as far as it ran) / attention probabilities (needs
+            `attn_implementation="eager"`).
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        if self.config.freeze_backbone:
+            with torch.no_grad():
+                features = self.backbone(pixel_values, output_hidden_states, output_attentions)
+        else:
+            features = self.backbone(pixel_values, output_hidden_states, output_attentions)
+        logits = self.head(features)  # (B, num_labels, h', w')
+
+        loss = None
+        if labels is not None:
+            loss = segmentation_loss(logits, labels, self.config)
+
+        if not return_dict:
+            output = (logits,) + tuple(x for x in (features.hidden_states, features.attentions) if x is not None)
+            return ((loss,) + output) if loss is not None else output
+        return SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=features.hidden_states, attentions=features.attentions
+        )
+
+    # -- pretrained backbones ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained_backbone(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        head: str = "linear",
+        num_labels: int | None = None,
+        id2label: dict | None = None,
+        backbone_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "ViTSegForSemanticSegmentation":
+        """A model whose backbone holds the pretrained weights of a plain HF model, bit for bit, and a fresh head.
+
+        Args:
+            pretrained_model_name_or_path: a Hub id or local folder of a plain HF vision model (`Dinov2Model`,
+                `ViTModel`, ...) or of a task checkpoint (`ViTForImageClassification`, `SamModel`, ...), whose
+                task-specific parts are dropped.
+            head, num_labels, id2label, **config_kwargs: the rest of the `ViTSegConfig`.
+            backbone_kwargs: passed to `from_pretrained` of the backbone (`revision`, `cache_dir`, `dtype`...).
+        """
+        backbone_kwargs = dict(backbone_kwargs or {})
+        backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
+        if id2label is not None:
+            config_kwargs["id2label"] = id2label
+        if num_labels is not None:
+            config_kwargs["num_labels"] = num_labels
+        config = ViTSegConfig(backbone_config=backbone_config, head=head, **config_kwargs)
+
+        model = cls(config)
+        source = _load_backbone_state_dict(pretrained_model_name_or_path, config, backbone_kwargs)
+        target = model.backbone.model
+        expected = target.state_dict()
+        missing = [k for k in expected if k not in source]
+        # Buffers that are recomputed, never learnt, may be absent from checkpoints.
+        missing = [k for k in missing if k in dict(target.named_parameters())]
+        if missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} lacks backbone weights {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                "it does not look like a checkpoint of this backbone."
+            )
+        for key, value in expected.items():
+            if key in source and source[key].shape != value.shape:
+                raise ValueError(f"Backbone weight {key} has shape {tuple(source[key].shape)} in the checkpoint "
+                                 f"but {tuple(value.shape)} in the model.")
+        target.load_state_dict({k: v for k, v in source.items() if k in expected}, strict=False)
+        if config.freeze_backbone:
+            model.freeze_backbone()
+        model.config.backbone_name_or_path = str(pretrained_model_name_or_path)
+        return model
+
+    # -- save with user heads ---------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the source of a user-registered head when remote code is saved.
+
+        If the head class lives outside hf-vitseg, its module file is copied beside the modeling files (with
+        `hf_vitseg` imports rewritten to the flat sibling files) and imported from the saved
+        `configuration_vitseg.py`, so `trust_remote_code=True` loading works where hf-vitseg is not installed.
+        """
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if getattr(self, "_auto_class", None) is not None:
+            _save_user_head_source(type(self.head), Path(save_directory))
+        return result
+
+
+def _load_backbone_state_dict(name_or_path, config: ViTSegConfig, backbone_kwargs: dict) -> dict:
+    """The backbone's weights as the adapter's `model` names them, from a base or task checkpoint."""
+    from transformers import AutoBackbone
+
+    if config.backbone_kind == "hierarchical":
+        source = AutoBackbone.from_pretrained(name_or_path, out_indices=config.backbone_out_indices, **backbone_kwargs)
+    else:
+        source = AutoModel.from_pretrained(name_or_path, **backbone_kwargs)
+    state = source.state_dict()
+    if config.backbone_kind == "sam" and type(source).__name__ != "SamVisionModel":
+        # SamModel: the vision encoder lives under `vision_encoder.` in both, the rest is dropped
+        state = {k: v for k, v in state.items() if k.startswith("vision_encoder.")}
+    return state
+
+
+# Names that user head modules may import from hf_vitseg, and the flat file that defines them.
+_FLAT_HOMES = {
+    "BaseHead": "head_base", "BackboneFeatures": "head_base", "register_head": "head_base",
+    "list_heads": "head_base", "get_head_class": "head_base", "ConvNormAct": "head_base", "resize": "head_base",
+}
+
+
+def _save_user_head_source(head_cls: type, directory: Path) -> None:
+    module = sys.modules.get(head_cls.__module__)
+    ours = __name__.rsplit(".", 1)[0]
+    if head_cls.__module__.startswith(ours + ".") or module is None:
+        return
+    try:
+        source_file = inspect.getsourcefile(module)
+    except TypeError:
+        source_file = None
+    if head_cls.__module__ == "__main__" or source_file is None:
+        import warnings
+
+        warnings.warn(
+            f"Head {head_cls.__qualname__} is defined in {head_cls.__module__!r}, not in a module file; it is not "
+            "saved with the checkpoint, so loading with trust_remote_code=True where it is not registered fails. "
+            "Define custom heads in a module file."
+        )
+        return
+    flat_name = "vitseg_user_" + head_cls.__module__.replace(".", "_")
+    text = Path(source_file).read_text()
+
+    def rewrite(match: re.Match) -> str:
+        module_path, names = match.group(1), match.group(2)
+        if module_path.startswith("hf_vitseg.modeling."):
+            return f"from .{module_path.rsplit('.', 1)[1]} import {names}"
+        by_home: dict[str, list[str]] = {}
+        for name in [n.strip() for n in names.strip("()").split(",") if n.strip()]:
+            home = _FLAT_HOMES.get(name.split(" as ")[0].strip())
+            if home is None:
+                raise ValueError(
+                    f"{source_file} imports {name!r} from {module_path}, which cannot travel with the checkpoint. "
+                    f"Custom head modules may import {sorted(_FLAT_HOMES)} from hf_vitseg."
+                )
+            by_home.setdefault(home, []).append(name)
+        return "\n".join(f"from .{home} import {', '.join(n)}" for home, n in by_home.items())
+
+    text = re.sub(r"^from\s+(hf_vitseg[\w.]*)\s+import\s+(\([^)]*\)|[^\n]+)", rewrite, text, flags=re.MULTILINE)
+    (directory / f"{flat_name}.py").write_text(text)
+    config_file = directory / "configuration_vitseg.py"
+    line = f"from .{flat_name} import *  # noqa: F401,F403  user head saved by hf-vitseg\n"
+    content = config_file.read_text()
+    if line not in content:
+        config_file.write_text(content + "\n\n" + line)
+    shutil.copymode(config_file, directory / f"{flat_name}.py")
