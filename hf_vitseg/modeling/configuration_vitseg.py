@@ -85,6 +85,21 @@ class ViTSegConfig(PreTrainedConfig):
         validate_labels (`bool`, *optional*, defaults to `True`):
             Check that labels lie in `[0, num_labels)` or equal `ignore_index` before the loss, raising a clear
             error instead of a device-side assert or NaN. Costs one host-device sync per step.
+        neck (`str`, *optional*, defaults to `"auto"`):
+            `"pyramid"`: a `PyramidNeck` turns single-stride ViT taps into four levels at strides p/4, p/2, p, 2p;
+            `None`: no neck; `"auto"`: the pyramid neck for heads that want a pyramid (`unet`, `segformer`,
+            `upernet`) on ViT/SAM backbones, none otherwise. Hierarchical backbones never get one.
+        neck_channels (`int`, *optional*):
+            Project every pyramid level to this width (default: keep the backbone's width).
+        dice_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of a soft Dice loss added to the cross-entropy (0 = off).
+        auxiliary_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the loss of an auxiliary FCN head on an earlier tap (0 = no auxiliary head). Works with
+            any head; the auxiliary head only trains, it never changes `logits`.
+        auxiliary_in_index (`int`, *optional*, defaults to -2):
+            Which tapped map (an index into `backbone_out_indices`) the auxiliary head reads.
+        auxiliary_channels (`int`, *optional*, defaults to 256):
+            Width of the auxiliary head's conv.
         freeze_backbone (`bool`, *optional*, defaults to `False`):
             No gradients into the backbone, which stays in eval mode (dropout, drop-path off) while the head trains.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -105,6 +120,12 @@ class ViTSegConfig(PreTrainedConfig):
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         validate_labels: bool = True,
+        neck: str | None = "auto",
+        neck_channels: int | None = None,
+        dice_loss_weight: float = 0.0,
+        auxiliary_loss_weight: float = 0.0,
+        auxiliary_in_index: int = -2,
+        auxiliary_channels: int = 256,
         freeze_backbone: bool = False,
         initializer_range: float = 0.02,
         **kwargs,
@@ -134,6 +155,10 @@ class ViTSegConfig(PreTrainedConfig):
             )
         head_cls.check_backbone(kind == "hierarchical", num_prefix_tokens(backbone_config))
 
+        if neck not in ("auto", "pyramid", None):
+            raise ValueError(f"neck must be 'auto', 'pyramid' or None, got {neck!r}.")
+        if neck == "pyramid" and kind == "hierarchical":
+            raise ValueError("neck='pyramid' is for single-stride backbones; a hierarchical backbone has its own pyramid.")
         num_levels = num_backbone_levels(backbone_config)
         if backbone_out_indices is None:
             backbone_out_indices = evenly_spaced_indices(num_levels, head_cls.num_default_taps)
@@ -153,6 +178,21 @@ class ViTSegConfig(PreTrainedConfig):
             if n is not None and len(class_weights) != n:
                 raise ValueError(f"class_weights has {len(class_weights)} entries for {n} labels.")
 
+        wants_neck = neck == "pyramid" or (neck == "auto" and head_cls.wants_pyramid and kind != "hierarchical")
+        if wants_neck and len(backbone_out_indices) not in (1, 4):
+            raise ValueError(
+                f"Head {head!r} gets a pyramid neck, which builds 4 levels from 1 or 4 backbone taps; "
+                f"backbone_out_indices={backbone_out_indices} has {len(backbone_out_indices)}. Tap 4 layers "
+                f"(e.g. {evenly_spaced_indices(num_levels, 4)}) or 1."
+            )
+        if auxiliary_loss_weight:
+            n_taps = len(backbone_out_indices)
+            if not -n_taps <= auxiliary_in_index < n_taps:
+                raise ValueError(
+                    f"auxiliary_in_index={auxiliary_in_index} is out of range for {n_taps} tapped layers "
+                    f"(backbone_out_indices={backbone_out_indices}); tap more layers or pick another index."
+                )
+
         self.backbone_config = backbone_config
         self.backbone_out_indices = backbone_out_indices
         self.backbone_apply_layernorm = backbone_apply_layernorm
@@ -162,6 +202,12 @@ class ViTSegConfig(PreTrainedConfig):
         self.class_weights = list(class_weights) if class_weights is not None else None
         self.label_smoothing = label_smoothing
         self.validate_labels = validate_labels
+        self.neck = neck
+        self.neck_channels = neck_channels
+        self.dice_loss_weight = dice_loss_weight
+        self.auxiliary_loss_weight = auxiliary_loss_weight
+        self.auxiliary_in_index = auxiliary_in_index
+        self.auxiliary_channels = auxiliary_channels
         self.freeze_backbone = freeze_backbone
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
@@ -198,6 +244,12 @@ class ViTSegConfig(PreTrainedConfig):
                 f"indices: {normalized}); e.g. {sorted(set(normalized))}."
             )
         return normalized
+
+    @property
+    def uses_pyramid_neck(self) -> bool:
+        if self.neck == "auto":
+            return get_head_class(self.head).wants_pyramid and self.backbone_kind != "hierarchical"
+        return self.neck == "pyramid"
 
     @property
     def backbone_kind(self) -> str:

@@ -25,8 +25,23 @@ def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
-    """Cross-entropy of `logits` (B, C, h, w) upsampled to `labels` (B, H, W), ignoring `config.ignore_index`."""
+def dice_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, eps: float = 1.0) -> torch.Tensor:
+    """Soft multi-class Dice loss (Milletari et al., V-Net, 2016) on softmax probabilities, averaged over classes.
+
+    `logits` (B, C, H, W) and `labels` (B, H, W) at the same size; ignored pixels count for nothing.
+    """
+    valid = (labels != ignore_index).unsqueeze(1)  # (B, 1, H, W)
+    probs = logits.softmax(dim=1) * valid
+    one_hot = F.one_hot(labels.clamp(0, logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2) * valid
+    dims = (0, 2, 3)
+    intersection = (probs * one_hot).sum(dims)
+    cardinality = probs.sum(dims) + one_hot.sum(dims)
+    return (1 - (2 * intersection + eps) / (cardinality + eps)).mean()
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, config, validate: bool = True) -> torch.Tensor:
+    """Cross-entropy (+ `config.dice_loss_weight` x Dice) of `logits` (B, C, h, w) upsampled to `labels`
+    (B, H, W), ignoring `config.ignore_index`."""
     if labels.ndim == 4 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
@@ -36,7 +51,7 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> tor
     if labels.is_floating_point():
         raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}.")
     labels = labels.long()
-    if config.validate_labels:
+    if validate and config.validate_labels:
         check_labels(labels, config.num_labels, config.ignore_index)
     # upsampling in float32 keeps bf16/fp16 logits from losing detail at boundaries
     logits = upsample_logits(logits.float(), labels.shape[-2:])
@@ -46,6 +61,9 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> tor
     if not bool((labels != config.ignore_index).any()):
         # every pixel ignored: a zero loss that still depends on the logits (F.cross_entropy would give NaN)
         return logits.sum() * 0.0
-    return F.cross_entropy(
+    loss = F.cross_entropy(
         logits, labels, weight=weight, ignore_index=config.ignore_index, label_smoothing=config.label_smoothing
     )
+    if config.dice_loss_weight:
+        loss = loss + config.dice_loss_weight * dice_loss(logits, labels, config.ignore_index)
+    return loss

@@ -27,8 +27,9 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .backbone_adapter import BackboneAdapter
 from .configuration_vitseg import ViTSegConfig
-from .head_base import BaseHead, get_head_class
+from .head_base import BaseHead, ConvNormAct, get_head_class
 from .losses import segmentation_loss
+from .neck import PyramidNeck
 
 
 class ViTSegPreTrainedModel(PreTrainedModel):
@@ -62,14 +63,25 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
     def __init__(self, config: ViTSegConfig):
         super().__init__(config)
         self.backbone = BackboneAdapter(config)
-        head_cls = get_head_class(config.head)
-        self.head = head_cls(
-            in_channels=self.backbone.out_channels,
-            in_strides=self.backbone.out_strides,
+        channels, strides = self.backbone.out_channels, self.backbone.out_strides
+        self.neck = None
+        if config.uses_pyramid_neck:
+            self.neck = PyramidNeck(channels, strides, out_channels=config.neck_channels)
+            channels, strides = self.neck.out_channels, self.neck.out_strides
+        self.head = get_head_class(config.head)(
+            in_channels=channels,
+            in_strides=strides,
             num_labels=config.num_labels,
             num_prefix_tokens=self.backbone.num_prefix_tokens,
             **config.head_kwargs,
         )
+        self.auxiliary_head = None
+        if config.auxiliary_loss_weight:
+            self.auxiliary_head = nn.Sequential(
+                ConvNormAct(self.backbone.out_channels[config.auxiliary_in_index], config.auxiliary_channels),
+                nn.Dropout2d(0.1),
+                nn.Conv2d(config.auxiliary_channels, config.num_labels, kernel_size=1),
+            )
         self.post_init()
         if config.freeze_backbone:
             self.freeze_backbone()
@@ -118,11 +130,19 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
                 features = self.backbone(pixel_values, output_hidden_states, output_attentions)
         else:
             features = self.backbone(pixel_values, output_hidden_states, output_attentions)
+        taps = features
+        if self.neck is not None:
+            features = self.neck(features)  # 4 levels at strides p/4, p/2, p, 2p
         logits = self.head(features)  # (B, num_labels, h', w')
 
         loss = None
         if labels is not None:
             loss = segmentation_loss(logits, labels, self.config)
+            if self.auxiliary_head is not None:
+                auxiliary_logits = self.auxiliary_head(taps.feature_maps[self.config.auxiliary_in_index])
+                loss = loss + self.config.auxiliary_loss_weight * segmentation_loss(
+                    auxiliary_logits, labels, self.config, validate=False
+                )
 
         if not return_dict:
             output = (logits,) + tuple(x for x in (features.hidden_states, features.attentions) if x is not None)
