@@ -6,7 +6,7 @@ remote code, so `save_pretrained` writes `auto_map` and the source files that le
 `from_pretrained(..., trust_remote_code=True)` work where hf-vitseg is not installed.
 """
 
-from transformers import AutoConfig, AutoModelForSemanticSegmentation
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
 
 from .modeling import (
     BackboneFeatures,
@@ -19,6 +19,8 @@ from .modeling import (
     register_head,
 )
 
+from .processing import ViTSegImageProcessor
+
 
 __version__ = "0.1.0.dev0"
 
@@ -26,12 +28,15 @@ AutoConfig.register("vitseg", ViTSegConfig, exist_ok=True)
 AutoModelForSemanticSegmentation.register(ViTSegConfig, ViTSegForSemanticSegmentation, exist_ok=True)
 ViTSegConfig.register_for_auto_class()
 ViTSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+AutoImageProcessor.register(ViTSegConfig, image_processor_classes={"pil": ViTSegImageProcessor}, exist_ok=True)
+ViTSegImageProcessor.register_for_auto_class()
 
 __all__ = [
     "BackboneFeatures",
     "BaseHead",
     "ViTSegConfig",
     "ViTSegForSemanticSegmentation",
+    "ViTSegImageProcessor",
     "ViTSegPreTrainedModel",
     "get_head_class",
     "list_heads",

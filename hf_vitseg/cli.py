@@ -1,0 +1,45 @@
+"""`hf-vitseg` command line: train, evaluate, predict, push, bench, demo.
+
+Each command lives in its own module exposing `configure_parser(parser)` and `run(args) -> int`; only the
+chosen command's module is imported, so `hf-vitseg --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("hf_vitseg.training.cli_train", "fine-tune a model with transformers.Trainer"),
+    "evaluate": ("hf_vitseg.training.cli_evaluate", "report mIoU and accuracy of a saved model on a dataset"),
+    "predict": ("hf_vitseg.inference.cli_predict", "write label maps and colour overlays for images"),
+    "push": ("hf_vitseg.hub.cli_push", "upload a saved model folder to the Hugging Face Hub with a model card"),
+    "bench": ("hf_vitseg.bench", "time every head against the backbone alone"),
+    "demo": ("hf_vitseg.demo", "fine-tune and evaluate on the embedded nuclei sample (offline, CPU)"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-vitseg", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).configure_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Tiny random backbone configs, one per supported family: the "model tester" every test parametrises over."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import (
+    DeiTConfig,
+    Dinov2Config,
+    Dinov2WithRegistersConfig,
+    DINOv3ViTConfig,
+    SamVisionConfig,
+    SwinConfig,
+    ViTConfig,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+_VIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8)
+
+
+def tiny_backbone_config(family: str):
+    """A random backbone config of `family` small enough for a forward+backward in milliseconds."""
+    if family == "vit":
+        return ViTConfig(intermediate_size=64, **_VIT)
+    if family == "deit":
+        return DeiTConfig(intermediate_size=64, **_VIT)
+    if family == "dinov2":
+        return Dinov2Config(mlp_ratio=2, **_VIT)
+    if family == "dinov2_with_registers":
+        return Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **_VIT)
+    if family == "dinov3_vit":
+        return DINOv3ViTConfig(intermediate_size=64, num_register_tokens=2, **_VIT)
+    if family == "sam":
+        return SamVisionConfig(
+            hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_dim=64, image_size=64, patch_size=8,
+            window_size=4, global_attn_indexes=[1, 3], output_channels=16,
+        )
+    if family == "swin":
+        return SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], image_size=64, patch_size=4,
+                          window_size=2)
+    raise KeyError(family)
+
+
+FAMILIES = ["vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit", "sam", "swin"]
+# Non-square input that every tiny family accepts (multiples of 8 and of Swin's total stride 32).
+NON_SQUARE = (64, 96)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
