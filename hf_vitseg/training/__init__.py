@@ -1,5 +1,6 @@
 """Training helpers: streaming metrics, collator, optimizer parameter groups, feature cache, loops."""
 
+from .collator import SegmentationCollator
 from .metrics import (
     ConfusionMatrix,
     compute_segmentation_metrics,
@@ -7,4 +8,4 @@ from .metrics import (
     preprocess_logits_for_metrics,
 )
 
-__all__ = ["ConfusionMatrix", "compute_segmentation_metrics", "load_mean_iou_metric", "preprocess_logits_for_metrics"]
+__all__ = ["SegmentationCollator", "ConfusionMatrix", "compute_segmentation_metrics", "load_mean_iou_metric", "preprocess_logits_for_metrics"]

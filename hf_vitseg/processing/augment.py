@@ -1,0 +1,486 @@
+"""Training augmentation for semantic segmentation, applied lazily with `datasets.Dataset.set_transform`.
+
+`SegmentationTransform` turns a batch of `{"image", "annotation"}` (PIL images, arrays) into
+`{"pixel_values", "labels"}` tensors. It converts with the `ViTSegImageProcessor`'s own rules (any PIL mode,
+`do_reduce_labels`, its resize, mean and std), so training sees exactly what inference sees, and in train mode
+adds random resize, random crop (padded with `ignore_index`), horizontal flip and light photometric jitter.
+No torchvision: PIL for resizing, numpy for the rest.
+
+Reproducibility. With `seed=None` the random draws come from torch's global generator, which
+`transformers.set_seed` / `Trainer(seed=...)` seeds: the usual PyTorch behaviour, reproducible for one
+uninterrupted run. With `seed=<int>` every sample's draws come from its own generator, derived from
+`(seed, epoch, a hash of the sample's pixels)`: no state is carried from one sample to the next, so the result
+does not depend on the order samples are drawn in, on which dataloader worker or process draws them, on the
+number of processes, or on whether training was killed and resumed mid-epoch. The epoch comes from
+`set_epoch(epoch)`, which `AugmentationEpochCallback` calls for `transformers.Trainer` (a plain loop calls
+`set_augmentation_epoch(dataset, epoch)` itself); it is held in shared memory, so dataloader workers, persistent
+or not, see it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+
+from .image_processing_vitseg import (
+    _center_crop_to_multiple,
+    _nearest_indices,
+    _pad_bottom_right,
+    _resize_output_size,
+    reduce_labels,
+)
+
+
+# "Light" jitter: each factor is drawn uniformly from [1 - s, 1 + s].
+DEFAULT_PHOTOMETRIC = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2}
+# ITU-R 601 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale use.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_UNSET_EPOCH = -1
+# How many samples a seeded transform remembers to notice that epochs repeat without set_epoch (memory stays O(1)).
+_TRACKED_SAMPLES = 64
+
+
+class SegmentationTransform:
+    r"""
+    A callable for `Dataset.set_transform`: `{"image": [...], "annotation": [...]}` in,
+    `{"pixel_values": [(3, H, W) float32], "labels": [(H, W) int64]}` out.
+
+    Every sample is converted by `processor`'s rules (`process_image`: any PIL mode or array layout to RGB on the
+    0..255 scale; `process_segmentation_map`), labels are reduced when `processor.do_reduce_labels` is set, and
+    the image is rescaled and normalised with the processor's settings.
+
+    Train mode, per sample, in this order:
+
+    1. random resize by a factor drawn uniformly from `scale_range`, relative to the size the processor's own
+       resize gives (`processor.size` when `processor.do_resize`, else the original size); image bilinear (or
+       `processor.resample`), labels nearest-neighbour, in one step from the original;
+    2. random crop to `crop_size`; a side shorter than the crop is padded at the bottom / right (labels with
+       `ignore_index`, the image with 0 after normalisation, i.e. the mean colour, as the processor pads);
+    3. horizontal flip of image and labels together, with probability 1/2 (`hflip=True`);
+    4. photometric jitter on the image only (`photometric=True`): brightness, contrast and saturation factors each
+       drawn from [0.8, 1.2], applied in that order, clipped to the valid range.
+
+    With `crop_size=None` the resized sample is instead padded (or centre-cropped, per
+    `processor.size_divisor_mode`) to a patch multiple. Eval mode (`train=False`) is deterministic and gives, per
+    sample, what `processor(images=[image], segmentation_maps=[mask])` gives: no augmentation, padded to the patch
+    multiple; `SegmentationCollator` then pads the batch.
+
+    Args:
+        processor (`ViTSegImageProcessor`): provides the conversion, resize, normalisation, `patch_size`,
+            `ignore_index` and `do_reduce_labels`.
+        train (`bool`): augment (True) or not (False).
+        crop_size (`int` or `(height, width)`, *optional*): training crop; both sides multiples of
+            `processor.patch_size`. Ignored in eval mode (but still checked).
+        scale_range (`(float, float)`, defaults to `(0.5, 2.0)`): range of the random resize factor.
+        hflip (`bool`, defaults to `True`): random horizontal flip.
+        photometric (`bool` or `dict`, defaults to `True`): light jitter; a dict such as
+            `{"brightness": 0.1, "contrast": 0.3, "saturation": 0.0}` sets the strengths (each in [0, 1)).
+        ignore_index (`int`, *optional*): label for padding and for reduced background; defaults to
+            `processor.ignore_index`. Match the model config's `ignore_index`.
+        seed (`int`, *optional*): makes every sample's augmentation a function of `(seed, epoch, its pixels)`;
+            see the module docstring. `None` draws from torch's global generator.
+
+    Example:
+
+    ```python
+    >>> transform = SegmentationTransform(processor, train=True, crop_size=(448, 448), seed=0)
+    >>> train_dataset.set_transform(transform)
+    >>> trainer = Trainer(..., train_dataset=train_dataset, data_collator=SegmentationCollator(14, 255),
+    ...                   callbacks=[AugmentationEpochCallback(transform)])  # + remove_unused_columns=False
+    ```
+    """
+
+    def __init__(
+        self,
+        processor,
+        *,
+        train: bool,
+        crop_size: int | Sequence[int] | None = None,
+        scale_range: Sequence[float] = (0.5, 2.0),
+        hflip: bool = True,
+        photometric: bool | Mapping[str, float] = True,
+        ignore_index: int | None = None,
+        seed: int | None = None,
+    ):
+        missing = [
+            name for name in ("process_image", "process_segmentation_map", "patch_size") if not hasattr(processor, name)
+        ]
+        if missing:
+            raise TypeError(
+                f"SegmentationTransform needs a ViTSegImageProcessor (or one with the same methods); "
+                f"{type(processor).__name__} lacks {', '.join(missing)}. Build one with "
+                "hf_vitseg.ViTSegImageProcessor(patch_size=..., image_mean=..., image_std=...)."
+            )
+        self.processor = processor
+        self.train = bool(train)
+        self.patch_size = int(processor.patch_size)
+        self.crop_size = _check_crop_size(crop_size, self.patch_size)
+        self.scale_range = _check_scale_range(scale_range)
+        self.hflip = bool(hflip)
+        self.photometric = _check_photometric(photometric)
+        self.ignore_index = int(processor.ignore_index if ignore_index is None else ignore_index)
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"`seed` must be a non-negative int or None, got {seed!r}.")
+        self.seed = None if seed is None else int(seed)
+        # Shared memory: `set_epoch` in the main process reaches dataloader workers, even persistent ones.
+        self._epoch = torch.full((), _UNSET_EPOCH, dtype=torch.int64).share_memory_()
+        # The first few samples seen while no epoch is set: seeing one again means an epoch repeats (see warning).
+        self._seen_without_epoch: set[int] | None = set()
+
+    def __repr__(self) -> str:
+        if not self.train:
+            return f"SegmentationTransform(train=False, ignore_index={self.ignore_index})"
+        return (
+            f"SegmentationTransform(train=True, crop_size={self.crop_size}, scale_range={self.scale_range}, "
+            f"hflip={self.hflip}, photometric={self.photometric}, ignore_index={self.ignore_index}, seed={self.seed})"
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Epoch (seeded mode)
+    # ----------------------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch set by `set_epoch`, or None if it was never set."""
+        value = int(self._epoch.item())
+        return None if value == _UNSET_EPOCH else value
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation of `epoch` (seeded mode); call it before each epoch's dataloader is iterated."""
+        if int(epoch) < 0:
+            raise ValueError(f"`epoch` must be >= 0, got {epoch}.")
+        self._epoch.fill_(int(epoch))
+
+    # ----------------------------------------------------------------------------------------------
+    # The transform
+    # ----------------------------------------------------------------------------------------------
+
+    def __call__(self, batch: Mapping[str, list]) -> dict[str, list[torch.Tensor]]:
+        """Transform one batch (the dict of lists that `set_transform` passes)."""
+        if "image" not in batch:
+            raise KeyError(
+                f"The batch has no 'image' column (columns: {sorted(batch)}). Build the dataset with "
+                "load_image_folder or load_hf_dataset(image_column=...), and with transformers.Trainer pass "
+                "TrainingArguments(remove_unused_columns=False): otherwise Trainer drops 'image' and 'annotation' "
+                "before this transform runs."
+            )
+        images = list(batch["image"])
+        annotations = batch.get("annotation")
+        if annotations is None and self.train:
+            raise KeyError(
+                f"Training needs an 'annotation' column; the batch has {sorted(batch)}. With transformers.Trainer "
+                "pass TrainingArguments(remove_unused_columns=False)."
+            )
+        annotations = [None] * len(images) if annotations is None else list(annotations)
+        if len(annotations) != len(images):
+            raise ValueError(f"Got {len(images)} images but {len(annotations)} annotations in one batch.")
+
+        pixel_values, labels = [], []
+        for position, (raw_image, raw_mask) in enumerate(zip(images, annotations)):
+            image, mask = self._convert(raw_image, raw_mask, position)
+            if self.train:
+                image, mask = self._augment(image, mask, self._generator(raw_image, raw_mask))
+            else:
+                image, mask = self._resize_window(image, mask, self._scaled_size(image.shape[1:], 1.0))
+                image = self._normalize(image)
+                image, mask = self._pad_to_patch_grid(image, mask)
+            pixel_values.append(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)))
+            if mask is not None:
+                labels.append(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)))
+        output = {"pixel_values": pixel_values}
+        if labels:
+            output["labels"] = labels
+        return output
+
+    def _convert(self, raw_image, raw_mask, position: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw inputs -> `(3, H, W)` float32 on the 0..255 scale and `(H, W)` int64 (labels reduced if asked)."""
+        try:
+            image = self.processor.process_image(_from_list(raw_image))
+            mask = None if raw_mask is None else self.processor.process_segmentation_map(_from_list(raw_mask))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"Sample {_describe(raw_image, raw_mask, position)}: {error}") from error
+        if mask is None:
+            if self.train:
+                raise ValueError(
+                    f"Sample {_describe(raw_image, raw_mask, position)} has no annotation; training needs one."
+                )
+            return image, None
+        if image.shape[1:] != mask.shape:
+            raise ValueError(
+                f"Sample {_describe(raw_image, raw_mask, position)}: the image has size (H, W) = "
+                f"{tuple(image.shape[1:])} but its annotation has size {tuple(mask.shape)}; they must match. "
+                "Fix or remove that pair; `hf_vitseg.processing.data.validate_dataset` lists the dataset index of "
+                "the first such sample before training."
+            )
+        if self.processor.do_reduce_labels:
+            mask = reduce_labels(mask, self.ignore_index)
+        return image, mask
+
+    def _generator(self, raw_image, raw_mask) -> np.random.Generator:
+        if self.seed is None:
+            # torch's global generator: seeded by transformers.set_seed, per worker by the DataLoader.
+            return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        key = _content_key(raw_image, raw_mask)
+        epoch = self.epoch
+        if epoch is None:
+            self._warn_if_repeated(key)
+            epoch = 0
+        return np.random.default_rng([self.seed, epoch, key])
+
+    def _warn_if_repeated(self, key: int) -> None:
+        if self._seen_without_epoch is None:
+            return
+        if key in self._seen_without_epoch:
+            warnings.warn(
+                "SegmentationTransform(seed=...) saw a sample a second time but set_epoch() was never called, so "
+                "every epoch gets the same augmentation. With transformers.Trainer add "
+                "`callbacks=[AugmentationEpochCallback(train_dataset)]`; in your own loop call "
+                "`set_augmentation_epoch(train_dataset, epoch)` before each epoch.",
+                stacklevel=3,
+            )
+            self._seen_without_epoch = None
+        elif len(self._seen_without_epoch) < _TRACKED_SAMPLES:
+            self._seen_without_epoch.add(key)
+
+    def _augment(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+        # Fixed order, photometric last: turning hflip or jitter off leaves a sample's scale and crop unchanged.
+        scale = rng.uniform(*self.scale_range)
+        out_hw = self._scaled_size(image.shape[1:], scale)
+        crop_hw = self.crop_size if self.crop_size is not None else out_hw
+        top = int(rng.integers(0, max(out_hw[0] - crop_hw[0], 0) + 1))
+        left = int(rng.integers(0, max(out_hw[1] - crop_hw[1], 0) + 1))
+        flip = rng.random() < 0.5
+        factors = {name: rng.uniform(1.0 - strength, 1.0 + strength) for name, strength in self.photometric.items()}
+
+        window_hw = (min(crop_hw[0], out_hw[0] - top), min(crop_hw[1], out_hw[1] - left))
+        image, mask = self._resize_window(image, mask, out_hw, top, left, window_hw)
+        if self.hflip and flip:
+            image, mask = image[:, :, ::-1], mask[:, ::-1]
+        if factors:
+            image = _jitter(image, factors)
+        image = self._normalize(image)
+        if self.crop_size is None:
+            return self._pad_to_patch_grid(image, mask)
+        return _pad_bottom_right(image, self.crop_size, 0.0), _pad_bottom_right(mask, self.crop_size, self.ignore_index)
+
+    # ----------------------------------------------------------------------------------------------
+    # The processor's steps, one sample at a time
+    # ----------------------------------------------------------------------------------------------
+
+    def _scaled_size(self, input_hw: tuple[int, int], scale: float) -> tuple[int, int]:
+        """`scale` x the processor's resize result (its `size` when `do_resize`, else the input size)."""
+        processor = self.processor
+        base_hw = _resize_output_size(input_hw, processor.size) if processor.do_resize else input_hw
+        return tuple(max(1, int(round(side * scale))) for side in base_hw)
+
+    def _resize_window(self, image, mask, out_hw, top=0, left=0, window_hw=None):
+        """Rows `top:top+h`, columns `left:left+w` of image and mask resized to `out_hw`, computing only that window.
+
+        Equal (to float rounding) to resizing everything and then cropping, at the cost of the window alone: PIL
+        resamples a source box with the filter scale of the whole resize, and nearest-neighbour indices are sliced.
+        Images as the processor resizes them (each channel in PIL's float mode, `processor.resample`).
+        """
+        in_hw = tuple(image.shape[1:])
+        height, width = window_hw if window_hw is not None else out_hw
+        if in_hw == tuple(out_hw):
+            window = (slice(top, top + height), slice(left, left + width))
+            return image[:, window[0], window[1]], None if mask is None else mask[window]
+        step_y, step_x = in_hw[0] / out_hw[0], in_hw[1] / out_hw[1]
+        box = (left * step_x, top * step_y, (left + width) * step_x, (top + height) * step_y)
+        image = np.stack(
+            [
+                np.asarray(Image.fromarray(channel).resize((width, height), resample=self.processor.resample, box=box))
+                for channel in image
+            ]
+        )
+        if mask is not None:
+            rows = _nearest_indices(in_hw[0], out_hw[0])[top : top + height]
+            cols = _nearest_indices(in_hw[1], out_hw[1])[left : left + width]
+            mask = mask[rows[:, None], cols[None, :]]
+        return image, mask
+
+    def _normalize(self, image: np.ndarray) -> np.ndarray:
+        processor = self.processor
+        if processor.do_rescale:
+            image = image * np.float32(processor.rescale_factor)
+        if processor.do_normalize:
+            mean = np.asarray(processor.image_mean, dtype=np.float32).reshape(-1, 1, 1)
+            std = np.asarray(processor.image_std, dtype=np.float32).reshape(-1, 1, 1)
+            image = (image - mean) / std
+        return image.astype(np.float32, copy=False)
+
+    def _pad_to_patch_grid(self, image: np.ndarray, mask: np.ndarray | None):
+        """As the processor: centre-crop (size_divisor_mode="crop") or pad to a patch multiple / `pad_to_size`."""
+        processor = self.processor
+        if processor.size_divisor_mode == "crop":
+            image, mask = _center_crop_to_multiple(image, mask, self.patch_size)
+        height, width = image.shape[1:]
+        if processor.pad_to_size is not None:
+            target_hw = (processor.pad_to_size["height"], processor.pad_to_size["width"])
+            if height > target_hw[0] or width > target_hw[1]:
+                raise ValueError(
+                    f"pad_to_size {target_hw} is smaller than the image size {(height, width)}; resize first "
+                    "(processor do_resize=True with a suitable `size`) or raise pad_to_size."
+                )
+        else:
+            target_hw = (
+                math.ceil(height / self.patch_size) * self.patch_size,
+                math.ceil(width / self.patch_size) * self.patch_size,
+            )
+        image = _pad_bottom_right(image, target_hw, 0.0)
+        mask = None if mask is None else _pad_bottom_right(mask, target_hw, self.ignore_index)
+        return image, mask
+
+
+class AugmentationEpochCallback(TrainerCallback):
+    """`transformers.Trainer` callback that tells seeded `SegmentationTransform`s the current epoch.
+
+    Pass the training dataset(s) prepared with `prepare_datasets` / `set_transform`, or the transforms themselves:
+    `Trainer(..., callbacks=[AugmentationEpochCallback(train_dataset)])`. Trainer calls `on_epoch_begin` before it
+    builds the epoch's dataloader iterator, and on resume `state.epoch` (restored from the checkpoint) gives the
+    interrupted epoch, so a resumed run gets the same augmentation as an uninterrupted one.
+    """
+
+    def __init__(self, *datasets_or_transforms):
+        if not datasets_or_transforms:
+            raise ValueError("AugmentationEpochCallback needs at least one dataset or SegmentationTransform.")
+        self.transforms = [_find_transform(item) for item in datasets_or_transforms]
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is fractional (epoch + steps done / steps per epoch); it is None before the first step.
+        epoch = math.floor((state.epoch or 0.0) + 1e-6)
+        for transform in self.transforms:
+            transform.set_epoch(epoch)
+
+
+def set_augmentation_epoch(dataset_or_transform, epoch: int) -> None:
+    """Call `set_epoch(epoch)` on a `SegmentationTransform` or on the one set on a dataset (for your own loop)."""
+    _find_transform(dataset_or_transform).set_epoch(epoch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _find_transform(item) -> SegmentationTransform:
+    if isinstance(item, SegmentationTransform):
+        return item
+    transform = (getattr(item, "format", None) or {}).get("format_kwargs", {}).get("transform")
+    if isinstance(transform, SegmentationTransform):
+        return transform
+    raise TypeError(
+        f"Expected a SegmentationTransform or a datasets.Dataset whose transform is one (see prepare_datasets); got "
+        f"{type(item).__name__} with transform {transform!r}."
+    )
+
+
+def _check_crop_size(crop_size, patch_size: int) -> tuple[int, int] | None:
+    if crop_size is None:
+        return None
+    if isinstance(crop_size, (int, np.integer)):
+        crop_size = (crop_size, crop_size)
+    crop_size = tuple(crop_size)
+    if len(crop_size) != 2 or not all(isinstance(side, (int, np.integer)) and side > 0 for side in crop_size):
+        raise ValueError(f"`crop_size` must be a positive int or (height, width) of positive ints, got {crop_size!r}.")
+    crop_size = (int(crop_size[0]), int(crop_size[1]))
+    if crop_size[0] % patch_size or crop_size[1] % patch_size:
+        lower = tuple(max(patch_size, side // patch_size * patch_size) for side in crop_size)
+        upper = tuple(math.ceil(side / patch_size) * patch_size for side in crop_size)
+        raise ValueError(
+            f"crop_size {crop_size} is not a multiple of the processor's patch_size {patch_size} in both sides; "
+            f"use for instance {upper} or {lower}."
+        )
+    return crop_size
+
+
+def _check_scale_range(scale_range) -> tuple[float, float]:
+    low, high = (float(value) for value in scale_range)
+    if not (0 < low <= high) or not math.isfinite(high):
+        raise ValueError(f"`scale_range` must be (low, high) with 0 < low <= high, got {tuple(scale_range)}.")
+    return low, high
+
+
+def _check_photometric(photometric) -> dict[str, float]:
+    if photometric is True:
+        return dict(DEFAULT_PHOTOMETRIC)
+    if photometric is False or photometric is None:
+        return {}
+    if not isinstance(photometric, Mapping) or set(photometric) - set(DEFAULT_PHOTOMETRIC):
+        raise ValueError(
+            f"`photometric` must be True, False or a dict with keys among {sorted(DEFAULT_PHOTOMETRIC)}, got "
+            f"{photometric!r}."
+        )
+    strengths = {name: float(photometric[name]) for name in DEFAULT_PHOTOMETRIC if name in photometric}
+    bad = {name: value for name, value in strengths.items() if not 0.0 <= value < 1.0}
+    if bad:
+        raise ValueError(f"Photometric strengths must lie in [0, 1), got {bad}.")
+    return {name: value for name, value in strengths.items() if value > 0}
+
+
+def _jitter(image: np.ndarray, factors: Mapping[str, float]) -> np.ndarray:
+    """Brightness, contrast, saturation (torchvision's definitions) on a `(3, H, W)` 0..255 image."""
+    image = np.array(image, dtype=np.float32)  # a copy: the caller's array may be the processor's view
+
+    def blend_towards(target, factor: float) -> None:  # image = target + factor * (image - target), clipped
+        image[...] -= target
+        image[...] *= np.float32(factor)
+        image[...] += target
+        np.clip(image, 0.0, 255.0, out=image)
+
+    if "brightness" in factors:
+        blend_towards(np.float32(0.0), factors["brightness"])
+    if "contrast" in factors:
+        blend_towards(np.float32(_luma(image).mean()), factors["contrast"])
+    if "saturation" in factors:
+        blend_towards(_luma(image)[None], factors["saturation"])
+    return image
+
+
+def _luma(image: np.ndarray) -> np.ndarray:
+    """`(3, H, W)` RGB -> `(H, W)` grey, ITU-R 601 weights."""
+    return _LUMA[0] * image[0] + _LUMA[1] * image[1] + _LUMA[2] * image[2]
+
+
+def _from_list(value):
+    # Datasets whose columns are nested lists (not `datasets.Image`) hand over Python lists.
+    return np.asarray(value) if isinstance(value, list) else value
+
+
+def _content_key(raw_image, raw_mask) -> int:
+    """A 64-bit hash of a sample's pixels (and shapes / modes): its identity for seeded augmentation."""
+    digest = hashlib.sha1(usedforsecurity=False)  # fast; an identity, not a security measure
+    for value in (raw_image, raw_mask):
+        if value is None:
+            continue
+        if isinstance(value, Image.Image):
+            digest.update(f"{value.mode}{value.size}".encode())
+            digest.update(value.tobytes())
+        else:
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            array = np.ascontiguousarray(value)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+    return int.from_bytes(digest.digest()[:8], "little")
+
+
+def _describe(raw_image, raw_mask, position: int) -> str:
+    files = [getattr(value, "filename", "") for value in (raw_image, raw_mask)]
+    named = " / ".join(name for name in files if name)
+    return f"at position {position} of this batch" + (f" ({named})" if named else "")
+
+
+__all__ = [
+    "AugmentationEpochCallback",
+    "DEFAULT_PHOTOMETRIC",
+    "SegmentationTransform",
+    "set_augmentation_epoch",
+]

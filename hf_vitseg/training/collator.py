@@ -1,0 +1,91 @@
+"""Batching for semantic segmentation: samples of different sizes padded to one patch-aligned size."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+
+
+class SegmentationCollator:
+    r"""
+    `data_collator` for `transformers.Trainer` (or `collate_fn` for a `DataLoader`): a list of
+    `{"pixel_values": (3, H, W), "labels": (H, W)}` samples (tensors, numpy arrays or nested lists) in,
+    `{"pixel_values": (B, 3, H', W') float32, "labels": (B, H', W') int64}` out.
+
+    `H'` / `W'` are the largest height / width in the batch rounded up to `pad_multiple`; each sample sits top-left,
+    images padded with 0 (the mean colour after normalisation, as `ViTSegImageProcessor` pads) and labels with
+    `ignore_index`, so padding never reaches the loss. `labels` is optional (inference), but must be given for
+    every sample or for none. Any other key is batched with `torch.utils.data.default_collate`.
+
+    Args:
+        pad_multiple (`int`, defaults to 14): the backbone's patch size (14 for DINOv2, 16 for ViT / DeiT / SAM).
+        ignore_index (`int`, defaults to 255): the model config's `ignore_index`.
+    """
+
+    def __init__(self, pad_multiple: int = 14, ignore_index: int = 255):
+        if not isinstance(pad_multiple, int) or pad_multiple < 1:
+            raise ValueError(f"`pad_multiple` must be a positive int, got {pad_multiple!r}.")
+        self.pad_multiple = pad_multiple
+        self.ignore_index = int(ignore_index)
+
+    def __repr__(self) -> str:
+        return f"SegmentationCollator(pad_multiple={self.pad_multiple}, ignore_index={self.ignore_index})"
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad and stack one batch."""
+        if len(features) == 0:
+            raise ValueError("SegmentationCollator got an empty batch.")
+        images = []
+        for index, feature in enumerate(features):
+            if "pixel_values" not in feature:
+                raise KeyError(f"Sample {index} of the batch has no 'pixel_values' (keys: {sorted(feature)}).")
+            image = torch.as_tensor(feature["pixel_values"], dtype=torch.float32)
+            if image.ndim != 3:
+                raise ValueError(
+                    f"Sample {index}: pixel_values must be (C, H, W), got shape {tuple(image.shape)}; one sample per "
+                    "feature, e.g. from SegmentationTransform."
+                )
+            images.append(image)
+        with_labels = ["labels" in feature and feature["labels"] is not None for feature in features]
+        if any(with_labels) and not all(with_labels):
+            missing = [index for index, has in enumerate(with_labels) if not has]
+            raise ValueError(f"Samples {missing} of the batch have no 'labels' while others have; give all or none.")
+
+        channels = {image.shape[0] for image in images}
+        if len(channels) != 1:
+            raise ValueError(f"The batch mixes images with {sorted(channels)} channels; convert all to RGB.")
+        height = _round_up(max(image.shape[1] for image in images), self.pad_multiple)
+        width = _round_up(max(image.shape[2] for image in images), self.pad_multiple)
+
+        pixel_values = images[0].new_zeros((len(images), channels.pop(), height, width))
+        for index, image in enumerate(images):
+            pixel_values[index, :, : image.shape[1], : image.shape[2]] = image
+        batch = {"pixel_values": pixel_values}
+
+        if all(with_labels):
+            labels = torch.full((len(images), height, width), self.ignore_index, dtype=torch.int64)
+            for index, (feature, image) in enumerate(zip(features, images)):
+                label = torch.as_tensor(feature["labels"], dtype=torch.int64)
+                if tuple(label.shape) != tuple(image.shape[1:]):
+                    raise ValueError(
+                        f"Sample {index}: labels have shape {tuple(label.shape)} but pixel_values are "
+                        f"{tuple(image.shape[1:])} (H, W); they must match."
+                    )
+                labels[index, : label.shape[0], : label.shape[1]] = label
+            batch["labels"] = labels
+
+        for key in features[0]:
+            if key not in ("pixel_values", "labels"):
+                batch[key] = default_collate([feature[key] for feature in features])
+        return batch
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+__all__ = ["SegmentationCollator"]
