@@ -9,7 +9,9 @@ the same measurement of the backbone alone taken in the same process and interle
 shared and noisy: ratios of medians, never absolute seconds, are the result). `--memory` adds the peak resident
 memory of a training step, each model in a fresh subprocess, as a ratio to the backbone alone.
 The peer row is transformers' `UperNetForSemanticSegmentation` on a `Dinov2Backbone` of the same size with
-the same widths as our `upernet` at `channels=512` (transformers' default), without its auxiliary head.
+the same widths as our `upernet` at `channels=512` (transformers' default), without its auxiliary head. It keeps
+every level at stride 14 and returns logits at full input resolution; ours is shown both on the same stride-14
+maps (`neck=None`, the like-for-like row) and on its default p/4 pyramid (more pixels, more work, finer output).
 Random weights: speed does not depend on them.
 """
 
@@ -61,10 +63,10 @@ class PeerUperNet(torch.nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
-def build(head: str, head_kwargs=None, num_labels=150):
+def build(head: str, config_kwargs=None, num_labels=150):
     torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=dinov2_small_config(), head=head, head_kwargs=head_kwargs or {},
-                          num_labels=num_labels)
+    config = ViTSegConfig(backbone_config=dinov2_small_config(), head=head, num_labels=num_labels,
+                          **(config_kwargs or {}))
     return ViTSegForSemanticSegmentation(config)
 
 
@@ -123,7 +125,7 @@ def model_from_spec(spec: str):
         return BackboneOnly(build("linear"))
     if spec == "peer_upernet":
         return PeerUperNet()
-    head, _, kwargs = spec.partition(":")
+    head, _, kwargs = spec.partition(":")  # "upernet:{json ViTSegConfig kwargs}"
     return build(head, json.loads(kwargs) if kwargs else None)
 
 
@@ -147,7 +149,12 @@ def main(argv=None):
 
     specs = [h for h in (args.heads or hf_vitseg.list_heads())]
     if not args.no_peer:
-        specs += ["upernet:" + json.dumps({"channels": 512}), "peer_upernet"]
+        # transformers' widths: at our p/4 pyramid, and on the same single-stride maps transformers uses
+        specs += [
+            "upernet:" + json.dumps({"head_kwargs": {"channels": 512}}),
+            "upernet:" + json.dumps({"head_kwargs": {"channels": 512}, "neck": None}),
+            "peer_upernet",
+        ]
     x = torch.randn(1, 3, args.size, args.size)
     reference = model_from_spec("backbone")
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-4)
@@ -182,7 +189,7 @@ def main(argv=None):
             "backbone_forward_s": round(statistics.median(ref_fwd), 3),
         }
         if spec.startswith("upernet:"):
-            row["head"] = "upernet (channels=512)"
+            row["head"] = "upernet 512, stride p" if '"neck": null' in spec else "upernet 512, pyramid"
         if args.memory:
             row["memory_ratio"] = round(peak_memory_mb(spec, args.size) / ref_mem, 2)
         rows.append(row)

@@ -7,10 +7,12 @@ from .head_base import HEAD_REGISTRY, BackboneFeatures, BaseHead, get_head_class
 from .head_conv import ConvHead
 from .head_linear import LinearHead
 from .head_mlp import MLPHead
+from .head_segformer import SegFormerHead
 from .head_setr import SETRPUPHead
+from .head_upernet import UperNetHead
 
 
 __all__ = [
     "HEAD_REGISTRY", "BackboneFeatures", "BaseHead", "get_head_class", "list_heads", "register_head",
-    "ConvHead", "LinearHead", "MLPHead", "SETRPUPHead",
+    "ConvHead", "LinearHead", "MLPHead", "SegFormerHead", "SETRPUPHead", "UperNetHead",
 ]

@@ -1,0 +1,118 @@
+"""`segformer`: proven against transformers' `SegformerDecodeHead`, converter, every backbone family."""
+
+import pytest
+import torch
+from transformers import (
+    DeiTConfig,
+    Dinov2Config,
+    Dinov2WithRegistersConfig,
+    DINOv3ViTConfig,
+    SamVisionConfig,
+    SegformerConfig,
+    SegformerForSemanticSegmentation,
+    SwinConfig,
+    ViTConfig,
+)
+
+import hf_vitseg.modeling.head_segformer  # noqa: F401  registers "segformer" until heads.py imports it
+from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
+from hf_vitseg.convert import convert_segformer_decode_head, load_peer_head_weights
+from hf_vitseg.modeling.head_base import BackboneFeatures
+from hf_vitseg.modeling.head_segformer import SegFormerHead
+
+
+VIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
+           patch_size=8)
+BACKBONES = {
+    "vit": lambda: ViTConfig(**VIT),
+    "deit": lambda: DeiTConfig(**VIT),
+    "dinov2": lambda: Dinov2Config(**VIT),
+    "dinov2_with_registers": lambda: Dinov2WithRegistersConfig(**VIT, num_register_tokens=2),
+    "dinov3_vit": lambda: DINOv3ViTConfig(**VIT, num_register_tokens=2),
+    "sam": lambda: SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=4, num_attention_heads=2,
+                                   image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1, 3]),
+    "swin": lambda: SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], image_size=64,
+                               patch_size=4, window_size=2),
+}
+LEVEL_CHANNELS = [8, 16, 24, 32]
+# Sizes that are not powers of two of each other, as DINOv2's 37x37 grid gives (148, 74, 37, 18).
+LEVEL_SIZES = [(38, 58), (19, 29), (10, 15), (5, 7)]
+
+
+def tiny_peer(channels=LEVEL_CHANNELS, decoder_hidden_size=16, num_labels=5):
+    config = SegformerConfig(hidden_sizes=list(channels), decoder_hidden_size=decoder_hidden_size,
+                             num_labels=num_labels, depths=[1] * 4, num_attention_heads=[1] * 4)
+    peer = SegformerForSemanticSegmentation(config).eval()
+    # Non-trivial weights and BatchNorm statistics, so that a mis-mapped layer cannot hide.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in peer.decode_head.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            elif tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+    return peer
+
+
+def test_matches_transformers_segformer_decode_head():
+    """Ours composes projection and fuse conv per level before upsampling (see the module docstring): the same
+    function, summed in another order, so equal to float rounding."""
+    peer = tiny_peer()
+    ours = SegFormerHead(LEVEL_CHANNELS, [4, 8, 16, 32], num_labels=5, channels=16).eval()
+    ours.load_state_dict(convert_segformer_decode_head(peer.state_dict()))
+    torch.manual_seed(0)
+    maps = [torch.randn(2, c, *hw) for c, hw in zip(LEVEL_CHANNELS, LEVEL_SIZES)]
+    with torch.no_grad():
+        expected = peer.decode_head(maps)
+        logits = ours(BackboneFeatures(feature_maps=maps, strides=[4, 8, 16, 32]))
+    assert logits.shape == expected.shape == (2, 5, *LEVEL_SIZES[0])  # both at the finest level (1/4)
+    assert expected.abs().max() > 1  # the comparison is not between near-zero tensors
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_converter():
+    peer = tiny_peer()
+    converted = convert_segformer_decode_head(peer.decode_head.state_dict())
+    assert converted.keys() == convert_segformer_decode_head(peer.state_dict()).keys()
+    assert converted["projections.0.weight"].shape == (16, 8, 1, 1)
+    with pytest.raises(ValueError, match="Unexpected Segformer decode-head key"):
+        convert_segformer_decode_head({"linear_c1.proj.weight": torch.zeros(1)})
+
+
+def test_load_peer_head_weights_into_vitseg_model():
+    config = ViTSegConfig(backbone_config=BACKBONES["dinov2"](), head="segformer", num_labels=5,
+                          head_kwargs={"channels": 16})
+    model = ViTSegForSemanticSegmentation(config).eval()
+    load_peer_head_weights(model, peer := tiny_peer(channels=[32] * 4))
+    pixel_values = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = peer.decode_head(model.neck(model.backbone(pixel_values, False, False)).feature_maps)
+        logits = model(pixel_values).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    mismatch = r"(?s)does not fit.*projections\.0\.weight: peer \(16, 16, 1, 1\) vs this head \(16, 32, 1, 1\)"
+    with pytest.raises(ValueError, match=mismatch):
+        load_peer_head_weights(model, tiny_peer(channels=[16] * 4))
+
+
+@pytest.mark.parametrize("family", sorted(BACKBONES))
+def test_every_backbone_family(family):
+    torch.manual_seed(0)
+    config = ViTSegConfig(backbone_config=BACKBONES[family](), head="segformer", num_labels=3,
+                          head_kwargs={"channels": 16})
+    model = ViTSegForSemanticSegmentation(config).train()
+    assert len(config.backbone_out_indices) == 4
+    pixel_values = torch.randn(2, 3, 64, 96)
+    labels = torch.randint(0, 3, (2, 64, 96))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(10):
+        optimizer.zero_grad()
+        output = model(pixel_values, labels=labels)
+        output.loss.backward()
+        optimizer.step()
+        losses.append(output.loss.item())
+    # Natural resolution: the finest pyramid level, stride p/4 = 2 for the patch-8 ViTs and SAM, 4 for Swin.
+    stride = 4 if family == "swin" else 2
+    assert output.logits.shape == (2, 3, 64 // stride, 96 // stride)
+    assert losses[-1] < losses[0]
+    assert model.head.projections[0].weight.grad.abs().sum() > 0  # reached through the composed weights

@@ -1,0 +1,146 @@
+"""`upernet`: proven against transformers' `UperNetHead`, converter, batch-1 training, every backbone family."""
+
+import pytest
+import torch
+from transformers import (
+    ConvNextConfig,
+    DeiTConfig,
+    Dinov2Config,
+    Dinov2WithRegistersConfig,
+    DINOv3ViTConfig,
+    SamVisionConfig,
+    SwinConfig,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+    ViTConfig,
+)
+
+import hf_vitseg.modeling.head_upernet  # noqa: F401  registers "upernet" until heads.py imports it
+from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
+from hf_vitseg.convert import convert_upernet_decode_head, load_peer_head_weights
+from hf_vitseg.modeling.head_base import BackboneFeatures
+from hf_vitseg.modeling.head_upernet import UperNetHead
+
+
+VIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
+           patch_size=8)
+BACKBONES = {
+    "vit": lambda: ViTConfig(**VIT),
+    "deit": lambda: DeiTConfig(**VIT),
+    "dinov2": lambda: Dinov2Config(**VIT),
+    "dinov2_with_registers": lambda: Dinov2WithRegistersConfig(**VIT, num_register_tokens=2),
+    "dinov3_vit": lambda: DINOv3ViTConfig(**VIT, num_register_tokens=2),
+    "sam": lambda: SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=4, num_attention_heads=2,
+                                   image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1, 3]),
+    "swin": lambda: SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], image_size=64,
+                               patch_size=4, window_size=2),
+}
+LEVEL_CHANNELS = [8, 16, 24, 32]
+# Sizes that are not powers of two of each other, as DINOv2's 37x37 grid gives (148, 74, 37, 18).
+LEVEL_SIZES = [(38, 58), (19, 29), (10, 15), (5, 7)]
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial weights and BatchNorm statistics, so that a mis-mapped layer cannot hide."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            elif tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+
+
+def tiny_peer(channels=LEVEL_CHANNELS, hidden_size=16, num_labels=5, pool_scales=(1, 2, 3, 6)):
+    backbone = ConvNextConfig(hidden_sizes=list(channels), depths=[1] * 4,
+                              out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = UperNetConfig(backbone_config=backbone, hidden_size=hidden_size, num_labels=num_labels,
+                           pool_scales=list(pool_scales), use_auxiliary_head=False)
+    peer = UperNetForSemanticSegmentation(config).eval()
+    randomize(peer.decode_head)
+    return peer
+
+
+def test_matches_transformers_upernet_head():
+    peer = tiny_peer()
+    ours = UperNetHead(LEVEL_CHANNELS, [4, 8, 16, 32], num_labels=5, channels=16).eval()
+    ours.load_state_dict(convert_upernet_decode_head(peer.state_dict()))
+    torch.manual_seed(0)
+    maps = [torch.randn(2, c, *hw) for c, hw in zip(LEVEL_CHANNELS, LEVEL_SIZES)]
+    with torch.no_grad():
+        expected = peer.decode_head(maps)
+        logits = ours(BackboneFeatures(feature_maps=maps, strides=[4, 8, 16, 32]))
+    # Same resolution as transformers' head: the finest level's. (Both models upsample to the image elsewhere.)
+    assert logits.shape == expected.shape == (2, 5, *LEVEL_SIZES[0])
+    assert expected.abs().max() > 1  # the comparison is not between near-zero tensors
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_converter_accepts_head_or_model_state_dict():
+    peer = tiny_peer()
+    assert convert_upernet_decode_head(peer.state_dict()).keys() == convert_upernet_decode_head(
+        peer.decode_head.state_dict()).keys()
+    with pytest.raises(ValueError, match="Unexpected UperNet decode-head key"):
+        convert_upernet_decode_head({"psp_modules.0.1.conv_weight": torch.zeros(1)})
+
+
+def test_load_peer_head_weights_into_vitseg_model():
+    config = ViTSegConfig(backbone_config=BACKBONES["dinov2"](), head="upernet", num_labels=5,
+                          head_kwargs={"channels": 16})
+    model = ViTSegForSemanticSegmentation(config).eval()
+    peer = tiny_peer(channels=[32] * 4)
+    load_peer_head_weights(model, peer)
+    pixel_values = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        features = model.neck(model.backbone(pixel_values, False, False))
+        expected = peer.decode_head(features.feature_maps)
+        logits = model(pixel_values).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_load_peer_head_weights_errors():
+    config = ViTSegConfig(backbone_config=BACKBONES["dinov2"](), head="upernet", num_labels=5,
+                          head_kwargs={"channels": 16})
+    model = ViTSegForSemanticSegmentation(config)
+    mismatch = r"(?s)does not fit.*classifier\.weight: peer \(5, 24, 1, 1\) vs this head \(5, 16, 1, 1\)"
+    with pytest.raises(ValueError, match=mismatch):
+        load_peer_head_weights(model, tiny_peer(channels=[32] * 4, hidden_size=24))
+    with pytest.raises(ValueError, match="Pool scales differ"):
+        load_peer_head_weights(model, tiny_peer(channels=[32] * 4, pool_scales=(1, 2, 4, 8)))
+    linear = ViTSegForSemanticSegmentation(ViTSegConfig(backbone_config=BACKBONES["dinov2"](), num_labels=5))
+    with pytest.raises(ValueError, match="goes into a 'upernet' head"):
+        load_peer_head_weights(linear, tiny_peer(channels=[32] * 4))
+
+
+def test_trains_with_batch_of_one():
+    """Deliberate difference: transformers' head raises here (BatchNorm over one value in the scale-1 branch)."""
+    torch.manual_seed(0)
+    maps = [torch.randn(1, c, *hw) for c, hw in zip(LEVEL_CHANNELS, LEVEL_SIZES)]
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        tiny_peer().decode_head.train()(maps)
+    ours = UperNetHead(LEVEL_CHANNELS, [4, 8, 16, 32], num_labels=5, channels=16).train()
+    ours(BackboneFeatures(feature_maps=maps, strides=[4, 8, 16, 32])).sum().backward()
+    assert ours.ppm[0][1][0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", sorted(BACKBONES))
+def test_every_backbone_family(family):
+    torch.manual_seed(0)
+    config = ViTSegConfig(backbone_config=BACKBONES[family](), head="upernet", num_labels=3,
+                          head_kwargs={"channels": 16})
+    model = ViTSegForSemanticSegmentation(config).train()
+    assert len(config.backbone_out_indices) == 4
+    pixel_values = torch.randn(2, 3, 64, 96)
+    labels = torch.randint(0, 3, (2, 64, 96))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(10):
+        optimizer.zero_grad()
+        output = model(pixel_values, labels=labels)
+        output.loss.backward()
+        optimizer.step()
+        losses.append(output.loss.item())
+    # Natural resolution: the finest pyramid level, stride p/4 = 2 for the patch-8 ViTs and SAM, 4 for Swin.
+    stride = 4 if family == "swin" else 2
+    assert output.logits.shape == (2, 3, 64 // stride, 96 // stride)
+    assert losses[-1] < losses[0]
