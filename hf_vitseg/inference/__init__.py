@@ -1,0 +1,23 @@
+"""Inference beyond one forward pass: sliding windows, test-time augmentation, overlays."""
+
+from .overlay import colorize, make_palette, overlay, side_by_side
+from .sliding_window import (
+    forward_logits,
+    gaussian_importance_map,
+    sliding_window_inference,
+    sliding_window_starts,
+)
+from .tta import predict_logits
+
+
+__all__ = [
+    "colorize",
+    "forward_logits",
+    "gaussian_importance_map",
+    "make_palette",
+    "overlay",
+    "predict_logits",
+    "side_by_side",
+    "sliding_window_inference",
+    "sliding_window_starts",
+]

@@ -1,0 +1,247 @@
+"""Plain and sliding-window inference for segmentation models.
+
+The model contract: `model(pixel_values=x)` with `x` of shape `(B, 3, H, W)`, `H` and `W` multiples
+of the patch size, returns an object with `.logits` of shape `(B, num_labels, h', w')` at the
+head's natural (coarser) resolution. Callers upsample bilinearly (`align_corners=False`) to the
+input size; `forward_logits` is that plain inference, and `sliding_window_inference` is its
+memory-bounded counterpart for images larger than the resolution the model was trained at.
+
+The sliding window follows mmsegmentation's `slide_inference`: windows of `crop_size` step by
+`stride`, and the last window of each row and column is moved back to end on the image border,
+so every window has the full crop size and every pixel is covered. Overlapping predictions are
+blended with uniform weights (a plain average) or nnU-Net's Gaussian importance map, which trusts
+the centre of a window more than its border, where the context is cut off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.nn import functional as F
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}.")
+    return pair
+
+
+def resolve_patch_size(model: torch.nn.Module, patch_size: int | None) -> int:
+    """`patch_size` if given, else `model.config.backbone_config.patch_size`."""
+    if patch_size is not None:
+        return patch_size
+    backbone_config = getattr(getattr(model, "config", None), "backbone_config", None)
+    patch_size = getattr(backbone_config, "patch_size", None)
+    if not isinstance(patch_size, int):
+        raise ValueError(
+            "Cannot read the patch size from model.config.backbone_config.patch_size; pass patch_size=."
+        )
+    return patch_size
+
+
+def resolve_device(model: torch.nn.Module, device: torch.device | str | None, fallback: torch.device) -> torch.device:
+    """`device` if given, else the device of the model's parameters, else `fallback`."""
+    if device is not None:
+        return torch.device(device)
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else fallback
+
+
+@torch.inference_mode()
+def forward_logits(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    output_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Plain inference: one forward pass, logits upsampled bilinearly to `output_size`.
+
+    Args:
+        model: a segmentation model honouring the contract above (call `model.eval()` first).
+        pixel_values: `(B, 3, H, W)`, `H` and `W` multiples of the patch size.
+        output_size: `(H_out, W_out)`; default the input size `(H, W)`.
+
+    Returns:
+        float32 logits `(B, num_labels, H_out, W_out)`.
+    """
+    logits = model(pixel_values=pixel_values).logits.float()  # (B, C, h', w')
+    output_size = tuple(output_size or pixel_values.shape[-2:])
+    if tuple(logits.shape[-2:]) == output_size:
+        return logits
+    return F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+
+
+def sliding_window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of the windows along one axis of `length >= crop` pixels.
+
+    mmsegmentation's grid: `ceil((length - crop) / stride) + 1` windows, `stride` apart, the last one
+    moved back to end exactly on the border (so it may overlap its neighbour by more than the others).
+    """
+    num_windows = max(length - crop + stride - 1, 0) // stride + 1
+    return [min(index * stride, length - crop) for index in range(num_windows)]
+
+
+def gaussian_importance_map(crop_size: int | Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
+    """nnU-Net's Gaussian importance map for a window: `(h, w)` float32, peaking at 1 in the centre
+    (between the middle pixels for an even side), > 0 everywhere.
+
+    The standard deviation along each axis is `sigma_scale` times the window side. The map is the
+    outer product of two 1D Gaussians (`gaussian_importance_profile`), which is what lets
+    `sliding_window_inference` normalise without an `(H, W)` weight buffer.
+    """
+    crop_h, crop_w = _pair(crop_size, "crop_size")
+    profile_h = gaussian_importance_profile(crop_h, sigma_scale)
+    profile_w = gaussian_importance_profile(crop_w, sigma_scale)
+    return profile_h[:, None] * profile_w[None, :]
+
+
+def gaussian_importance_profile(length: int, sigma_scale: float = 1.0 / 8) -> torch.Tensor:
+    """A 1D Gaussian over `length` pixel centres, 1 at the centre, standard deviation `sigma_scale * length`.
+
+    At the window border (4 sigma from the centre for nnU-Net's 1/8) it is exp(-8) ~ 3e-4: small but
+    positive, so pixels seen only near a window's border still get a prediction.
+    """
+    positions = torch.arange(length, dtype=torch.float64) - (length - 1) / 2
+    sigma = sigma_scale * length
+    return torch.exp(-0.5 * (positions / sigma) ** 2).float()
+
+
+def _axis_weight_sum(length: int, starts: list[int], profile: torch.Tensor) -> torch.Tensor:
+    """Sum over the windows along one axis of their (1D) weight profile: `(length,)` float32."""
+    weight_sum = torch.zeros(length, dtype=torch.float32)
+    for start in starts:
+        weight_sum[start : start + profile.numel()] += profile
+    return weight_sum
+
+
+def _check_num_labels(channels: int, num_labels: int | None) -> int:
+    if num_labels is not None and channels != num_labels:
+        raise ValueError(f"The model returned {channels} channels, but num_labels={num_labels}.")
+    return channels
+
+
+@torch.inference_mode()
+def sliding_window_inference(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    num_labels: int | None = None,
+    crop_size: int | Sequence[int] = (518, 518),
+    stride: int | Sequence[int] = (345, 345),
+    blend: str = "uniform",
+    batch_size: int = 1,
+    output_size: tuple[int, int] | None = None,
+    patch_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Segment an image of any size window by window, blending the overlapping window logits.
+
+    Each window's logits are upsampled to the window size and added, weighted, into a float32
+    `(num_labels, H, W)` accumulation buffer per image, then divided by the summed weights. Peak
+    memory is therefore that buffer (which is the output itself when `output_size` is None) plus
+    what the model needs for `batch_size` windows, whatever the image size: the model never sees
+    more than `batch_size` windows at once, and no other full-resolution tensor is allocated.
+
+    An image smaller than `crop_size` along an axis is zero-padded at the bottom / right up to the
+    crop size (zero is the mean after the processor's normalisation), and the padding is cropped
+    from the result. With a single window, the result is plain inference (`forward_logits`).
+
+    Args:
+        model: a segmentation model honouring the module's contract (call `model.eval()` first).
+        pixel_values: `(B, 3, H, W)`, any `H` and `W`.
+        num_labels: the number of channels of the logits; default read from the first window.
+        crop_size: `(h, w)` window size (or one int), multiples of the patch size: the resolution
+            the model was trained at, e.g. 518 for DINOv2 at patch 14.
+        stride: `(sh, sw)` step between windows (or one int), at most the crop size so that windows
+            overlap or touch; 2/3 of the crop is a common choice.
+        blend: `"uniform"` (every window counts the same) or `"gaussian"` (nnU-Net's importance
+            map, sigma = 1/8 of the window: smooth seams, less weight on window borders).
+        batch_size: windows per forward pass; trades memory for speed.
+        output_size: `(H_out, W_out)` to resize the blended logits to (e.g. the original image size
+            before the processor resized it); default the input size. When given (or when the
+            image is padded), the `(num_labels, H, W)` buffer is a temporary per image, on top of
+            the output.
+        patch_size: the backbone's patch size; default `model.config.backbone_config.patch_size`.
+        device: where the windows run; default the model's device. The accumulation buffer and the
+            result stay on `pixel_values.device`, so a large image can stay in CPU memory while its
+            windows run on a GPU.
+
+    Returns:
+        float32 logits `(B, num_labels, H_out, W_out)` on `pixel_values.device`.
+    """
+    crop_h, crop_w = _pair(crop_size, "crop_size")
+    stride_h, stride_w = _pair(stride, "stride")
+    patch_size = resolve_patch_size(model, patch_size)
+    if crop_h % patch_size or crop_w % patch_size:
+        raise ValueError(f"crop_size {(crop_h, crop_w)} must be a multiple of the patch size {patch_size}.")
+    if stride_h > crop_h or stride_w > crop_w:
+        raise ValueError(f"stride {(stride_h, stride_w)} larger than crop_size {(crop_h, crop_w)} leaves pixels unseen.")
+    if blend not in ("uniform", "gaussian"):
+        raise ValueError(f"blend must be 'uniform' or 'gaussian', got {blend!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}.")
+
+    batch, _, height, width = pixel_values.shape
+    output_size = tuple(output_size or (height, width))
+    buffer_device = pixel_values.device
+    device = resolve_device(model, device, buffer_device)
+
+    padded_h, padded_w = max(height, crop_h), max(width, crop_w)
+    if (padded_h, padded_w) != (height, width):
+        pixel_values = F.pad(pixel_values, (0, padded_w - width, 0, padded_h - height))
+
+    starts_h = sliding_window_starts(padded_h, crop_h, stride_h)
+    starts_w = sliding_window_starts(padded_w, crop_w, stride_w)
+    windows = [(top, left) for top in starts_h for left in starts_w]
+
+    if blend == "gaussian":
+        profile_h, profile_w = gaussian_importance_profile(crop_h), gaussian_importance_profile(crop_w)
+        importance = gaussian_importance_map((crop_h, crop_w)).to(buffer_device)
+    else:
+        profile_h, profile_w = torch.ones(crop_h), torch.ones(crop_w)
+        importance = None
+    # The windows form a grid and the weights are an outer product, so the summed weight at (y, x)
+    # is weight_sum_h[y] * weight_sum_w[x]: two vectors instead of an (H, W) buffer.
+    weight_sum_h = _axis_weight_sum(padded_h, starts_h, profile_h).to(buffer_device)
+    weight_sum_w = _axis_weight_sum(padded_w, starts_w, profile_w).to(buffer_device)
+    # Accumulate straight into the output unless padding or a resize stands in between.
+    accumulate_in_output = (padded_h, padded_w) == (height, width) == output_size
+
+    output = None
+    for image_index in range(batch):
+        image = pixel_values[image_index]  # (3, H_pad, W_pad)
+        accumulated = None  # (C, H_pad, W_pad) float32, allocated once C is known
+        for first in range(0, len(windows), batch_size):
+            chunk = windows[first : first + batch_size]
+            crops = torch.stack([image[:, top : top + crop_h, left : left + crop_w] for top, left in chunk])
+            window_logits = forward_logits(model, crops.to(device)).to(buffer_device)  # (n, C, crop_h, crop_w)
+            if output is None:
+                num_labels = _check_num_labels(window_logits.shape[1], num_labels)
+                output = torch.zeros(batch, num_labels, *output_size, device=buffer_device)
+            if accumulated is None:
+                accumulated = (
+                    output[image_index]
+                    if accumulate_in_output
+                    else torch.zeros(num_labels, padded_h, padded_w, device=buffer_device)
+                )
+            for (top, left), logits in zip(chunk, window_logits):
+                target = accumulated[:, top : top + crop_h, left : left + crop_w]
+                if importance is None:
+                    target.add_(logits)
+                else:
+                    target.addcmul_(logits, importance)
+            # Free this chunk's window logits before the next forward pass, or they add to its peak.
+            del crops, window_logits, logits, target
+        # Normalise in row strips of one window height, so the (H, W) weight product is never materialised.
+        for top in range(0, padded_h, crop_h):
+            rows = slice(top, top + crop_h)
+            accumulated[:, rows].div_(weight_sum_h[rows, None] * weight_sum_w[None, :])
+        if not accumulate_in_output:
+            blended = accumulated[None, :, :height, :width]
+            if (height, width) != output_size:
+                blended = F.interpolate(blended, size=output_size, mode="bilinear", align_corners=False)
+            output[image_index] = blended[0]
+        del accumulated
+    return output
