@@ -64,7 +64,8 @@ def test_backward_and_a_few_steps_lower_the_loss(head, family):
         optimizer.step()
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.02, losses
-    # every head parameter that takes part got a gradient
+    # every trainable parameter takes part (plain DDP stalls on parameters that never get a gradient)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
 
 
@@ -262,6 +263,11 @@ def test_sam_taps_equal_sam_vision_model_at_native_size_and_run_at_other_sizes()
 @pytest.mark.parametrize("family", ["vit", "dinov2", "dinov3_vit", "sam"])
 def test_backbone_runs_only_as_deep_as_the_deepest_tap(family):
     model = build("linear", family, backbone_out_indices=[2]).eval()
+    # the layers it skips are not trainable (no optimizer state, no DDP stall), also after unfreezing
+    model.freeze_backbone(True)
+    model.freeze_backbone(False)
+    assert not any(p.requires_grad for p in model.backbone.layers[2:].parameters())
+    assert all(p.requires_grad for p in model.backbone.layers[:2].parameters())
     calls = []
     for i, layer in enumerate(model.backbone.layers):
         layer.register_forward_hook(lambda *a, i=i: calls.append(i))

@@ -61,6 +61,30 @@ class BackboneAdapter(nn.Module):
             self.out_channels = [bc.hidden_size] * len(self.out_indices)
             self.out_strides = [patch] * len(self.out_indices)
             self.size_divisor = patch
+        self.mark_unused_parameters()
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Backbone parameters the taps never use: layers past the deepest tap, the final norm when taps are
+        not normed, the mask token. They get no gradient, which would stall plain DDP and waste optimizer state."""
+        if self.kind == "hierarchical":
+            # Swin-like: the encoder's final norm is replaced by per-stage norms; stages past the deepest tap
+            base = getattr(self.model, getattr(self.model, "base_model_prefix", ""), None)
+            unused = list(base.layernorm.parameters()) if hasattr(base, "layernorm") else []
+            stages = getattr(getattr(base, "encoder", None), "layers", None)
+            if stages is not None:
+                unused += [p for stage in stages[max(self.out_indices):] for p in stage.parameters()]
+            return unused
+        unused = [p for layer in self.layers[max(self.out_indices):] for p in layer.parameters()]
+        if self.final_norm is not None and not self.apply_layernorm:
+            unused += list(self.final_norm.parameters())
+        embeddings = getattr(self.model, "embeddings", None)
+        if getattr(embeddings, "mask_token", None) is not None:
+            unused.append(embeddings.mask_token)
+        return unused
+
+    def mark_unused_parameters(self) -> None:
+        for p in self.unused_parameters():
+            p.requires_grad_(False)
 
     # -- the layers the adapter drives (ViT and SAM) --------------------------------------------------------
     @property

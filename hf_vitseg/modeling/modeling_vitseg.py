@@ -93,6 +93,8 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         self.backbone.requires_grad_(not freeze)
         if freeze:
             self.backbone.eval()
+        else:
+            self.backbone.mark_unused_parameters()
 
     def train(self, mode: bool = True):
         super().train(mode)
