@@ -153,7 +153,7 @@ class ViTSegConfig(PreTrainedConfig):
                 f"head_kwargs {sorted(unknown)} are not arguments of head {head!r}. "
                 f"Valid: {sorted(head_cls.init_kwargs())}."
             )
-        head_cls.check_backbone(kind == "hierarchical", num_prefix_tokens(backbone_config))
+        head_cls.check_backbone(kind == "hierarchical", num_prefix_tokens(backbone_config), head_kwargs)
 
         if neck not in ("auto", "pyramid", None):
             raise ValueError(f"neck must be 'auto', 'pyramid' or None, got {neck!r}.")
@@ -169,10 +169,17 @@ class ViTSegConfig(PreTrainedConfig):
 
         id2label = kwargs.get("id2label")
         if id2label is not None and kwargs.get("num_labels") is not None and len(id2label) != kwargs["num_labels"]:
-            raise ValueError(
-                f"num_labels={kwargs['num_labels']} disagrees with id2label, which has {len(id2label)} entries. "
-                "Pass one of them, or make them agree."
-            )
+            if "transformers_version" in kwargs:
+                # a saved config reloaded with another num_labels (`from_pretrained(..., num_labels=N)`, to
+                # fine-tune on other classes): the new count wins, with default label names
+                kwargs.pop("id2label")
+                kwargs.pop("label2id", None)
+                id2label = None
+            else:
+                raise ValueError(
+                    f"num_labels={kwargs['num_labels']} disagrees with id2label, which has {len(id2label)} entries. "
+                    "Pass one of them, or make them agree."
+                )
         if class_weights is not None:
             n = len(id2label) if id2label is not None else kwargs.get("num_labels")
             if n is not None and len(class_weights) != n:

@@ -210,8 +210,9 @@ class BaseHead(nn.Module):
         return names - {"self", "in_channels", "in_strides", "num_labels", "num_prefix_tokens"}
 
     @classmethod
-    def check_backbone(cls, is_hierarchical: bool, num_prefix_tokens: int) -> None:
-        """Raise a clear error if this head cannot follow such a backbone. Heads override it."""
+    def check_backbone(cls, is_hierarchical: bool, num_prefix_tokens: int, head_kwargs: dict | None = None) -> None:
+        """Raise a clear error, at config construction, if this head (with these `head_kwargs`) cannot follow
+        such a backbone. Heads override it."""
         if cls.uses_prefix_tokens and num_prefix_tokens == 0 and not getattr(cls, "prefix_tokens_optional", False):
             raise ValueError(f"Head {cls.head_name!r} needs prefix (CLS) tokens, which this backbone does not have.")
 

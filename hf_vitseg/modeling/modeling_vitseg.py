@@ -186,8 +186,9 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         target = model.backbone.model
         expected = target.state_dict()
         missing = [k for k in expected if k not in source]
-        # Buffers that are recomputed, never learnt, may be absent from checkpoints.
-        missing = [k for k in missing if k in dict(target.named_parameters())]
+        # Buffers that are recomputed, never learnt, may be absent from checkpoints; so are the per-stage output
+        # norms of hierarchical backbones, which only AutoBackbone has (initialised fresh, as transformers does).
+        missing = [k for k in missing if k in dict(target.named_parameters()) and not k.startswith("hidden_states_norms.")]
         if missing:
             raise ValueError(
                 f"{pretrained_model_name_or_path} lacks backbone weights {missing[:5]}{'...' if len(missing) > 5 else ''}; "
@@ -219,14 +220,14 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
 
 def _load_backbone_state_dict(name_or_path, config: ViTSegConfig, backbone_kwargs: dict) -> dict:
     """The backbone's weights as the adapter's `model` names them, from a base or task checkpoint."""
-    from transformers import AutoBackbone
-
-    if config.backbone_kind == "hierarchical":
-        source = AutoBackbone.from_pretrained(name_or_path, out_indices=config.backbone_out_indices, **backbone_kwargs)
-    else:
-        source = AutoModel.from_pretrained(name_or_path, **backbone_kwargs)
+    source = AutoModel.from_pretrained(str(name_or_path), **backbone_kwargs)
     state = source.state_dict()
-    if config.backbone_kind == "sam" and type(source).__name__ != "SamVisionModel":
+    if config.backbone_kind == "hierarchical":
+        # AutoBackbone nests the base model under its prefix (`swin.`); AutoBackbone.from_pretrained itself
+        # cannot open local folders in transformers 5.24, so the base model is loaded and renamed
+        prefix = getattr(source, "base_model_prefix", "")
+        state = {f"{prefix}.{k}": v for k, v in state.items()}
+    elif config.backbone_kind == "sam" and type(source).__name__ != "SamVisionModel":
         # SamModel: the vision encoder lives under `vision_encoder.` in both, the rest is dropped
         state = {k: v for k, v in state.items() if k.startswith("vision_encoder.")}
     return state

@@ -1,0 +1,140 @@
+"""`segmenter`: the Segmenter mask transformer.
+
+Strudel et al., "Segmenter: Transformer for Semantic Segmentation", ICCV 2021, section 3.2 "Mask Transformer":
+the patch tokens of the last tap are projected to `d_model`; `num_labels` learnable class embeddings are
+appended; `num_layers` pre-norm transformer layers (GELU MLP) process [patch tokens; class embeddings]
+jointly; after a final LayerNorm both groups get a linear projection, are L2-normalised, and the masks are
+their scalar products, `(B, h*w, num_labels)`, followed by a LayerNorm over the classes (`mask_norm`). The
+computation matches the authors' code and mmsegmentation's `SegmenterMaskTransformerHead` (whose fused qkv
+projection splits into `q_proj`, `k_proj`, `v_proj` here).
+
+`TransformerLayer`, the pre-norm layer used here, also serves `atm` (with cross-attention).
+
+Input contract: one map `(B, C, h, w)` (the last tap by default: on ViT/SAM the patch tokens at stride p, on
+Swin the last stage). Output: `(B, num_labels, h, w)`, stride p (the selected map's stride).
+`d_model` defaults to the input width and `num_heads` to `d_model // 64` (at least 1), as in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import initialization as init
+
+from .head_base import BackboneFeatures, BaseHead, register_head
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention of `x` to `context` with `q_proj`, `k_proj`, `v_proj`, `o_proj` projections.
+
+    Runs through `F.scaled_dot_product_attention`, or explicitly when the logits are asked for (`atm` turns
+    them into masks)."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}.")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.o_proj = nn.Linear(d_model, d_model)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, n, d) -> (B, heads, n, d_head)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, return_logits: bool = False):
+        """x (B, n, d), context (B, m, d) -> (B, n, d), and the logits (B, heads, n, m) or None."""
+        q = self._split_heads(self.q_proj(x))
+        k, v = self._split_heads(self.k_proj(context)), self._split_heads(self.v_proj(context))
+        dropout = self.dropout if self.training else 0.0
+        logits = None
+        if return_logits:
+            logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+            out = F.dropout(logits.softmax(dim=-1), dropout) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return self.o_proj(out.transpose(1, 2).flatten(2)), logits
+
+
+class TransformerLayer(nn.Module):
+    """A pre-norm transformer layer: self-attention, optional cross-attention to a `context`, GELU MLP.
+
+    `forward(x, context=None) -> (x, cross-attention logits or None)`."""
+
+    def __init__(self, d_model: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 cross_attention: bool = False):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
+        self.cross_attn_norm = nn.LayerNorm(d_model) if cross_attention else None
+        self.cross_attn = MultiHeadAttention(d_model, num_heads, dropout) if cross_attention else None
+        self.mlp_norm = nn.LayerNorm(d_model)
+        hidden = int(mlp_ratio * d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_model))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None):
+        h = self.self_attn_norm(x)
+        x = x + self.dropout(self.self_attn(h, h)[0])
+        logits = None
+        if self.cross_attn is not None:
+            update, logits = self.cross_attn(self.cross_attn_norm(x), context, return_logits=True)
+            x = x + self.dropout(update)
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x, logits
+
+
+@register_head("segmenter")
+class SegmenterHead(BaseHead):
+    """Segmenter's mask transformer; see the module docstring.
+
+    Args (besides `BaseHead`'s):
+        d_model: width of the mask transformer (default: the input width).
+        num_layers: transformer layers over [patch tokens; class embeddings] (the paper uses 2).
+        num_heads: attention heads (default: `d_model // 64`, at least 1); must divide `d_model`.
+        mlp_ratio: hidden width of each layer's MLP, as a multiple of `d_model`.
+        dropout: dropout inside the transformer layers (attention and MLP).
+    """
+
+    num_default_taps = 1
+
+    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, d_model: int | None = None,
+                 num_layers: int = 2, num_heads: int | None = None, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 in_index=None, input_transform=None):
+        if input_transform == "multiple_select":
+            raise ValueError("segmenter reads one map: input_transform must be None or 'resize_concat'.")
+        super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=None, dropout=0.0,
+                         in_index=in_index, input_transform=input_transform)
+        width = self.selected_channels
+        d_model = d_model or width
+        num_heads = num_heads or max(1, d_model // 64)
+        if num_layers < 1:
+            raise ValueError(f"segmenter: num_layers must be >= 1, got {num_layers}.")
+        self.input_projection = nn.Linear(width, d_model)
+        self.class_embeddings = nn.Parameter(torch.zeros(1, num_labels, d_model))
+        self.layers = nn.ModuleList([TransformerLayer(d_model, num_heads, mlp_ratio, dropout)
+                                     for _ in range(num_layers)])
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self.patch_projection = nn.Linear(d_model, d_model, bias=False)
+        self.class_projection = nn.Linear(d_model, d_model, bias=False)
+        self.mask_norm = nn.LayerNorm(num_labels)
+        self.reset_extra_parameters(0.02)
+
+    def reset_extra_parameters(self, std: float) -> None:
+        init.trunc_normal_(self.class_embeddings, std=std)
+
+    def forward(self, features: BackboneFeatures) -> torch.Tensor:
+        x = self.select_inputs(features.feature_maps)  # (B, C, h, w)
+        batch, _, h, w = x.shape
+        tokens = self.input_projection(x.flatten(2).transpose(1, 2))  # (B, h*w, d), rows first
+        tokens = torch.cat([tokens, self.class_embeddings.expand(batch, -1, -1)], dim=1)  # (B, h*w + K, d)
+        for layer in self.layers:
+            tokens = layer(tokens)[0]
+        tokens = self.decoder_norm(tokens)
+        patches = F.normalize(self.patch_projection(tokens[:, : h * w]), dim=-1)  # (B, h*w, d)
+        classes = F.normalize(self.class_projection(tokens[:, h * w :]), dim=-1)  # (B, K, d)
+        masks = self.mask_norm(patches @ classes.transpose(1, 2))  # (B, h*w, K)
+        return masks.transpose(1, 2).reshape(batch, self.num_labels, h, w)
