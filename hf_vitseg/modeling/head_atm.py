@@ -105,7 +105,8 @@ class ATMHead(BaseHead):
     def segmentation_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
         """`log(einsum(softmax(class_logits)[..., :-1], sigmoid(mask_logits)))`.
 
-        (B, Q, K+1), (B, Q, h, w) -> (B, K, h, w), in float32, with the per-pixel max of `log sigmoid(mask_logits)` factored out of the sum over queries."""
+        (B, Q, K+1), (B, Q, h, w) -> (B, K, h, w). In float32, with the per-pixel max of `log sigmoid(mask_logits)`
+        factored out of the sum over queries."""
         class_probs = class_logits.float().softmax(dim=-1)[..., :-1]  # (B, Q, K), "no object" dropped
         log_masks = F.logsigmoid(mask_logits.float())  # (B, Q, h, w)
         shift = log_masks.amax(dim=1, keepdim=True)  # (B, 1, h, w)

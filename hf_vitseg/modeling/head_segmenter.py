@@ -49,13 +49,12 @@ class MultiHeadAttention(nn.Module):
         """x (B, n, d), context (B, m, d) -> (B, n, d), and the logits (B, heads, n, m) or None."""
         q = self._split_heads(self.q_proj(x))
         k, v = self._split_heads(self.k_proj(context)), self._split_heads(self.v_proj(context))
-        dropout = self.dropout if self.training else 0.0
         logits = None
         if return_logits:
             logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-            out = F.dropout(logits.softmax(dim=-1), dropout) @ v
+            out = F.dropout(logits.softmax(dim=-1), self.dropout, self.training) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).flatten(2)), logits
 
 
