@@ -1,0 +1,78 @@
+"""`hf-vitseg push FOLDER REPO_ID`: upload a saved model folder to the Hub with a generated model card.
+
+See `hf_vitseg.hub.push_to_hub` for what is uploaded and what is never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", type=Path,
+                        help="a folder written by model.save_pretrained (and processor.save_pretrained)")
+    parser.add_argument("repo_id", help="the Hub repo, e.g. username/dinov2-small-upernet-ade20k")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    parser.add_argument("--commit-message", default=None, help="commit message")
+    parser.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    parser.add_argument("--license", default=None, help="license id for the card, e.g. apache-2.0, mit, other")
+    parser.add_argument("--dataset", dest="datasets", action="append", default=None, metavar="DATASET_ID",
+                        help="Hub id of a training / evaluation dataset (repeatable; the first is the evaluation's)")
+    parser.add_argument("--dataset-name", default=None, help="display name of the evaluation dataset")
+    parser.add_argument("--dataset-split", default=None, help="split the evaluation ran on, e.g. validation")
+    parser.add_argument("--base-model", default=None,
+                        help="the backbone's Hub id (default: config.backbone_name_or_path when it is one)")
+    parser.add_argument("--tag", dest="tags", action="append", default=None, help="extra tag (repeatable)")
+    parser.add_argument("--eval-results", type=Path, default=None,
+                        help="JSON file of evaluation metrics (mean_iou or eval_mean_iou required); default: the "
+                             "folder's eval_results.json / all_results.json / trainer_state.json")
+    parser.add_argument("--overwrite-card", action="store_true",
+                        help="replace a README.md on the Hub that hf-vitseg did not write, or that was edited")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `push`; returns 0 on success, 1 (with the reason on stderr) on bad input."""
+    from .push import DEFAULT_COMMIT_MESSAGE, push_to_hub
+
+    card_data = {
+        key: value
+        for key, value in {
+            "license": args.license,
+            "datasets": args.datasets,
+            "dataset_name": args.dataset_name,
+            "dataset_split": args.dataset_split,
+            "base_model": args.base_model,
+            "tags": args.tags,
+        }.items()
+        if value is not None
+    }
+    try:
+        if args.eval_results is not None:
+            try:
+                card_data["eval_results"] = json.loads(args.eval_results.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as error:
+                raise ValueError(f"--eval-results {args.eval_results}: not a readable JSON file ({error}).") from error
+        result = push_to_hub(
+            args.folder,
+            args.repo_id,
+            card_data=card_data,
+            commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE,
+            private=args.private or None,
+            token=args.token,
+            overwrite_card=args.overwrite_card,
+            revision=args.revision,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"hf-vitseg push: error: {error}", file=sys.stderr)
+        return 1
+    print(f"Uploaded {len(result.uploaded)} files to {result.repo_id}: {', '.join(result.uploaded)}")
+    for path, reason in result.skipped.items():
+        print(f"Kept {path}: {reason}")
+    commit_url = getattr(result.commit, "commit_url", None)
+    if commit_url:
+        print(commit_url)
+    return 0

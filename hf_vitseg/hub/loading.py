@@ -1,0 +1,127 @@
+"""`load_model`: load a saved hf-vitseg model, with errors that name the file or value at fault.
+
+transformers' own messages for the commonest broken folders do not say which file is broken
+("Error while deserializing header: incomplete metadata, file not fully covered") or which config
+holds a bad value, so this helper checks the folder first and says both, and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Raise a `ValueError` naming `path` if it is not a complete safetensors file.
+
+    Reads the header only (no tensor data), so it is cheap even for large shards. A truncated file is
+    caught because its header promises more bytes than the file holds.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path} is not a valid safetensors file ({error}). It is probably truncated or corrupt (an "
+            "interrupted download or copy): download or save it again."
+        ) from error
+
+
+def check_model_folder(folder: str | os.PathLike) -> None:
+    """Check a saved model folder before loading it: `config.json` parses, its `head` is known (when
+    hf-vitseg is importable), and every `*.safetensors` weights file is complete.
+
+    Raises:
+        FileNotFoundError: no `config.json`, or no safetensors weights.
+        ValueError: a config that does not parse, an unknown head, or a broken weights file; the message
+            names the file and the value.
+    """
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json: it is not a saved model folder. Save one with "
+            "model.save_pretrained(folder)."
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error}); save the model again.") from error
+    if config.get("model_type") == "vitseg":
+        from ..modeling.head_base import HEAD_REGISTRY, list_heads
+
+        head = config.get("head")
+        if head not in HEAD_REGISTRY:
+            raise ValueError(
+                f"{config_file} names head {head!r}, which is not registered. Registered heads: "
+                f"{', '.join(list_heads())}. If it is a head of your own, import the module that registers it "
+                "(@hf_vitseg.register_head) before loading, or load with trust_remote_code=True if the folder "
+                "carries its source."
+            )
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = f" It holds {', '.join(pickled)}: hf-vitseg loads safetensors only (no pickle)." if pickled else ""
+        raise FileNotFoundError(
+            f"{folder} has no *.safetensors weights.{hint} Save with model.save_pretrained(folder)."
+        )
+    for path in weights:
+        check_safetensors_file(path)
+
+
+def load_config(name_or_path: str | os.PathLike, **kwargs):
+    """The `ViTSegConfig` of a saved model folder (checked by `check_model_folder` first) or Hub repo."""
+    from transformers import AutoConfig
+
+    if os.path.isdir(name_or_path):
+        check_model_folder(name_or_path)
+    return AutoConfig.from_pretrained(name_or_path, **kwargs)
+
+
+def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | None = None, **kwargs):
+    """Load a saved hf-vitseg model (a local folder or a Hub repo id) in eval mode.
+
+    Same as `AutoModelForSemanticSegmentation.from_pretrained(name_or_path, **kwargs)`, but a local folder
+    is checked first (`check_model_folder`), so a truncated or corrupt weights file, a config that is not
+    JSON or a config naming an unknown head gets an error naming the file and the value.
+
+    Args:
+        name_or_path: a folder written by `save_pretrained`, or a Hub repo id.
+        device: move the model there (default: stay on the CPU).
+        kwargs: passed to `from_pretrained` (`revision`, `dtype`, `trust_remote_code`, ...).
+    """
+    from transformers import AutoModelForSemanticSegmentation
+
+    if os.path.isdir(name_or_path):
+        check_model_folder(name_or_path)
+    model = AutoModelForSemanticSegmentation.from_pretrained(name_or_path, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_image_processor(name_or_path: str | os.PathLike, model=None, **kwargs):
+    """The image processor saved beside a model, or, when there is none, a `ViTSegImageProcessor` with the
+    model backbone's patch size (and a warning: its mean / std are ImageNet's, which suits ViT, DeiT and
+    DINOv2/v3 but not SAM)."""
+    import warnings
+
+    from ..processing import ViTSegImageProcessor
+
+    if os.path.isdir(name_or_path) and not (Path(name_or_path) / "preprocessor_config.json").is_file():
+        patch_size = getattr(getattr(getattr(model, "config", None), "backbone_config", None), "patch_size", 14)
+        warnings.warn(
+            f"{name_or_path} has no preprocessor_config.json; using ViTSegImageProcessor(patch_size={patch_size}) "
+            "with ImageNet mean and std. Save the processor you trained with beside the model "
+            "(processor.save_pretrained(folder)) to make this exact."
+        )
+        return ViTSegImageProcessor(patch_size=int(patch_size))
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(name_or_path, **kwargs)

@@ -1,0 +1,110 @@
+"""`ViTSegSegmentationPipeline`: transformers' image-segmentation pipeline, with the padding cut away exactly.
+
+transformers' `ImageSegmentationPipeline` works with an hf-vitseg model as it is: it returns one mask per class
+present, with its label. Two things it cannot know about hf-vitseg, which this subclass adds:
+
+- the image processor pads each image at the bottom / right to a multiple of the patch size, and the logits
+  cover that padded canvas. The stock pipeline calls `post_process_semantic_segmentation(outputs,
+  target_sizes)` without the padding, so the predicted map is stretched over the image by up to one patch.
+  This pipeline asks the processor for `input_sizes` and passes them and the padded size back, so the map is
+  exactly aligned with the image;
+- hf-vitseg is not in transformers' list of segmentation models, so the stock pipeline logs "The model
+  'ViTSegForSemanticSegmentation' is not supported for image-segmentation" although it is.
+
+This file is self-contained (numpy, PIL, torch and transformers only, no relative imports): `hf-vitseg push`
+uploads it as `pipeline_vitseg.py` and names it in `config.json`'s `custom_pipelines`, so that
+`pipeline("image-segmentation", model=repo_id, trust_remote_code=True)` uses it where hf-vitseg is not
+installed. Locally, `segmentation_pipeline(folder_or_repo)` builds it for any saved model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from transformers import ImageSegmentationPipeline, pipeline
+from transformers.image_utils import load_image
+
+
+# What `hf-vitseg push` writes into the uploaded config.json, with this file uploaded as `pipeline_vitseg.py`.
+PIPELINE_FILENAME = "pipeline_vitseg.py"
+CUSTOM_PIPELINES = {
+    "image-segmentation": {
+        "impl": "pipeline_vitseg.ViTSegSegmentationPipeline",
+        "pt": ["AutoModelForSemanticSegmentation"],
+        "type": "image",
+    }
+}
+
+
+class ViTSegSegmentationPipeline(ImageSegmentationPipeline):
+    """Semantic segmentation with an hf-vitseg model: one `{"label", "mask", "score"}` per class present.
+
+    `mask` is an `L`-mode PIL image the size of the input, 255 where the class is predicted; `score` is `None`
+    (semantic segmentation has no per-segment confidence), as in transformers' pipeline. Takes the same inputs
+    as `ImageSegmentationPipeline` (PIL images, local paths, URLs, or lists of them); `subtask` may only be
+    `None` or `"semantic"`.
+    """
+
+    _load_video_processor = False  # the stock pipeline probes for one and prompts about remote code
+
+    def check_model_type(self, supported_models):
+        if getattr(self.model.config, "model_type", None) == "vitseg":
+            return
+        super().check_model_type(supported_models)
+
+    def preprocess(self, image, subtask=None, timeout=None):
+        source = image
+        try:
+            image = load_image(image, timeout=timeout)
+        except Exception as error:  # PIL's UnidentifiedImageError, OSError for truncated files, ...
+            name = source if isinstance(source, str) else type(source).__name__
+            raise ValueError(f"Cannot decode image {name!r}: {error}") from error
+        inputs = self.image_processor(images=[image], return_tensors="pt", return_input_sizes=True)
+        input_sizes = inputs.pop("input_sizes")
+        inputs = inputs.to(self.dtype)
+        inputs["target_size"] = [(image.height, image.width)]
+        inputs["input_sizes"] = input_sizes
+        return inputs
+
+    def _forward(self, model_inputs):
+        target_size = model_inputs.pop("target_size")
+        input_sizes = model_inputs.pop("input_sizes")
+        padded_size = tuple(model_inputs["pixel_values"].shape[-2:])
+        model_outputs = self.model(**model_inputs)
+        model_outputs["target_size"] = target_size
+        model_outputs["input_sizes"] = input_sizes
+        model_outputs["padded_size"] = padded_size
+        return model_outputs
+
+    def postprocess(self, model_outputs, subtask=None, **kwargs) -> list[dict[str, Any]]:
+        if subtask not in (None, "semantic"):
+            raise ValueError(f"hf-vitseg models do semantic segmentation only; got subtask={subtask!r}.")
+        label_map = self.image_processor.post_process_semantic_segmentation(
+            model_outputs,
+            target_sizes=model_outputs["target_size"],
+            input_sizes=model_outputs["input_sizes"],
+            padded_size=model_outputs["padded_size"],
+        )[0].numpy()
+        id2label = self.model.config.id2label
+        annotation = []
+        for class_id in np.unique(label_map):
+            mask = Image.fromarray(((label_map == class_id) * 255).astype(np.uint8), mode="L")
+            annotation.append({"score": None, "label": id2label[int(class_id)], "mask": mask})
+        return annotation
+
+
+def segmentation_pipeline(model, **kwargs) -> ViTSegSegmentationPipeline:
+    """`transformers.pipeline("image-segmentation", model=model, pipeline_class=ViTSegSegmentationPipeline)`.
+
+    Args:
+        model: a saved model folder, a Hub repo id, or a loaded `ViTSegForSemanticSegmentation` (then pass
+            `image_processor=` too).
+        kwargs: passed to `transformers.pipeline` (`device`, `image_processor`, `trust_remote_code`, ...).
+
+    Example:
+        >>> segmenter = segmentation_pipeline("path/to/saved_model")
+        >>> [(segment["label"], segment["mask"].size) for segment in segmenter("image.png")]
+    """
+    return pipeline("image-segmentation", model=model, pipeline_class=ViTSegSegmentationPipeline, **kwargs)

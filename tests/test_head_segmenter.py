@@ -1,0 +1,58 @@
+"""`segmenter` (Segmenter's mask transformer) on every backbone family, and its cosine-similarity masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_vitseg.modeling.head_segmenter  # noqa: F401  registers segmenter
+from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
+
+from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config
+from test_head_setr_mla import batch
+
+
+def build(family, **head_kwargs):
+    torch.manual_seed(0)
+    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head="segmenter", num_labels=3,
+                          head_kwargs=head_kwargs)
+    return ViTSegForSemanticSegmentation(config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trains_on_every_family_at_its_natural_stride(family):
+    model = build(family).train()
+    x, y = batch()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        out = model(x, labels=y)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    stride = 32 if family == "swin" else 8  # the last tap: patch tokens, or Swin's last stage
+    assert out.logits.shape == (2, 3, NON_SQUARE[0] // stride, NON_SQUARE[1] // stride)
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_masks_are_cosine_similarities_normed_over_classes():
+    model = build("dinov2").eval()
+    head = model.head
+    assert head.input_projection.out_features == 32 and head.layers[0].self_attn.num_heads == 1  # d_model = width
+    assert len(head.layers) == 2 and head.layers[0].cross_attn is None
+    assert 0 < head.class_embeddings.std() < 0.05  # initialised by the model (initializer_range)
+    captured = {}
+    head.mask_norm.register_forward_hook(lambda m, i, o: captured.update(scores=i[0], out=o))
+    with torch.no_grad():
+        logits = model(batch()[0]).logits
+    scores = captured["scores"]  # (B, h*w, K): scalar products of unit vectors
+    assert scores.shape == (2, 8 * 12, 3) and scores.abs().max() <= 1 + 1e-6
+    torch.testing.assert_close(logits, captured["out"].transpose(1, 2).reshape(2, 3, 8, 12))
+
+
+def test_wider_decoder_and_bad_heads():
+    head = build("dinov2", d_model=64, num_heads=4, num_layers=1).head
+    assert head.class_embeddings.shape == (1, 3, 64) and len(head.layers) == 1
+    with pytest.raises(ValueError, match="divisible"):
+        build("dinov2", d_model=30, num_heads=4)

@@ -1,0 +1,81 @@
+"""`setr_mla` (SETR multi-level feature aggregation) on every backbone family, and its top-down aggregation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_vitseg.modeling.head_setr  # noqa: F401  registers setr_pup and setr_mla
+from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
+from hf_vitseg.modeling.head_base import BackboneFeatures
+from hf_vitseg.modeling.head_setr import SETRMLAHead
+
+from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config
+
+SMALL = {"mla_channels": 16, "stream_channels": 8}  # the paper's widths are tested below; these keep training fast
+
+
+def build(family, **head_kwargs):
+    torch.manual_seed(0)
+    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head="setr_mla", num_labels=3,
+                          head_kwargs=head_kwargs)
+    return ViTSegForSemanticSegmentation(config)
+
+
+def batch(size=NON_SQUARE, num_labels=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *size, generator=g)
+    blocks = torch.randint(0, num_labels, (2, 1, size[0] // 32, size[1] // 32), generator=g)
+    return x, torch.nn.functional.interpolate(blocks.float(), size=size, mode="nearest")[:, 0].long()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trains_on_every_family_at_its_natural_stride(family):
+    model = build(family, **SMALL).train()
+    assert len(model.config.backbone_out_indices) == 4
+    x, y = batch()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        out = model(x, labels=y)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    # x4 from the coarsest selected map: stride p/4 = 2 on the patch-8 ViTs, 32/4 = 8 on Swin's pyramid
+    stride = 8 if family == "swin" else 2
+    assert out.logits.shape == (2, 3, NON_SQUARE[0] // stride, NON_SQUARE[1] // stride)
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_paper_widths_by_default_and_overrides():
+    head = build("dinov2").head
+    assert head.projections[0][0].out_channels == 256 and head.streams[0][-1][0].out_channels == 128
+    assert head.classifier.in_channels == 4 * 128
+    light = build("dinov2", preset="light", stream_channels=24).head
+    assert light.projections[0][0].out_channels == 128 and light.classifier.in_channels == 4 * 24
+    assert build("dinov2", up_scale=2, **SMALL).eval()(batch()[0]).logits.shape[-2:] == (16, 24)
+    with pytest.raises(ValueError, match="unknown preset"):
+        build("dinov2", preset="huge")
+
+
+def test_aggregation_is_top_down():
+    """Stream i sums the projections of taps i..M-1: the deepest reaches every stream, the shallowest its own only."""
+    torch.manual_seed(0)
+    head = SETRMLAHead([8] * 4, [8] * 4, num_labels=2, mla_channels=8, stream_channels=4).eval()
+    maps = [torch.randn(1, 8, 3, 5) for _ in range(4)]
+
+    def streams(maps):  # the classifier's input, one 4-channel block per stream, shallow to deep
+        captured = {}
+        hook = head.classifier.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
+        with torch.no_grad():
+            head(BackboneFeatures(feature_maps=maps, strides=[8] * 4))
+        hook.remove()
+        return captured["x"].split(4, dim=1)
+
+    reference = streams(maps)
+    shallow_changed = streams([maps[0] + 1] + maps[1:])
+    deep_changed = streams(maps[:3] + [maps[3] + 1])
+    assert not torch.equal(shallow_changed[0], reference[0])
+    assert all(torch.equal(a, b) for a, b in zip(shallow_changed[1:], reference[1:]))
+    assert all(not torch.equal(a, b) for a, b in zip(deep_changed, reference))
