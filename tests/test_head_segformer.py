@@ -3,37 +3,18 @@
 import pytest
 import torch
 from transformers import (
-    DeiTConfig,
-    Dinov2Config,
-    Dinov2WithRegistersConfig,
-    DINOv3ViTConfig,
-    SamVisionConfig,
     SegformerConfig,
     SegformerForSemanticSegmentation,
-    SwinConfig,
-    ViTConfig,
 )
 
 import hf_vitseg.modeling.head_segformer  # noqa: F401  registers "segformer" until heads.py imports it
+from conftest import FAMILIES, tiny_backbone_config
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 from hf_vitseg.convert import convert_segformer_decode_head, load_peer_head_weights
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_segformer import SegFormerHead
 
 
-VIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
-           patch_size=8)
-BACKBONES = {
-    "vit": lambda: ViTConfig(**VIT),
-    "deit": lambda: DeiTConfig(**VIT),
-    "dinov2": lambda: Dinov2Config(**VIT),
-    "dinov2_with_registers": lambda: Dinov2WithRegistersConfig(**VIT, num_register_tokens=2),
-    "dinov3_vit": lambda: DINOv3ViTConfig(**VIT, num_register_tokens=2),
-    "sam": lambda: SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=4, num_attention_heads=2,
-                                   image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1, 3]),
-    "swin": lambda: SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], image_size=64,
-                               patch_size=4, window_size=2),
-}
 LEVEL_CHANNELS = [8, 16, 24, 32]
 # Sizes that are not powers of two of each other, as DINOv2's 37x37 grid gives (148, 74, 37, 18).
 LEVEL_SIZES = [(38, 58), (19, 29), (10, 15), (5, 7)]
@@ -80,7 +61,7 @@ def test_converter():
 
 
 def test_load_peer_head_weights_into_vitseg_model():
-    config = ViTSegConfig(backbone_config=BACKBONES["dinov2"](), head="segformer", num_labels=5,
+    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="segformer", num_labels=5,
                           head_kwargs={"channels": 16})
     model = ViTSegForSemanticSegmentation(config).eval()
     load_peer_head_weights(model, peer := tiny_peer(channels=[32] * 4))
@@ -94,10 +75,10 @@ def test_load_peer_head_weights_into_vitseg_model():
         load_peer_head_weights(model, tiny_peer(channels=[16] * 4))
 
 
-@pytest.mark.parametrize("family", sorted(BACKBONES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_backbone_family(family):
     torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=BACKBONES[family](), head="segformer", num_labels=3,
+    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head="segformer", num_labels=3,
                           head_kwargs={"channels": 16})
     model = ViTSegForSemanticSegmentation(config).train()
     assert len(config.backbone_out_indices) == 4

@@ -4,37 +4,18 @@ import pytest
 import torch
 from transformers import (
     ConvNextConfig,
-    DeiTConfig,
-    Dinov2Config,
-    Dinov2WithRegistersConfig,
-    DINOv3ViTConfig,
-    SamVisionConfig,
-    SwinConfig,
     UperNetConfig,
     UperNetForSemanticSegmentation,
-    ViTConfig,
 )
 
 import hf_vitseg.modeling.head_upernet  # noqa: F401  registers "upernet" until heads.py imports it
+from conftest import FAMILIES, tiny_backbone_config
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 from hf_vitseg.convert import convert_upernet_decode_head, load_peer_head_weights
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_upernet import UperNetHead
 
 
-VIT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
-           patch_size=8)
-BACKBONES = {
-    "vit": lambda: ViTConfig(**VIT),
-    "deit": lambda: DeiTConfig(**VIT),
-    "dinov2": lambda: Dinov2Config(**VIT),
-    "dinov2_with_registers": lambda: Dinov2WithRegistersConfig(**VIT, num_register_tokens=2),
-    "dinov3_vit": lambda: DINOv3ViTConfig(**VIT, num_register_tokens=2),
-    "sam": lambda: SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=4, num_attention_heads=2,
-                                   image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1, 3]),
-    "swin": lambda: SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], image_size=64,
-                               patch_size=4, window_size=2),
-}
 LEVEL_CHANNELS = [8, 16, 24, 32]
 # Sizes that are not powers of two of each other, as DINOv2's 37x37 grid gives (148, 74, 37, 18).
 LEVEL_SIZES = [(38, 58), (19, 29), (10, 15), (5, 7)]
@@ -85,7 +66,7 @@ def test_converter_accepts_head_or_model_state_dict():
 
 
 def test_load_peer_head_weights_into_vitseg_model():
-    config = ViTSegConfig(backbone_config=BACKBONES["dinov2"](), head="upernet", num_labels=5,
+    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="upernet", num_labels=5,
                           head_kwargs={"channels": 16})
     model = ViTSegForSemanticSegmentation(config).eval()
     peer = tiny_peer(channels=[32] * 4)
@@ -99,7 +80,7 @@ def test_load_peer_head_weights_into_vitseg_model():
 
 
 def test_load_peer_head_weights_errors():
-    config = ViTSegConfig(backbone_config=BACKBONES["dinov2"](), head="upernet", num_labels=5,
+    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="upernet", num_labels=5,
                           head_kwargs={"channels": 16})
     model = ViTSegForSemanticSegmentation(config)
     mismatch = r"(?s)does not fit.*classifier\.weight: peer \(5, 24, 1, 1\) vs this head \(5, 16, 1, 1\)"
@@ -107,7 +88,7 @@ def test_load_peer_head_weights_errors():
         load_peer_head_weights(model, tiny_peer(channels=[32] * 4, hidden_size=24))
     with pytest.raises(ValueError, match="Pool scales differ"):
         load_peer_head_weights(model, tiny_peer(channels=[32] * 4, pool_scales=(1, 2, 4, 8)))
-    linear = ViTSegForSemanticSegmentation(ViTSegConfig(backbone_config=BACKBONES["dinov2"](), num_labels=5))
+    linear = ViTSegForSemanticSegmentation(ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), num_labels=5))
     with pytest.raises(ValueError, match="goes into a 'upernet' head"):
         load_peer_head_weights(linear, tiny_peer(channels=[32] * 4))
 
@@ -123,10 +104,10 @@ def test_trains_with_batch_of_one():
     assert ours.ppm[0][1][0].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("family", sorted(BACKBONES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_backbone_family(family):
     torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=BACKBONES[family](), head="upernet", num_labels=3,
+    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head="upernet", num_labels=3,
                           head_kwargs={"channels": 16})
     model = ViTSegForSemanticSegmentation(config).train()
     assert len(config.backbone_out_indices) == 4
