@@ -55,3 +55,10 @@ NON_SQUARE = (64, 96)
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def builtin_heads() -> list[str]:
+    """The heads hf-vitseg ships; test modules may register their own heads at import time."""
+    from hf_vitseg.modeling.head_base import HEAD_REGISTRY
+
+    return sorted(n for n, cls in HEAD_REGISTRY.items() if cls.__module__.startswith("hf_vitseg."))

@@ -10,12 +10,12 @@ import hf_vitseg
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 from hf_vitseg.export import OnnxExportError, check_exportable, export_onnx
 
-from conftest import tiny_backbone_config
+from conftest import builtin_heads, tiny_backbone_config
 
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX tests need the onnx extra: pip install hf-vitseg[onnx]")
 
-HEADS = hf_vitseg.list_heads()
+HEADS = builtin_heads()
 EXAMPLE = (32, 48)  # 4 x 6 patches of 8 pixels
 OTHER = (56, 40)  # 7 x 5 patches: taller and narrower, odd grid
 # Heads whose ONNX graph has the example's size baked in until `hf_vitseg.modeling.head_base.resize` keeps

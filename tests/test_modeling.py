@@ -14,10 +14,10 @@ from transformers import AutoModel, AutoModelForSemanticSegmentation
 import hf_vitseg
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 
-from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config
+from conftest import builtin_heads, FAMILIES, NON_SQUARE, tiny_backbone_config
 
 
-HEADS = hf_vitseg.list_heads()
+HEADS = builtin_heads()
 PAIRS = [(h, f) for h in HEADS for f in FAMILIES]
 
 
