@@ -7,11 +7,13 @@ For each head: parameters (head + neck), GFLOPs of the forward pass (torch.utils
 time and median training-step time (forward + backward + AdamW step, whole model trainable), each divided by
 the same measurement of the backbone alone taken in the same process and interleaved with it (the machine is
 shared and noisy: ratios of medians, never absolute seconds, are the result). `--memory` adds the peak resident
-memory of a training step, each model in a fresh subprocess, as a ratio to the backbone alone.
-The peer row is transformers' `UperNetForSemanticSegmentation` on a `Dinov2Backbone` of the same size with
-the same widths as our `upernet` at `channels=512` (transformers' default), without its auxiliary head. It keeps
-every level at stride 14 and returns logits at full input resolution; ours is shown both on the same stride-14
-maps (`neck=None`, the like-for-like row) and on its default p/4 pyramid (more pixels, more work, finer output).
+memory growth of a training step (sampled RSS), each model in a fresh subprocess, as a ratio to the backbone alone.
+Each head runs at its default widths; `setr_pup`, `dpt` and `upernet` also at their papers' widths (the
+`preset="paper"` rows), which cost more. The peer row is transformers' `UperNetForSemanticSegmentation` on a
+`Dinov2Backbone` of the same size with the same widths as our `upernet` at `preset="paper"` (channels 512,
+transformers' default), without its auxiliary head. It keeps every level at stride 14 and returns logits at
+full input resolution; ours is shown both on the same stride-14 maps (`neck=None`, the like-for-like row,
+"stride p") and on its default p/4 pyramid (more pixels, more work, finer output).
 Random weights: speed does not depend on them.
 """
 
@@ -29,6 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import hf_vitseg
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
+
+
+PAPER_PRESET_HEADS = ("setr_pup", "dpt", "upernet")
 
 
 def dinov2_small_config():
@@ -58,6 +63,13 @@ class PeerUperNet(torch.nn.Module):
         backbone.out_indices = [3, 6, 9, 12]
         config = UperNetConfig(backbone_config=backbone, hidden_size=512, use_auxiliary_head=False, num_labels=150)
         self.model = UperNetForSemanticSegmentation(config)
+
+    def train(self, mode: bool = True):
+        # transformers' pool-scale-1 BatchNorm raises in training on a batch of one image (one value per channel);
+        # keep that one layer on its running statistics, which is what our upernet's PooledBatchNorm2d does.
+        super().train(mode)
+        self.model.decode_head.psp_modules.get_submodule("0.1.batch_norm").eval()
+        return self
 
     def forward(self, pixel_values, labels=None):
         return self.model(pixel_values=pixel_values).logits
@@ -101,20 +113,37 @@ def gflops(model, x) -> float:
 
 
 def peak_memory_mb(spec: str, size: int) -> float:
-    """Peak RSS growth of one training step, in a fresh process (CPU has no per-allocation peak counter)."""
+    """Peak resident-memory growth during one training step, in a fresh process.
+
+    CPU tensors have no allocator peak counter, and `ru_maxrss` also counts the peak of building the model, so a
+    thread samples the process's current RSS (`/proc/self/statm`) every millisecond while the step runs; the
+    result is that peak minus the RSS just before the step (model, optimizer state, one warm-up step included)."""
     code = f"""
-import resource, torch, sys
+import os, sys, threading, time, torch
 sys.argv = ['x']
 sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
 import heads as b
 torch.set_num_threads({torch.get_num_threads()})
-spec = {spec!r}
-model = b.model_from_spec(spec)
+page = os.sysconf('SC_PAGE_SIZE')
+def rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * page
+model = b.model_from_spec({spec!r})
 x = torch.randn(1, 3, {size}, {size})
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+b.time_train_step(model, x, opt)  # optimizer state and allocator caches exist from here on
+peak, running = [rss()], [True]
+base = peak[0]
+def sample():
+    while running[0]:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.001)
+thread = threading.Thread(target=sample)
+thread.start()
 b.time_train_step(model, x, opt)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+running[0] = False
+thread.join()
+print((max(peak[0], rss()) - base) / 2**20)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -144,15 +173,18 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocess per model)")
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--no-presets", action="store_true", help="skip the papers'-widths rows")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
 
     specs = [h for h in (args.heads or hf_vitseg.list_heads())]
+    # the papers' widths where they differ from our defaults (named presets; setr_mla's default is the paper's)
+    specs += ["{}:{}".format(head, json.dumps({"head_kwargs": {"preset": "paper"}}))
+              for head in PAPER_PRESET_HEADS if head in specs and not args.no_presets]
     if not args.no_peer:
-        # transformers' widths: at our p/4 pyramid, and on the same single-stride maps transformers uses
+        # transformers' widths (our "paper" preset, channels 512) on the same single-stride maps transformers uses
         specs += [
-            "upernet:" + json.dumps({"head_kwargs": {"channels": 512}}),
-            "upernet:" + json.dumps({"head_kwargs": {"channels": 512}, "neck": None}),
+            "upernet:" + json.dumps({"head_kwargs": {"preset": "paper"}, "neck": None}),
             "peer_upernet",
         ]
     x = torch.randn(1, 3, args.size, args.size)
@@ -188,8 +220,8 @@ def main(argv=None):
             "train_step_ratio": round(statistics.median(step) / statistics.median(ref_step), 3),
             "backbone_forward_s": round(statistics.median(ref_fwd), 3),
         }
-        if spec.startswith("upernet:"):
-            row["head"] = "upernet 512, stride p" if '"neck": null' in spec else "upernet 512, pyramid"
+        if ":" in spec and spec != "peer_upernet":
+            row["head"] = spec.split(":")[0] + ' "paper"' + (", stride p" if '"neck": null' in spec else "")
         if args.memory:
             row["memory_ratio"] = round(peak_memory_mb(spec, args.size) / ref_mem, 2)
         rows.append(row)

@@ -310,3 +310,27 @@ def test_plots_merge_a_finetune_only_run_into_the_first(tmp_path, capsys):
     assert [p.name for p in written] == ["accuracy_vs_time_2x.png"]  # no .npz: no prediction grid
     assert "| linear + LoRA | lora |" in capsys.readouterr().out
     assert plots.short_name("upernet + full fine-tune, layer decay") == "upernet FT"
+
+
+# -- benchmarks/heads.py ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_heads_benchmark_runs_every_row_kind(tmp_path):
+    """A tiny input through the real script: a default row, the papers'-widths rows and the transformers peer
+    (whose batch-1 training step needs its pool-scale-1 BatchNorm kept on running statistics)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import heads
+
+    out = tmp_path / "heads.json"
+    rows = heads.main(["--heads", "linear", "upernet", "--size", "56", "--repeats", "1", "--json", str(out)])
+    names = [row["head"] for row in rows]
+    assert names == ["linear", "upernet", 'upernet "paper"', 'upernet "paper", stride p',
+                     "transformers UperNet (512)"]
+    assert json.loads(out.read_text()) == rows
+    by_name = {row["head"]: row for row in rows}
+    # transformers' widths: our stride-p row and the peer have the same layer shapes, bar the peer's final conv
+    assert abs(by_name['upernet "paper", stride p']["head_params_m"] - by_name["transformers UperNet (512)"][
+        "head_params_m"]) < 0.1
+    assert by_name['upernet "paper"']["head_params_m"] > by_name["upernet"]["head_params_m"]
+    assert all(row["forward_ratio"] > 0 and row["train_step_ratio"] > 0 for row in rows)

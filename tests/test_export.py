@@ -18,9 +18,6 @@ onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX tests need the onn
 HEADS = builtin_heads()
 EXAMPLE = (32, 48)  # 4 x 6 patches of 8 pixels
 OTHER = (56, 40)  # 7 x 5 patches: taller and narrower, odd grid
-# Heads whose ONNX graph has the example's size baked in until `hf_vitseg.modeling.head_base.resize` keeps
-# symbolic sizes (it calls int() on them); export_onnx's own check then raises. See docs/export.md.
-BAKES_EXAMPLE_SIZE = {"setr_mla", "segformer", "unet"}
 
 
 def build(head: str) -> ViTSegForSemanticSegmentation:
@@ -35,11 +32,6 @@ def build(head: str) -> ViTSegForSemanticSegmentation:
     return model
 
 
-def has_adaptive_pooling(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and m.output_size not in (1, (1, 1))
-               for m in model.modules())
-
-
 def onnx_max_error(model, path, size, batch_size):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     pixel_values = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(1))
@@ -50,28 +42,12 @@ def onnx_max_error(model, path, size, batch_size):
     return (torch.from_numpy(actual) - expected).abs().max().item()
 
 
-def _head_param(head):
-    if head in BAKES_EXAMPLE_SIZE:
-        return pytest.param(head, marks=pytest.mark.xfail(
-            strict=True, raises=OnnxExportError,
-            reason="head_base.resize turns symbolic sizes into ints; remove once it keeps torch.SymInt",
-        ))
-    return head
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("head", [_head_param(h) for h in HEADS])
+@pytest.mark.parametrize("head", HEADS)
 def test_onnx_export_with_dynamic_size_matches_pytorch(head, tmp_path):
     model = build(head)
     path = tmp_path / f"{head}.onnx"
-    if has_adaptive_pooling(model):
-        # ONNX has no adaptive pooling: a dynamic export would be wrong at every other size, so it is refused ...
-        with pytest.raises(OnnxExportError, match="dynamic height and width: .*Adaptive"):
-            export_onnx(model, path, example_size=EXAMPLE)
-        # ... and a fixed-size export works
-        export_onnx(model, path, example_size=EXAMPLE, dynamic=False)
-        assert onnx_max_error(model, path, EXAMPLE, batch_size=1) <= 1e-4
-        return
+    # Every shipped head exports with dynamic height and width (upernet's pyramid pooling is matmul-based for it).
     export_onnx(model, path, example_size=EXAMPLE)  # checks with onnxruntime itself; here, independently:
     assert onnx_max_error(model, path, EXAMPLE, batch_size=2) <= 1e-4
     assert onnx_max_error(model, path, OTHER, batch_size=3) <= 1e-4

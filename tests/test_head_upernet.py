@@ -125,3 +125,14 @@ def test_every_backbone_family(family):
     stride = 4 if family == "swin" else 2
     assert output.logits.shape == (2, 3, 64 // stride, 96 // stride)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("size", [(5, 7), (6, 6), (37, 37), (13, 29), (2, 11)])
+@pytest.mark.parametrize("scale", [1, 2, 3, 6])
+def test_matmul_pooling_equals_adaptive_avg_pool(size, scale):
+    # Overlapping bins (13 rows into 6), bins larger than the input (2 rows into 3 or 6), exact divisions.
+    from hf_vitseg.modeling.head_upernet import AdaptiveAvgPool2dAsMatmul
+
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(AdaptiveAvgPool2dAsMatmul(scale)(x), torch.nn.functional.adaptive_avg_pool2d(x, scale),
+                               rtol=1e-6, atol=1e-6)

@@ -388,8 +388,8 @@ def test_post_process_cuts_the_padding_away():
     outputs = _Outputs(_padded_logits((30, 40), (42, 42), stride=2))
 
     target = [original.size[::-1]]
-    naive = processor.post_process_semantic_segmentation(outputs, target_sizes=target)[0]
-    assert (naive == 2).any()  # without input_sizes the padding class leaks into the image
+    naive = processor.post_process_semantic_segmentation(outputs, target_sizes=target, infer_padding=False)[0]
+    assert (naive == 2).any()  # stretched over the target, the padding class leaks into the image
     cut = processor.post_process_semantic_segmentation(
         outputs, target_sizes=target, input_sizes=input_sizes, padded_size=padded_size
     )[0]
@@ -398,6 +398,35 @@ def test_post_process_cuts_the_padding_away():
     assert at_logits[0].shape == (15, 20) and torch.all(at_logits[0] == 1)
     with pytest.raises(ValueError, match="needs `padded_size`"):
         processor.post_process_semantic_segmentation(outputs, input_sizes=input_sizes)
+
+
+def test_post_process_infers_the_padding_from_target_sizes_alone():
+    # transformers' ImageSegmentationPipeline passes only target_sizes (the original image sizes).
+    processor = ViTSegImageProcessor(do_resize=True, size={"shortest_edge": 30})
+    outputs = _Outputs(_padded_logits((30, 40), (42, 42), stride=2))  # a 60 x 80 image: 30 x 40, padded to 42
+    inferred = processor.post_process_semantic_segmentation(outputs, target_sizes=[(60, 80)])[0]
+    explicit = processor.post_process_semantic_segmentation(
+        outputs, target_sizes=[(60, 80)], input_sizes=[(30, 40)], padded_size=(42, 42)
+    )[0]
+    assert torch.equal(inferred, explicit) and torch.all(inferred == 1)
+
+    # Without resizing: a 50 x 70 image padded to 56 x 70 (patch 14), logits at stride 2.
+    plain = ViTSegImageProcessor()
+    outputs = _Outputs(_padded_logits((50, 70), (56, 70), stride=2))
+    assert torch.all(plain.post_process_semantic_segmentation(outputs, target_sizes=[(50, 70)])[0] == 1)
+
+    # A target size that does not fit the logits' aspect ratio (an output size the user chose) is not guessed at.
+    stretched = plain.post_process_semantic_segmentation(outputs, target_sizes=[(20, 20)])[0]
+    assert torch.equal(stretched, plain.post_process_semantic_segmentation(
+        outputs, target_sizes=[(20, 20)], infer_padding=False)[0])
+    assert (stretched == 2).any()
+
+    # "crop" mode discards pixels instead of padding: nothing to infer.
+    cropping = ViTSegImageProcessor(size_divisor_mode="crop")
+    cropped = cropping.post_process_semantic_segmentation(outputs, target_sizes=[(50, 70)])[0]
+    assert torch.equal(cropped, plain.post_process_semantic_segmentation(
+        outputs, target_sizes=[(50, 70)], infer_padding=False)[0])
+    assert (cropped == 2).any()
 
 
 def test_post_process_crop_keeps_geometry():

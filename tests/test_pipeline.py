@@ -76,13 +76,6 @@ def test_stock_pipeline_returns_one_labelled_mask_per_class_present(model_folder
     np.testing.assert_array_equal(segments_to_map(segments, ID2LABEL), expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transformers' ImageSegmentationPipeline calls post_process_semantic_segmentation(outputs, target_sizes) "
-    "without the padding, so the padded logits are stretched over the image. Fixed by ViTSegSegmentationPipeline "
-    "(pushed repos use it); for plain folders it needs the processor change proposed in the issue-5 report. "
-    "Remove this marker when that lands.",
-)
 def test_stock_pipeline_is_aligned_on_padded_images(model_folder):
     image = random_image(50, 70)  # padded to 56 x 72
     segments = pipeline("image-segmentation", model=str(model_folder), trust_remote_code=True)(image)

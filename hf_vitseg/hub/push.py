@@ -8,7 +8,7 @@ What goes up, in one commit of `CommitOperationAdd`s only (nothing is ever delet
   (`hf_vitseg/inference/pipeline.py`), so `pipeline("image-segmentation", repo_id, trust_remote_code=True)`
   cuts the processor's padding away exactly where hf-vitseg is not installed;
 - `preprocessor_config.json` and `image_processing_vitseg.py`;
-- `README.md`, rendered from `hub_cards/` (see `hf_vitseg.hub.cards`).
+- `README.md`, rendered from `hf_vitseg/hub_cards/` (see `hf_vitseg.hub.cards`).
 
 Nothing a person wrote is overwritten: if the repo already has a `README.md` that hf-vitseg did not write, or
 that someone edited since, it is kept unless `overwrite_card=True`; if it holds a `config.json` of another model

@@ -1,6 +1,7 @@
-"""Inference beyond one forward pass: sliding windows, test-time augmentation, overlays."""
+"""Inference beyond one forward pass: the pipeline, sliding windows, test-time augmentation, overlays."""
 
 from .overlay import colorize, make_palette, overlay, side_by_side
+from .pipeline import ViTSegSegmentationPipeline, segmentation_pipeline
 from .sliding_window import (
     forward_logits,
     gaussian_importance_map,
@@ -11,12 +12,14 @@ from .tta import predict_logits
 
 
 __all__ = [
+    "ViTSegSegmentationPipeline",
     "colorize",
     "forward_logits",
     "gaussian_importance_map",
     "make_palette",
     "overlay",
     "predict_logits",
+    "segmentation_pipeline",
     "side_by_side",
     "sliding_window_inference",
     "sliding_window_starts",

@@ -99,7 +99,8 @@ class BackboneFeatures:
 
 def resize(x: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
     """Bilinear resize with `align_corners=False`, a no-op when the size already matches."""
-    size = tuple(int(s) for s in size)
+    # Keep symbolic sizes symbolic (torch.export / ONNX with dynamic height and width); plain numbers become ints.
+    size = tuple(s if isinstance(s, torch.SymInt) else int(s) for s in size)
     if tuple(x.shape[-2:]) == size:
         return x
     return F.interpolate(x, size=size, mode=mode, align_corners=False if mode in ("bilinear", "bicubic") else None)

@@ -14,10 +14,15 @@ Input contract: a pyramid of maps `(B, C_i, h_i, w_i)`, finest first, usually fo
 p/2, p, 2p after the pyramid neck on a ViT; Swin's own stages). Output: `(B, num_labels, h_0, w_0)`, the finest
 level's resolution (stride p/4 on a ViT, 4 on Swin).
 
-Widths: `channels` (every conv's output width) defaults to 256. transformers' `UperNetConfig.hidden_size` and
-mmsegmentation use 512; `channels=512` builds exactly those layer shapes (`hf_vitseg.convert` imports
-transformers' weights), at about 4x the cost of the fusion conv, which dominates at stride p/4.
+Widths: `channels` (every conv's output width) defaults to 256 (`preset="default"`). transformers'
+`UperNetConfig.hidden_size` and mmsegmentation use 512: `preset="paper"` (or `channels=512`) builds exactly those
+layer shapes (`hf_vitseg.convert` imports transformers' weights), at about 4x the cost of the fusion conv, which
+dominates at stride p/4: on a DINOv2-S/14 at 518x518 the whole model then costs about 6x the backbone's forward
+time, against 2.5x with the default (`benchmarks/heads.py`). `channels` overrides the preset.
 transformers' UperNet has no dropout before the classifier, mmsegmentation's has 0.1 (the default here).
+
+The pyramid pooling is `AdaptiveAvgPool2dAsMatmul`, adaptive average pooling written as products with
+averaging matrices built at run time, so the head exports to ONNX with dynamic height and width.
 
 One deliberate difference: with a batch of one image, the pool-scale-1 branch's BatchNorm sees a single value per
 channel in training, where `nn.BatchNorm2d` (and so transformers' UperNet) raises; here that branch normalises
@@ -34,6 +39,38 @@ from torch.nn import functional as F
 from .head_base import BackboneFeatures, BaseHead, ConvNormAct, register_head, resize
 
 
+def _pooling_matrix(length, scale: int, like: torch.Tensor) -> torch.Tensor:
+    """`(scale, length)` averaging weights of `adaptive_avg_pool1d`: bin `i` covers
+    `[floor(i * length / scale), ceil((i + 1) * length / scale))`."""
+    bins = torch.arange(scale, device=like.device)
+    start = (bins * length) // scale
+    end = ((bins + 1) * length + scale - 1) // scale
+    positions = torch.arange(length, device=like.device)
+    mask = (positions[None, :] >= start[:, None]) & (positions[None, :] < end[:, None])
+    weights = mask.to(like.dtype)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+class AdaptiveAvgPool2dAsMatmul(nn.Module):
+    """`nn.AdaptiveAvgPool2d(scale)` computed as two products with averaging matrices.
+
+    The same numbers as `F.adaptive_avg_pool2d` (to float rounding), but built from the input's size at run time,
+    so the ONNX graph stays valid at every height and width; ONNX has no adaptive pooling, and torch.onnx's
+    `AveragePool` replacement fixes its kernel to the example's size."""
+
+    def __init__(self, output_size: int):
+        super().__init__()
+        self.output_size = int(output_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _pooling_matrix(x.shape[-2], self.output_size, x)  # (s, H)
+        cols = _pooling_matrix(x.shape[-1], self.output_size, x)  # (s, W)
+        return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))  # (B, C, s, s)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
 class PooledBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm that falls back to its running statistics when a training batch has one value per channel
     (a 1x1 pooled map of a single image), instead of raising."""
@@ -44,23 +81,30 @@ class PooledBatchNorm2d(nn.BatchNorm2d):
         return super().forward(x)
 
 
+# Width of every conv: "paper" is the UPerNet / mmsegmentation / transformers width (512).
+UPERNET_PRESETS = {"default": 256, "paper": 512}
+
+
 @register_head("upernet")
 class UperNetHead(BaseHead):
     num_default_taps = 4
     wants_pyramid = True
 
-    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, channels: int = 256,
+    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, channels: int | None = None,
                  pool_scales: tuple[int, ...] = (1, 2, 3, 6), dropout: float = 0.1, in_index=None,
-                 input_transform="multiple_select"):
+                 input_transform="multiple_select", preset: str = "default"):
         if input_transform != "multiple_select":
             raise ValueError(f"upernet head: input_transform must be 'multiple_select', got {input_transform!r}.")
+        if preset not in UPERNET_PRESETS:
+            raise ValueError(f"upernet: unknown preset {preset!r}; choose from {sorted(UPERNET_PRESETS)}.")
+        channels = int(channels or UPERNET_PRESETS[preset])
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=channels,
                          dropout=dropout, in_index=in_index, input_transform=input_transform)
         levels = self.selected_channels
         self.pool_scales = tuple(pool_scales)
         self.ppm = nn.ModuleList([
             nn.Sequential(
-                nn.AdaptiveAvgPool2d(scale),
+                AdaptiveAvgPool2dAsMatmul(scale),
                 nn.Sequential(nn.Conv2d(levels[-1], channels, 1, bias=False), PooledBatchNorm2d(channels),
                               nn.ReLU(inplace=True)),
             )

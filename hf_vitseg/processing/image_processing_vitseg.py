@@ -351,6 +351,7 @@ class ViTSegImageProcessor(PilBackend):
         target_sizes=None,
         input_sizes=None,
         padded_size=None,
+        infer_padding: bool = True,
     ) -> list[torch.Tensor]:
         r"""
         Turn model logits into one label map per image.
@@ -371,6 +372,13 @@ class ViTSegImageProcessor(PilBackend):
                 cropped at their own resolution, keeping every row/column that covers part of the image.
             padded_size (`tuple[int, int]`, *optional*):
                 `(height, width)` of the padded `pixel_values` the model saw, i.e. `pixel_values.shape[-2:]`.
+            infer_padding (`bool`, *optional*, defaults to `True`):
+                When `target_sizes` are given without `input_sizes` (as transformers' `ImageSegmentationPipeline`
+                does), take each target size to be the original image's size and recompute the resizing and
+                padding this processor applied to it, so the padded area is still cut away. This happens only
+                when the result is consistent with the logits (the recomputed padded canvas has the logits'
+                aspect ratio) and never with `size_divisor_mode="crop"`, which discards pixels instead.
+                Set it to `False` to stretch the whole logits over each target size.
 
         Returns:
             `list[torch.Tensor]`: `B` int64 maps of shape `(height, width)`.
@@ -397,6 +405,9 @@ class ViTSegImageProcessor(PilBackend):
         if input_sizes is not None and padded_size is None:
             raise ValueError("`input_sizes` needs `padded_size`, the (height, width) of the padded pixel_values.")
 
+        if input_sizes is None and target_sizes is not None and infer_padding:
+            input_sizes, padded_size = self._infer_input_geometry(target_sizes, (logits_h, logits_w))
+
         label_maps = []
         for index in range(batch_size):
             item_logits = logits[index : index + 1].float()  # (1, C, h, w)
@@ -416,6 +427,28 @@ class ViTSegImageProcessor(PilBackend):
                 item_logits = item_logits[..., :keep_h, :keep_w]
             label_maps.append(item_logits[0].argmax(dim=0))
         return label_maps
+
+
+    def _infer_input_geometry(self, target_sizes, logits_hw: tuple[int, int]):
+        """`(input_sizes, padded_size)` this processor would have produced for images of `target_sizes`, or
+        `(None, None)` when they cannot be recomputed or do not fit the logits."""
+        if self.size_divisor_mode == "crop":
+            return None, None
+        input_sizes = []
+        for target in target_sizes:
+            hw = (int(target[0]), int(target[1]))
+            input_sizes.append(_resize_output_size(hw, self.size) if self.do_resize else hw)
+        if self.pad_to_size is not None:
+            padded = (int(self.pad_to_size["height"]), int(self.pad_to_size["width"]))
+        else:
+            patch = self.patch_size
+            padded = tuple(int(math.ceil(max(sizes) / patch) * patch) for sizes in zip(*input_sizes))
+        if any(h > padded[0] or w > padded[1] for h, w in input_sizes):
+            return None, None
+        # The padded canvas must be what the logits cover: the same aspect ratio (any output stride).
+        if abs(padded[0] * logits_hw[1] - padded[1] * logits_hw[0]) > 1e-6 * padded[0] * logits_hw[1]:
+            return None, None
+        return input_sizes, padded
 
 
 def reduce_labels(segmentation_map: np.ndarray, ignore_index: int) -> np.ndarray:
