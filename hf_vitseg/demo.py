@@ -64,6 +64,21 @@ def _tiles(image: np.ndarray, mask: np.ndarray, tile: int):
     return [(image[y : y + tile, x : x + tile], mask[y : y + tile, x : x + tile]) for y in ys for x in xs]
 
 
+def training_views(tiles, factors: list[float], encode) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each `(image, mask)` tile at every brightness factor, as is and flipped (the flip axis alternating
+    across factors): `encode(image)` gives `(1, 3, H, W)` pixels; labels are `(1, H, W)` int64, flipped with
+    their pixels."""
+    views_x, views_y = [], []
+    for img, msk in tiles:
+        y = torch.from_numpy(msk.astype(np.int64))[None]
+        for i, factor in enumerate(factors):
+            x = encode(img * factor)
+            flip = (-1, -2)[i % 2]  # width, then height: negative dims name the same axis in x and y
+            views_x += [x, x.flip(flip)]
+            views_y += [y, y.flip(flip)]
+    return views_x, views_y
+
+
 def _resolve_backbone(name: str | None) -> tuple[str, str]:
     if name:
         return name, name
@@ -119,14 +134,7 @@ def run_demo(args) -> dict:
     # Fixed views: each tile at a few brightness factors, as is and flipped. The backbone is frozen, so their
     # features are computed once and the head trains on those.
     factors = [float(f) for f in args.intensity_views.split(",")]
-    views_x, views_y = [], []
-    for img, msk in _tiles(train_img, train_mask, args.tile):
-        y = torch.from_numpy(msk.astype(np.int64))[None]
-        for i, factor in enumerate(factors):
-            x = encode(img * factor)
-            flip = (-1, -2)[i % 2]  # alternate the flip axis across brightness views
-            views_x += [x, x.flip(flip)]
-            views_y += [y, y.flip(flip + 1)]
+    views_x, views_y = training_views(_tiles(train_img, train_mask, args.tile), factors, encode)
     model.eval()
     with torch.no_grad():
         cached = [model.backbone(x) for x in views_x]
