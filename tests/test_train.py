@@ -127,6 +127,9 @@ def test_training_learns_evaluates_checkpoints_and_saves_a_loadable_folder(train
         torch.testing.assert_close(loaded[name], value.cpu(), rtol=0, atol=0)
     processor = AutoImageProcessor.from_pretrained(output_dir, trust_remote_code=True)
     assert processor.patch_size == 8 and processor.ignore_index == 255
+    # the recipe as JSON, which the model card reads (the pickled training_args.bin never is)
+    recorded = json.loads((output_dir / "training_args.json").read_text())
+    assert recorded["max_steps"] == 6 and recorded["eval_steps"] == 3
 
     # evaluate_model on the saved folder reproduces the Trainer's streaming evaluation.
     results = evaluate_model(output_dir, datasets_[1])

@@ -436,6 +436,8 @@ def train(
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
     trainer.save_model(str(output_dir))  # model (+ remote code) and image processor, safetensors
+    # the recipe in readable form, for the model card (hf_vitseg.hub.cards reads it; never the pickled .bin)
+    (Path(output_dir) / "training_args.json").write_text(trainer.args.to_json_string())
     trainer.save_state()
     trainer.save_metrics("all", metrics)
     return trainer.model, metrics
