@@ -176,16 +176,11 @@ def encode(gray: np.ndarray, processor: ViTSegImageProcessor) -> torch.Tensor:
 
 def training_views(split, crop: int, stride: int | None, factors: list[float], processor) -> dict:
     """Every training tile at each brightness factor, as is and flipped (alternating the flip axis across
-    factors): `pixel_values (N, 3, crop, crop)` and `labels (N, crop, crop)` int64."""
-    pixels, labels = [], []
-    for image, mask in split.train_tiles(crop, stride):
-        y = torch.from_numpy(mask.astype(np.int64))
-        for i, factor in enumerate(factors):
-            x = encode(image * factor, processor)
-            axis = (-1, -2)[i % 2]
-            pixels += [x, x.flip(axis)]
-            labels += [y, y.flip(axis)]
-    return {"pixel_values": torch.stack(pixels), "labels": torch.stack(labels)}
+    factors), as `hf-vitseg demo` makes them: `pixel_values (N, 3, crop, crop)` and `labels (N, crop, crop)` int64."""
+    from hf_vitseg.demo import training_views as demo_views
+
+    pixels, labels = demo_views(split.train_tiles(crop, stride), factors, lambda image: encode(image, processor)[None])
+    return {"pixel_values": torch.cat(pixels), "labels": torch.cat(labels)}
 
 
 @torch.no_grad()
