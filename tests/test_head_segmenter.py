@@ -56,3 +56,51 @@ def test_wider_decoder_and_bad_heads():
     assert head.class_embeddings.shape == (1, 3, 64) and len(head.layers) == 1
     with pytest.raises(ValueError, match="divisible"):
         build("dinov2", d_model=30, num_heads=4)
+
+
+def _binary_model(**head_kwargs):
+    torch.manual_seed(0)
+    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="segmenter", num_labels=2,
+                          head_kwargs=head_kwargs)
+    return ViTSegForSemanticSegmentation(config)
+
+
+def test_two_classes_use_a_learned_temperature_and_learn():
+    model = _binary_model()
+    head = model.head
+    assert head.mask_norm is None and head.logit_scale.item() == pytest.approx(2.302585, abs=1e-5)  # log(10)
+    captured = {}
+    head.class_projection.register_forward_hook(lambda m, i, o: captured.update(classes=o))
+    head.patch_projection.register_forward_hook(lambda m, i, o: captured.update(patches=o))
+    x, y = batch()
+    y = (y > 0).long()  # two classes
+    with torch.no_grad():
+        logits = model.eval()(x).logits
+    cosine = torch.nn.functional.normalize(captured["patches"], dim=-1) @ torch.nn.functional.normalize(
+        captured["classes"], dim=-1).transpose(1, 2)
+    torch.testing.assert_close(logits, (10 * cosine).transpose(1, 2).reshape(logits.shape), atol=1e-5, rtol=1e-5)
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(x, labels=y).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert head.logit_scale.grad is not None and head.mask_bias.grad is not None
+
+    # The paper's LayerNorm over the two classes' scores, same data and steps: ±(1, -1) * weight once the two
+    # scores differ by more than sqrt(eps), so almost no gradient reaches them and the loss barely moves.
+    model = _binary_model(mask_norm=True).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    layernorm_losses = []
+    for _ in range(15):
+        loss = model(x, labels=y).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        layernorm_losses.append(loss.item())
+    assert layernorm_losses[-1] > 2 * losses[-1], (layernorm_losses, losses)

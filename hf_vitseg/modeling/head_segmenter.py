@@ -13,9 +13,18 @@ projection splits into `q_proj`, `k_proj`, `v_proj` here).
 Input contract: one map `(B, C, h, w)` (the last tap by default: on ViT/SAM the patch tokens at stride p, on
 Swin the last stage). Output: `(B, num_labels, h, w)`, stride p (the selected map's stride).
 `d_model` defaults to the input width and `num_heads` to `d_model // 64` (at least 1), as in the paper.
+
+One deliberate difference, for two classes only: a LayerNorm over two values maps every pixel to
+`±(1, -1)` (the sign of the difference of its two scores) times its weight, so its gradient vanishes almost
+everywhere; a binary Segmenter so built never leaves its initial prediction (measured: foreground IoU 0.0 on
+the nuclei benchmark, loss stuck at 0.56). With `num_labels <= 2` (`mask_norm=None`, the default), the cosine
+scores are instead multiplied by a learned temperature (initially 10, as a log-parametrised scalar
+`logit_scale`) plus a per-class bias. `mask_norm=True` / `False` forces either form.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -96,13 +105,15 @@ class SegmenterHead(BaseHead):
         num_heads: attention heads (default: `d_model // 64`, at least 1); must divide `d_model`.
         mlp_ratio: hidden width of each layer's MLP, as a multiple of `d_model`.
         dropout: dropout inside the transformer layers (attention and MLP).
+        mask_norm: LayerNorm over the classes' scores (the paper's); `None` = only when `num_labels > 2`,
+            else a learned temperature and bias (see the module docstring).
     """
 
     num_default_taps = 1
 
     def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, d_model: int | None = None,
                  num_layers: int = 2, num_heads: int | None = None, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 in_index=None, input_transform=None):
+                 mask_norm: bool | None = None, in_index=None, input_transform=None):
         if input_transform == "multiple_select":
             raise ValueError("segmenter reads one map: input_transform must be None or 'resize_concat'.")
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=None, dropout=0.0,
@@ -119,11 +130,19 @@ class SegmenterHead(BaseHead):
         self.decoder_norm = nn.LayerNorm(d_model)
         self.patch_projection = nn.Linear(d_model, d_model, bias=False)
         self.class_projection = nn.Linear(d_model, d_model, bias=False)
-        self.mask_norm = nn.LayerNorm(num_labels)
+        if mask_norm is None:
+            mask_norm = num_labels > 2
+        self.mask_norm = nn.LayerNorm(num_labels) if mask_norm else None
+        if not mask_norm:  # scores in [-1, 1] -> logits: exp(logit_scale) * score + bias
+            self.logit_scale = nn.Parameter(torch.zeros(()))
+            self.mask_bias = nn.Parameter(torch.zeros(num_labels))
         self.reset_extra_parameters(0.02)
 
     def reset_extra_parameters(self, std: float) -> None:
         init.trunc_normal_(self.class_embeddings, std=std)
+        if self.mask_norm is None:
+            init.constant_(self.logit_scale, math.log(10.0))
+            init.zeros_(self.mask_bias)
 
     def forward(self, features: BackboneFeatures) -> torch.Tensor:
         x = self.select_inputs(features.feature_maps)  # (B, C, h, w)
@@ -135,5 +154,9 @@ class SegmenterHead(BaseHead):
         tokens = self.decoder_norm(tokens)
         patches = F.normalize(self.patch_projection(tokens[:, : h * w]), dim=-1)  # (B, h*w, d)
         classes = F.normalize(self.class_projection(tokens[:, h * w :]), dim=-1)  # (B, K, d)
-        masks = self.mask_norm(patches @ classes.transpose(1, 2))  # (B, h*w, K)
+        scores = patches @ classes.transpose(1, 2)  # (B, h*w, K), cosine similarities
+        if self.mask_norm is not None:
+            masks = self.mask_norm(scores)
+        else:
+            masks = scores * self.logit_scale.exp() + self.mask_bias
         return masks.transpose(1, 2).reshape(batch, self.num_labels, h, w)
