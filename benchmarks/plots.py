@@ -51,15 +51,15 @@ def _matplotlib():
 
 def load_results(*json_paths: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """The results JSON(s) and the predictions `.npz` beside each (none: no predictions). Several files (e.g. a
-    frozen-head run and a `--finetune-only` run completing it) merge per scale; a row name seen before is kept
-    from the first file."""
+    frozen-head run and a `--finetune-only` run completing it, or a re-run of some rows) merge per scale: a row
+    name seen before is replaced, in place, by the later file's row (and its predictions)."""
     merged, predictions = None, {}
     for json_path in map(Path, json_paths):
         results = json.loads(json_path.read_text())
         npz = json_path.with_suffix(".npz")
         if npz.is_file():
             with np.load(npz, allow_pickle=False) as data:
-                predictions.update({key: data[key] for key in data.files if key not in predictions})
+                predictions.update({key: data[key] for key in data.files})
         if merged is None:
             merged = results
             merged["commands"] = [results.get("command")]
@@ -67,8 +67,12 @@ def load_results(*json_paths: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         merged["commands"].append(results.get("command"))
         for scale, scale_results in results["scales"].items():
             target = merged["scales"].setdefault(scale, {**scale_results, "rows": []})
-            names = {r["name"] for r in target["rows"]}
-            target["rows"] += [r for r in scale_results["rows"] if r["name"] not in names]
+            position = {r["name"]: i for i, r in enumerate(target["rows"])}
+            for row in scale_results["rows"]:
+                if row["name"] in position:
+                    target["rows"][position[row["name"]]] = row
+                else:
+                    target["rows"].append(row)
     return merged, predictions
 
 

@@ -295,17 +295,20 @@ def test_ade20k_reference_figures():
 def test_plots_merge_a_finetune_only_run_into_the_first(tmp_path, capsys):
     from benchmarks import plots
 
-    def run(names, kind):
-        rows = [{"name": n, "kind": kind, "runs": [{"fg_iou": 0.5, "miou": 0.6, "train_seconds": 2.0}],
-                 "fg_iou_mean": 0.5, "fg_iou_std": 0.0, "miou_mean": 0.6, "miou_std": 0.0,
+    def run(names, kind, fg_iou=0.5):
+        rows = [{"name": n, "kind": kind, "runs": [{"fg_iou": fg_iou, "miou": 0.6, "train_seconds": 2.0}],
+                 "fg_iou_mean": fg_iou, "fg_iou_std": 0.0, "miou_mean": 0.6, "miou_std": 0.0,
                  "train_seconds_mean": 2.0, "train_seconds_std": 0.0} for n in names]
         return {"command": kind, "backbone": "tiny (notes)", "scales": {"2": {"rows": rows}}}
 
-    (tmp_path / "a.json").write_text(json.dumps(run(["otsu", "linear"], "frozen")))
+    (tmp_path / "a.json").write_text(json.dumps(run(["otsu", "linear", "conv"], "frozen")))
     (tmp_path / "b.json").write_text(json.dumps(run(["otsu", "linear + LoRA"], "lora")))
-    merged, predictions = plots.load_results(tmp_path / "a.json", tmp_path / "b.json")
-    assert [r["name"] for r in merged["scales"]["2"]["rows"]] == ["otsu", "linear", "linear + LoRA"]
-    assert merged["commands"] == ["frozen", "lora"] and predictions == {}
+    (tmp_path / "c.json").write_text(json.dumps(run(["linear"], "rerun", fg_iou=0.7)))
+    merged, predictions = plots.load_results(tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json")
+    rows = merged["scales"]["2"]["rows"]
+    assert [r["name"] for r in rows] == ["otsu", "linear", "conv", "linear + LoRA"]
+    assert rows[1]["fg_iou_mean"] == 0.7 and rows[1]["kind"] == "rerun"  # the later run's row, in place
+    assert merged["commands"] == ["frozen", "lora", "rerun"] and predictions == {}
     written = plots.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--table"])
     assert [p.name for p in written] == ["accuracy_vs_time_2x.png"]  # no .npz: no prediction grid
     assert "| linear + LoRA | lora |" in capsys.readouterr().out
