@@ -428,7 +428,6 @@ class ViTSegImageProcessor(PilBackend):
             label_maps.append(item_logits[0].argmax(dim=0))
         return label_maps
 
-
     def _infer_input_geometry(self, target_sizes, logits_hw: tuple[int, int]):
         """`(input_sizes, padded_size)` this processor would have produced for images of `target_sizes`, or
         `(None, None)` when they cannot be recomputed or do not fit the logits."""
