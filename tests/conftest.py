@@ -62,3 +62,16 @@ def builtin_heads() -> list[str]:
     from hf_vitseg.modeling.head_base import HEAD_REGISTRY
 
     return sorted(n for n, cls in HEAD_REGISTRY.items() if cls.__module__.startswith("hf_vitseg."))
+
+
+def train_steps(model, x, y, steps: int = 10, lr: float = 3e-3, optimizer_cls=torch.optim.Adam):
+    """`steps` optimizer steps of `model` on the one batch `(x, y)`: `(losses, the last output)`."""
+    optimizer = optimizer_cls(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        out = model(x, labels=y)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    return losses, out

@@ -11,7 +11,7 @@ import hf_vitseg.modeling.head_atm  # noqa: F401  registers atm
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 from hf_vitseg.modeling.head_atm import ATMHead
 
-from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config
+from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config, train_steps
 from test_head_setr_mla import batch
 
 
@@ -27,14 +27,7 @@ def test_trains_with_plain_cross_entropy_on_every_family(family):
     model = build(family).train()
     assert len(model.config.backbone_out_indices) == 3
     x, y = batch()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(10):
-        out = model(x, labels=y)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
+    losses, out = train_steps(model, x, y, steps=10, lr=3e-3)
     stride = 32 if family == "swin" else 8  # the deepest tap's grid
     assert out.logits.shape == (2, 3, NON_SQUARE[0] // stride, NON_SQUARE[1] // stride)
     assert losses[-1] < losses[0] - 0.2, losses

@@ -13,7 +13,7 @@ from hf_vitseg.convert_dpt import convert_dpt_neck_and_head, dpt_head_kwargs, lo
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_dpt import DPTHead
 
-from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config
+from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config, train_steps
 
 
 SMALL = {"reassemble_channels": [8, 8, 16, 16], "fusion_channels": 16}
@@ -41,14 +41,7 @@ def test_every_family_trains_at_its_natural_stride(family):
     x, y = batch()
     # stride p/8 on single-stride backbones (p = 8 here: full size), 2 on Swin (finest stage at 4, x2 fusion)
     expected = (32, 48) if family == "swin" else NON_SQUARE
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    losses = []
-    for _ in range(10):
-        out = model(x, labels=y)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
+    losses, out = train_steps(model, x, y, steps=10, lr=5e-3)
     assert out.logits.shape == (2, 3, *expected)
     assert losses[-1] < losses[0] - 0.02, losses
     assert all(p.grad is not None for p in model.head.parameters()), "no unused head parameter"

@@ -8,7 +8,7 @@ import torch
 import hf_vitseg.modeling.head_segmenter  # noqa: F401  registers segmenter
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 
-from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config
+from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config, train_steps
 from test_head_setr_mla import batch
 
 
@@ -23,14 +23,7 @@ def build(family, **head_kwargs):
 def test_trains_on_every_family_at_its_natural_stride(family):
     model = build(family).train()
     x, y = batch()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(10):
-        out = model(x, labels=y)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
+    losses, out = train_steps(model, x, y, steps=10, lr=3e-3)
     stride = 32 if family == "swin" else 8  # the last tap: patch tokens, or Swin's last stage
     assert out.logits.shape == (2, 3, NON_SQUARE[0] // stride, NON_SQUARE[1] // stride)
     assert losses[-1] < losses[0] - 0.1, losses
@@ -80,27 +73,12 @@ def test_two_classes_use_a_learned_temperature_and_learn():
         captured["classes"], dim=-1).transpose(1, 2)
     torch.testing.assert_close(logits, (10 * cosine).transpose(1, 2).reshape(logits.shape), atol=1e-5, rtol=1e-5)
 
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = model(x, labels=y).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses, _ = train_steps(model.train(), x, y, steps=15, lr=3e-3, optimizer_cls=torch.optim.AdamW)
     assert losses[-1] < 0.5 * losses[0], losses
     assert head.logit_scale.grad is not None and head.mask_bias.grad is not None
 
     # The paper's LayerNorm over the two classes' scores, same data and steps: ±(1, -1) * weight once the two
     # scores differ by more than sqrt(eps), so almost no gradient reaches them and the loss barely moves.
-    model = _binary_model(mask_norm=True).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    layernorm_losses = []
-    for _ in range(15):
-        loss = model(x, labels=y).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        layernorm_losses.append(loss.item())
+    layernorm_losses, _ = train_steps(_binary_model(mask_norm=True).train(), x, y, steps=15, lr=3e-3,
+                                      optimizer_cls=torch.optim.AdamW)
     assert layernorm_losses[-1] > 2 * losses[-1], (layernorm_losses, losses)

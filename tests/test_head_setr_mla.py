@@ -10,7 +10,7 @@ from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_setr import SETRMLAHead
 
-from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config
+from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config, train_steps
 
 SMALL = {"mla_channels": 16, "stream_channels": 8}  # the paper's widths are tested below; these keep training fast
 
@@ -34,14 +34,7 @@ def test_trains_on_every_family_at_its_natural_stride(family):
     model = build(family, **SMALL).train()
     assert len(model.config.backbone_out_indices) == 4
     x, y = batch()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(10):
-        out = model(x, labels=y)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
+    losses, out = train_steps(model, x, y, steps=10, lr=3e-3)
     # x4 from the coarsest selected map: stride p/4 = 2 on the patch-8 ViTs, 32/4 = 8 on Swin's pyramid
     stride = 8 if family == "swin" else 2
     assert out.logits.shape == (2, 3, NON_SQUARE[0] // stride, NON_SQUARE[1] // stride)

@@ -10,7 +10,7 @@ from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_unet import UNetHead
 
-from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config
+from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config, train_steps
 
 
 SMALL = {"decoder_channels": [32, 32, 16, 16], "stem_channels": [8, 16]}
@@ -31,14 +31,7 @@ def test_every_family_trains_at_stride_2(family):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, *NON_SQUARE, generator=g)
     y = torch.randint(0, 3, (2, 4, 6), generator=g).repeat_interleave(16, 1).repeat_interleave(16, 2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    losses = []
-    for _ in range(10):
-        out = model(x, labels=y)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
+    losses, out = train_steps(model, x, y, steps=10, lr=5e-3)
     assert out.logits.shape == (2, 3, NON_SQUARE[0] // 2, NON_SQUARE[1] // 2)
     assert losses[-1] < losses[0] - 0.02, losses
     assert all(p.grad is not None for p in model.head.parameters()), "no unused head parameter"
