@@ -59,6 +59,18 @@ def hflip_view(pixel_values: torch.Tensor, labels: torch.Tensor | None):
     return pixel_values.flip(-1), None if labels is None else labels.flip(-1)
 
 
+def _backbone_signature(model: nn.Module) -> dict:
+    """What a cache's features depend on: recorded at build time, compared by `check_compatible`."""
+    config = model.config
+    return {
+        "backbone_model_type": config.backbone_config.model_type,
+        "backbone_out_indices": list(config.backbone_out_indices),
+        "backbone_apply_layernorm": bool(config.backbone_apply_layernorm),
+        "out_channels": list(model.backbone.out_channels),
+        "num_prefix_tokens": int(model.backbone.num_prefix_tokens),
+    }
+
+
 def _vitseg_model(model: nn.Module) -> nn.Module:
     if hasattr(model, "peft_config"):
         raise ValueError("A feature cache needs a frozen backbone; this model carries PEFT adapters that train it.")
@@ -259,15 +271,7 @@ class FeatureCache(Dataset):
         if labels:
             label_tensor = torch.cat(labels)
             label_tensor = label_tensor.to(_smallest_label_dtype(label_tensor))
-        config = model.config
-        meta = {
-            "backbone_model_type": config.backbone_config.model_type,
-            "backbone_out_indices": list(config.backbone_out_indices),
-            "backbone_apply_layernorm": bool(config.backbone_apply_layernorm),
-            "out_channels": list(model.backbone.out_channels),
-            "num_prefix_tokens": int(model.backbone.num_prefix_tokens),
-            "num_views": len(views),
-        }
+        meta = {**_backbone_signature(model), "num_views": len(views)}
         return cls(
             feature_maps, list(model.backbone.out_strides), prefix_tokens,
             torch.cat(images) if images else None, label_tensor, meta,
@@ -343,15 +347,7 @@ class FeatureCache(Dataset):
 
     def check_compatible(self, model: nn.Module) -> None:
         """Raise if these features cannot have come from `model`'s backbone configuration."""
-        model = _vitseg_model(model)
-        config = model.config
-        expected = {
-            "backbone_model_type": config.backbone_config.model_type,
-            "backbone_out_indices": list(config.backbone_out_indices),
-            "backbone_apply_layernorm": bool(config.backbone_apply_layernorm),
-            "out_channels": list(model.backbone.out_channels),
-            "num_prefix_tokens": int(model.backbone.num_prefix_tokens),
-        }
+        expected = _backbone_signature(_vitseg_model(model))
         wrong = {k: (self.meta.get(k), v) for k, v in expected.items() if k in self.meta and self.meta[k] != v}
         channels = [m.shape[1] for m in self.feature_maps]
         if channels != expected["out_channels"]:
