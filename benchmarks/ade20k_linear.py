@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from hf_vitseg.processing.data import load_hf_dataset
+    from hf_vitseg.data.datasets import load_hf_dataset
     from hf_vitseg.training import evaluate_model, train
     from hf_vitseg.training.recipes import linear_probe
 

@@ -1,7 +1,7 @@
 """Real benchmark data that cannot leak: the stardist nuclei image split into a training and a test half.
 
 The 512 x 512 fluorescence-nuclei image (BBBC038 / 2018 Data Science Bowl, shipped in hf-vitseg as
-`hf_vitseg.assets.load_nuclei_sample`) is cut down the middle: models train on tiles of the LEFT half and
+`hf_vitseg.demo.assets.load_nuclei_sample`) is cut down the middle: models train on tiles of the LEFT half and
 are tested on the whole RIGHT half. The two halves are separated *before* anything else happens to them, so
 no resampling filter, normalisation statistic or tile ever mixes pixels of both:
 
@@ -148,7 +148,7 @@ def nuclei_split(
         region: use only the central `region x region` pixels of the image (quick runs and tests).
     """
     if image is None or mask is None:
-        from hf_vitseg.assets import load_nuclei_sample
+        from hf_vitseg.demo.assets import load_nuclei_sample
 
         image, mask = load_nuclei_sample()
     image, mask = np.asarray(image), np.asarray(mask)
@@ -193,11 +193,11 @@ class QuokkaCase:
 def quokka_case(size: int | None = 448, image: np.ndarray | None = None, mask: np.ndarray | None = None) -> QuokkaCase:
     """imgaug's quokka photo with its polygon mask, resized so its shorter side is `size` (None: as is).
 
-    `image` / `mask` default to `hf_vitseg.assets.load_quokka()` (the imgaug 0.4.0 wheel, fetched from the
+    `image` / `mask` default to `hf_vitseg.demo.assets.load_quokka()` (the imgaug 0.4.0 wheel, fetched from the
     package registry once and cached).
     """
     if image is None or mask is None:
-        from hf_vitseg.assets import load_quokka
+        from hf_vitseg.demo.assets import load_quokka
 
         image, mask = load_quokka()
     rgb = np.asarray(image, dtype=np.float32) / (255.0 if np.asarray(image).dtype == np.uint8 else 1.0)

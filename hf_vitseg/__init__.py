@@ -16,10 +16,9 @@ from .modeling import (
     ViTSegPreTrainedModel,
     get_head_class,
     list_heads,
+    ViTSegImageProcessor,
     register_head,
 )
-
-from .processing import ViTSegImageProcessor
 
 
 __version__ = "0.1.0.dev0"

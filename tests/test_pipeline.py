@@ -19,8 +19,8 @@ from transformers import pipeline
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation, ViTSegImageProcessor
 from hf_vitseg.cli import main
 from hf_vitseg.hub import load_model
-from hf_vitseg.inference.cli_predict import predict_label_map
-from hf_vitseg.inference.pipeline import ViTSegSegmentationPipeline, segmentation_pipeline
+from hf_vitseg.cli.predict import predict_label_map
+from hf_vitseg.modeling.pipeline_vitseg import ViTSegSegmentationPipeline, segmentation_pipeline
 
 from conftest import tiny_backbone_config
 

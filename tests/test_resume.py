@@ -33,8 +33,8 @@ def worker(argv: list[str]) -> None:
     """One training run; with --kill-at-step it announces that step in --ready-file and waits to be killed."""
     from transformers import TrainerCallback
 
-    from hf_vitseg.processing.data import load_image_folder
-    from hf_vitseg.training.train import train
+    from hf_vitseg.data.datasets import load_image_folder
+    from hf_vitseg.training import train
 
     parser = argparse.ArgumentParser()
     for flag in ("--backbone", "--images", "--masks", "--output-dir"):

@@ -16,8 +16,9 @@ from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, D
 
 from hf_vitseg import ViTSegForSemanticSegmentation, ViTSegImageProcessor
 from hf_vitseg.cli import main as cli_main
-from hf_vitseg.processing.data import load_image_folder
-from hf_vitseg.training.train import evaluate_model, find_last_checkpoint, train
+from hf_vitseg.data.datasets import load_image_folder
+from hf_vitseg.training import evaluate_model, train
+from hf_vitseg.training.run_dir import find_last_checkpoint
 
 from conftest import tiny_backbone_config
 
@@ -294,7 +295,7 @@ def test_output_dir_holding_a_run_is_refused_and_left_alone(assets, datasets_, t
 
 
 def test_output_dir_with_unrelated_files_is_fine_and_a_file_is_not(assets, datasets_, tmp_path):
-    from hf_vitseg.training.train import resolve_output_dir
+    from hf_vitseg.training.run_dir import resolve_output_dir
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("x")

@@ -1,4 +1,4 @@
-"""Share models on the Hugging Face Hub: model cards rendered from `hf_vitseg/hub_cards/`, pushes that never delete or
+"""Share models on the Hugging Face Hub: model cards rendered from `hub_cards/`, pushes that never delete or
 overwrite what hf-vitseg did not write, and loading with errors that name the broken file."""
 
 from .cards import read_eval_results, read_training_recipe, render_model_card

@@ -1,6 +1,6 @@
-"""Model cards for hf-vitseg checkpoints: YAML metadata + prose, rendered from the templates in `hf_vitseg/hub_cards/`.
+"""Model cards for hf-vitseg checkpoints: YAML metadata + prose, rendered from the templates in `hub_cards/`.
 
-`render_model_card(config, repo_id, ...)` fills `hf_vitseg/hub_cards/model_card.md` (a Jinja2 template, rendered with
+`render_model_card(config, repo_id, ...)` fills `hub_cards/model_card.md` (a Jinja2 template, rendered with
 `huggingface_hub.ModelCard.from_template`) from the model's config, the last evaluation and the training
 recipe found in the model folder (`eval_results.json`, `all_results.json`, `trainer_state.json`,
 `training_args.json`, as `transformers.Trainer` writes them), and returns a `huggingface_hub.ModelCard`.
@@ -168,11 +168,12 @@ _RECIPE_FIELDS = (
 
 
 def template_dir() -> Path:
-    """The folder holding the card templates: `HF_VITSEG_CARD_TEMPLATES` if set, else the package's own
-    `hf_vitseg/hub_cards/` (shipped in the wheel as package data)."""
+    """The folder holding the card templates: `HF_VITSEG_CARD_TEMPLATES` if set, else the project's top-level
+    `hub_cards/` folder, which the wheel ships as the data package `hf_vitseg.hub_cards`."""
+    from importlib import resources
+
     override = os.environ.get("HF_VITSEG_CARD_TEMPLATES")
-    package = Path(__file__).resolve().parents[1]
-    candidates = ([Path(override)] if override else []) + [package / "hub_cards"]
+    candidates = ([Path(override)] if override else []) + [Path(str(resources.files("hf_vitseg.hub_cards")))]
     for candidate in candidates:
         if (candidate / TEMPLATE_NAME).is_file():
             return candidate
@@ -336,7 +337,7 @@ def render_model_card(
             `dataset_config`. Recipe: `training` (a dict shown in the training table, over what `folder`
             holds). Anything else is an error.
         processor: the image processor, for the preprocessing line of the card.
-        template_path: a Jinja2 template to use instead of `hf_vitseg/hub_cards/model_card.md`.
+        template_path: a Jinja2 template to use instead of `hub_cards/model_card.md`.
     """
     card_data = dict(card_data or {})
     unknown = set(card_data) - _CARD_DATA_KEYS - _EXTRA_CARD_KEYS

@@ -112,7 +112,7 @@ def load_image_processor(name_or_path: str | os.PathLike, model=None, **kwargs):
     DINOv2/v3 but not SAM)."""
     import warnings
 
-    from ..processing import ViTSegImageProcessor
+    from ..modeling import ViTSegImageProcessor
 
     if os.path.isdir(name_or_path) and not (Path(name_or_path) / "preprocessor_config.json").is_file():
         patch_size = getattr(getattr(getattr(model, "config", None), "backbone_config", None), "patch_size", 14)

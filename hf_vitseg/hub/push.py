@@ -8,7 +8,7 @@ What goes up, in one commit of `CommitOperationAdd`s only (nothing is ever delet
   (`hf_vitseg/inference/pipeline.py`), so `pipeline("image-segmentation", repo_id, trust_remote_code=True)`
   cuts the processor's padding away exactly where hf-vitseg is not installed;
 - `preprocessor_config.json` and `image_processing_vitseg.py`;
-- `README.md`, rendered from `hf_vitseg/hub_cards/` (see `hf_vitseg.hub.cards`).
+- `README.md`, rendered from `hub_cards/` (see `hf_vitseg.hub.cards`).
 
 Nothing a person wrote is overwritten: if the repo already has a `README.md` that hf-vitseg did not write, or
 that someone edited since, it is kept unless `overwrite_card=True`; if it holds a `config.json` of another model
@@ -92,7 +92,7 @@ def _processor_files(folder: Path, processor, model_config: dict, staging: Path)
     """`preprocessor_config.json` and its remote-code file, and the processor they hold: `processor`'s if given,
     else the folder's (uploaded byte for byte), else a default `ViTSegImageProcessor` with the backbone's patch
     size (and a warning)."""
-    from ..processing import ViTSegImageProcessor
+    from ..modeling import ViTSegImageProcessor
 
     source = folder
     if processor is None and (folder / "preprocessor_config.json").is_file():
@@ -220,7 +220,7 @@ def push_to_hub(
 
 def _collect_operations(folder: Path, config: dict, processor, staging: Path) -> tuple[list, list[str], object]:
     """The `CommitOperationAdd`s of everything but the card, their paths in the repo, and the image processor."""
-    from ..inference import pipeline as pipeline_module
+    from ..modeling import pipeline_vitseg as pipeline_module
 
     files: dict[str, Path | bytes] = {}
     for path in sorted(folder.glob("*.safetensors")):

@@ -1,7 +1,7 @@
 """Inference beyond one forward pass: the pipeline, sliding windows, test-time augmentation, overlays."""
 
 from .overlay import colorize, make_palette, overlay, side_by_side
-from .pipeline import ViTSegSegmentationPipeline, segmentation_pipeline
+from ..modeling.pipeline_vitseg import ViTSegSegmentationPipeline, segmentation_pipeline
 from .sliding_window import (
     forward_logits,
     gaussian_importance_map,

@@ -6,4 +6,5 @@ saver copies a model's module and its relative imports into one flat folder.
 
 from .configuration_vitseg import ViTSegConfig
 from .head_base import BackboneFeatures, BaseHead, get_head_class, list_heads, register_head
+from .image_processing_vitseg import ViTSegImageProcessor
 from .modeling_vitseg import ViTSegForSemanticSegmentation, ViTSegPreTrainedModel

@@ -2,7 +2,7 @@
 
 Ranftl, Bochkovskiy and Koltun, "Vision Transformers for Dense Prediction", ICCV 2021, section 3 and
 figure 1; the segmentation model of their code (isl-org/DPT, `DPTSegmentationModel`) and transformers'
-`DPTNeck` + `DPTSemanticSegmentationHead`, whose weights load into this head (`hf_vitseg.convert_dpt`).
+`DPTNeck` + `DPTSemanticSegmentationHead`, whose weights load into this head (`hf_vitseg.convert`).
 
 1. Reassemble, per tap: the readout of the CLS token (`"ignore"`; `"add"` it to every patch token;
    `"project"`: concatenate it to every patch token, Linear(2C -> C) + GELU), a 1x1 projection to

@@ -86,6 +86,12 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         if config.freeze_backbone:
             self.freeze_backbone()
 
+    @property
+    def size_divisor(self) -> int:
+        """What input height and width must be multiples of: the patch size for ViT families and SAM, the
+        coarsest stride for hierarchical backbones. The one place that says it; the processor pads to it."""
+        return self.backbone.size_divisor
+
     # -- freezing ---------------------------------------------------------------------------------------------
     def freeze_backbone(self, freeze: bool = True) -> None:
         """No gradients into the backbone and backbone kept in eval mode (see `train`)."""

@@ -1,8 +1,6 @@
-"""Training helpers: streaming metrics, collator, optimizer parameter groups, recipes, LoRA, feature cache, loops."""
+"""Training: `train` (Trainer), `evaluate_model`, streaming metrics, optimizer groups, recipes, LoRA, feature cache."""
 
 from . import recipes
-from .accelerate_loop import train_with_accelerate
-from .collator import SegmentationCollator
 from .feature_cache import CachedBackboneModel, FeatureCache, train_head_on_cache
 from .lora import apply_lora, load_lora, save_lora
 from .metrics import (
@@ -12,7 +10,8 @@ from .metrics import (
     preprocess_logits_for_metrics,
 )
 from .optim import OptimizerSettings, build_optimizer, param_groups, poly_schedule_with_warmup
-from .train import evaluate_model, train
+from .evaluation import evaluate_model
+from .trainer import SegmentationTrainer, train
 
 
 __all__ = [
@@ -20,7 +19,7 @@ __all__ = [
     "ConfusionMatrix",
     "FeatureCache",
     "OptimizerSettings",
-    "SegmentationCollator",
+    "SegmentationTrainer",
     "apply_lora",
     "build_optimizer",
     "compute_segmentation_metrics",
@@ -34,5 +33,4 @@ __all__ = [
     "save_lora",
     "train",
     "train_head_on_cache",
-    "train_with_accelerate",
 ]

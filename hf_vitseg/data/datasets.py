@@ -21,8 +21,8 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from .augment import SegmentationTransform
-from .image_processing_vitseg import ViTSegImageProcessor
-from .image_processing_vitseg import reduce_labels as _reduce_labels
+from ..modeling.image_processing_vitseg import ViTSegImageProcessor
+from ..modeling.image_processing_vitseg import reduce_labels as _reduce_labels
 
 
 IMAGE_COLUMN = "image"

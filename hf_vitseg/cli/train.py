@@ -7,7 +7,7 @@
 
     hf-vitseg train ... --output-dir runs/nuclei --resume      # after an interruption: continue from the last checkpoint
 
-Everything is checked before the first step (see `hf_vitseg.training.train.train`); the final model folder loads
+Everything is checked before the first step (see `hf_vitseg.training.train`); the final model folder loads
 with `AutoModelForSemanticSegmentation.from_pretrained(dir, trust_remote_code=True)` and
 `AutoImageProcessor.from_pretrained(dir, trust_remote_code=True)`.
 """
@@ -84,7 +84,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the model and datasets from `args`, train, print the metrics; returns the exit status."""
-    from .cli_evaluate import format_metrics
+    from .evaluate import format_metrics
 
     try:
         metrics = _train_from_args(args)
@@ -100,9 +100,10 @@ def _train_from_args(args: argparse.Namespace) -> dict:
     from transformers import set_seed
 
     from ..modeling import ViTSegForSemanticSegmentation
-    from . import recipes
-    from .cli_evaluate import load_dataset_from_args, size_pair
-    from .train import load_model, resolve_processor, train
+    from ..training import recipes
+    from .evaluate import load_dataset_from_args, size_pair
+    from ..training.loading import load_trainable_model, resolve_processor
+    from ..training.trainer import train
 
     set_seed(args.seed)  # the fresh head's initialisation
     if args.backbone:
@@ -114,7 +115,7 @@ def _train_from_args(args: argparse.Namespace) -> dict:
         )
         model_path = None
     else:
-        model, model_path = load_model(args.model), args.model
+        model, model_path = load_trainable_model(args.model), args.model
         if args.freeze_backbone:
             model.freeze_backbone()
     processor = resolve_processor(None, model, model_path)

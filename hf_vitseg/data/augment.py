@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from .image_processing_vitseg import (
+from ..modeling.image_processing_vitseg import (
     _center_crop_to_multiple,
     _nearest_indices,
     _pad_bottom_right,
@@ -216,7 +216,7 @@ class SegmentationTransform:
             raise ValueError(
                 f"Sample {_describe(raw_image, raw_mask, position)}: the image has size (H, W) = "
                 f"{tuple(image.shape[1:])} but its annotation has size {tuple(mask.shape)}; they must match. "
-                "Fix or remove that pair; `hf_vitseg.processing.data.validate_dataset` lists the dataset index of "
+                "Fix or remove that pair; `hf_vitseg.data.datasets.validate_dataset` lists the dataset index of "
                 "the first such sample before training."
             )
         if self.processor.do_reduce_labels:

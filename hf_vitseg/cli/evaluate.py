@@ -39,10 +39,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics; returns the exit status."""
-    from .train import evaluate_model, load_model, resolve_processor
+    from ..training.evaluation import evaluate_model
+    from ..training.loading import load_trainable_model, resolve_processor
 
     try:
-        model = load_model(args.model)
+        model = load_trainable_model(args.model)
         processor = resolve_processor(None, model, args.model)
         if args.reduce_labels:
             processor.do_reduce_labels = True
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 def load_dataset_from_args(args, images_dir, masks_dir, split, role: str):
     """The dataset the command line names: an image folder pair or `--dataset` with a split."""
-    from ..processing.data import load_hf_dataset, load_image_folder
+    from ..data.datasets import load_hf_dataset, load_image_folder
 
     flag = f"--{role}-" if role else "--"
     if args.dataset:

