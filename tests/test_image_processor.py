@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from hf_vitseg.modeling.image_processing_vitseg import (
     ViTSegImageProcessor,
-    _resample_top_left_region,
+    _resample_box,
     reduce_labels,
 )
 
@@ -239,6 +239,57 @@ def test_unsupported_input_type():
         ViTSegImageProcessor()("image.png")
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("kind", ["numpy", "torch", "pil-F"])
+def test_non_finite_pixels_are_rejected(bad, kind):
+    # One NaN used to make every logit NaN, and it disabled the range check (min() / max() of NaN pass it).
+    array = np.full((8, 8), 0.5, np.float32)
+    array[3, 4] = bad
+    image = {"numpy": array, "torch": torch.from_numpy(array), "pil-F": Image.fromarray(array, mode="F")}[kind]
+    with pytest.raises(ValueError, match=r"holds 1 non-finite pixel value\(s\) \(NaN or inf\) of 64 pixels"):
+        ViTSegImageProcessor()(image)
+
+
+@pytest.mark.parametrize("name", ["image_mean", "image_std"])
+@pytest.mark.parametrize("value", [[0.5, 0.5, 0.5, 0.5], [0.5, 0.5]], ids=["4", "2"])
+def test_wrong_length_mean_or_std_is_a_clear_error(name, value):
+    # It used to be numpy's "operands could not be broadcast together", at the first call.
+    with pytest.raises(ValueError, match=rf"`{name}` must hold 3 values \(one per RGB channel"):
+        ViTSegImageProcessor(**{name: value})
+    with pytest.raises(ValueError, match=rf"`{name}` must hold 3 values"):
+        ViTSegImageProcessor()(random_rgb(8, 8), **{name: value})
+    with pytest.raises(ValueError, match="image_std` must hold finite values above 0"):
+        ViTSegImageProcessor(image_std=[0.2, 0.0, 0.2])
+
+
+def test_a_single_mean_and_std_apply_to_every_channel():
+    out = ViTSegImageProcessor(image_mean=0.5, image_std=0.5, patch_size=8)(np.full((8, 8, 3), 255, np.uint8))
+    assert torch.all(out["pixel_values"] == 1.0)
+
+
+@pytest.mark.parametrize(
+    "image, what",
+    [
+        (Image.new("L", (8, 8)), "mode 'L'"),
+        (Image.new("RGBA", (8, 8)), "mode 'RGBA'"),
+        (np.zeros((8, 8), np.uint8), "1 channel"),
+        (np.zeros((8, 8, 4), np.uint8), "4 channel"),
+    ],
+    ids=["pil-L", "pil-RGBA", "grey-array", "rgba-array"],
+)
+def test_do_convert_rgb_false_is_honoured(image, what):
+    # Nothing is converted, so what is not RGB already is an error saying so (it used to be converted silently).
+    with pytest.raises(ValueError, match=f"do_convert_rgb=False: the image .*{what}"):
+        ViTSegImageProcessor(do_convert_rgb=False)(image)
+    with pytest.raises(ValueError, match="do_convert_rgb=False"):
+        ViTSegImageProcessor()(image, do_convert_rgb=False)
+    assert ViTSegImageProcessor(patch_size=8)(image)["pixel_values"].shape == (1, 3, 8, 8)  # converted by default
+    rgb = random_rgb(8, 8)
+    for image in (rgb, Image.fromarray(rgb)):
+        converted = ViTSegImageProcessor(patch_size=8)(image)["pixel_values"]
+        assert torch.equal(ViTSegImageProcessor(patch_size=8, do_convert_rgb=False)(image)["pixel_values"], converted)
+
+
 # --------------------------------------------------------------------------------------------------
 # Segmentation-map errors and accepted forms
 # --------------------------------------------------------------------------------------------------
@@ -334,7 +385,7 @@ def test_save_pretrained_round_trip_keeps_every_setting(tmp_path):
 
     image, seg_map = random_rgb(45, 50), np.random.default_rng(9).integers(0, 5, (45, 50), dtype=np.uint8)
     expected, actual = processor(image, segmentation_maps=seg_map), loaded(image, segmentation_maps=seg_map)
-    assert expected.keys() == actual.keys() == {"pixel_values", "labels", "input_sizes"}
+    assert expected.keys() == actual.keys() == {"pixel_values", "labels", "input_sizes", "input_boxes"}
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key])
     assert expected["pixel_values"].shape == (1, 3, 64, 64)
@@ -382,51 +433,56 @@ def test_post_process_cuts_the_padding_away():
     processor = ViTSegImageProcessor(do_resize=True, size={"shortest_edge": 30}, return_input_sizes=True)
     original = Image.fromarray(random_rgb(60, 80))  # resized to 30 x 40, padded to 42 x 42
     inputs = processor(original)
-    input_sizes = inputs.pop("input_sizes")
+    input_sizes, input_boxes = inputs.pop("input_sizes"), inputs.pop("input_boxes")
     padded_size = inputs["pixel_values"].shape[-2:]
     assert input_sizes.tolist() == [[30, 40]] and tuple(padded_size) == (42, 42)
+    assert input_boxes.tolist() == [[0, 0, 30, 40]]
     outputs = _Outputs(_padded_logits((30, 40), (42, 42), stride=2))
 
     target = [original.size[::-1]]
-    naive = processor.post_process_semantic_segmentation(outputs, target_sizes=target, infer_padding=False)[0]
+    naive = processor.post_process_semantic_segmentation(outputs, target_sizes=target)[0]
     assert (naive == 2).any()  # stretched over the target, the padding class leaks into the image
-    cut = processor.post_process_semantic_segmentation(
-        outputs, target_sizes=target, input_sizes=input_sizes, padded_size=padded_size
-    )[0]
-    assert cut.shape == (60, 80) and torch.all(cut == 1)
+    for geometry in ({"input_sizes": input_sizes}, {"input_boxes": input_boxes}):
+        cut = processor.post_process_semantic_segmentation(
+            outputs, target_sizes=target, padded_size=padded_size, **geometry
+        )[0]
+        assert cut.shape == (60, 80) and torch.all(cut == 1)
     at_logits = processor.post_process_semantic_segmentation(outputs, input_sizes=input_sizes, padded_size=padded_size)
     assert at_logits[0].shape == (15, 20) and torch.all(at_logits[0] == 1)
-    with pytest.raises(ValueError, match="needs `padded_size`"):
+    with pytest.raises(ValueError, match="need `padded_size`"):
         processor.post_process_semantic_segmentation(outputs, input_sizes=input_sizes)
+    with pytest.raises(ValueError, match="not both"):
+        processor.post_process_semantic_segmentation(
+            outputs, input_sizes=input_sizes, input_boxes=input_boxes, padded_size=padded_size
+        )
 
 
-def test_post_process_infers_the_padding_from_target_sizes_alone():
-    # transformers' ImageSegmentationPipeline passes only target_sizes (the original image sizes).
-    processor = ViTSegImageProcessor(do_resize=True, size={"shortest_edge": 30})
-    outputs = _Outputs(_padded_logits((30, 40), (42, 42), stride=2))  # a 60 x 80 image: 30 x 40, padded to 42
-    inferred = processor.post_process_semantic_segmentation(outputs, target_sizes=[(60, 80)])[0]
-    explicit = processor.post_process_semantic_segmentation(
-        outputs, target_sizes=[(60, 80)], input_sizes=[(30, 40)], padded_size=(42, 42)
-    )[0]
-    assert torch.equal(inferred, explicit) and torch.all(inferred == 1)
+def test_post_process_without_geometry_is_a_plain_resize():
+    # Issue 13 item 16: target_sizes alone never make the processor assume it padded the input. A 49 x 49 image
+    # the user resized to 98 x 98 (no padding needed at patch 14) used to be taken for a padded 49 x 49 one
+    # (padded to 56): the map was cut to 49/56 of the logits and stretched, shifted by up to 7 pixels.
+    processor = ViTSegImageProcessor()
+    logits = torch.randn(1, 4, 98, 98)
+    maps = processor.post_process_semantic_segmentation(_Outputs(logits), target_sizes=[(49, 49)])[0]
+    expected = F.interpolate(logits, size=(49, 49), mode="bilinear", align_corners=False)[0].argmax(0)
+    assert torch.equal(maps, expected)
 
-    # Without resizing: a 50 x 70 image padded to 56 x 70 (patch 14), logits at stride 2.
-    plain = ViTSegImageProcessor()
-    outputs = _Outputs(_padded_logits((50, 70), (56, 70), stride=2))
-    assert torch.all(plain.post_process_semantic_segmentation(outputs, target_sizes=[(50, 70)])[0] == 1)
 
-    # A target size that does not fit the logits' aspect ratio (an output size the user chose) is not guessed at.
-    stretched = plain.post_process_semantic_segmentation(outputs, target_sizes=[(20, 20)])[0]
-    assert torch.equal(stretched, plain.post_process_semantic_segmentation(
-        outputs, target_sizes=[(20, 20)], infer_padding=False)[0])
-    assert (stretched == 2).any()
-
-    # "crop" mode discards pixels instead of padding: nothing to infer.
-    cropping = ViTSegImageProcessor(size_divisor_mode="crop")
-    cropped = cropping.post_process_semantic_segmentation(outputs, target_sizes=[(50, 70)])[0]
-    assert torch.equal(cropped, plain.post_process_semantic_segmentation(
-        outputs, target_sizes=[(50, 70)], infer_padding=False)[0])
-    assert (cropped == 2).any()
+def test_post_process_return_segmentation_scores():
+    # transformers 5's convention (e.g. SegformerImageProcessor): per image, `segmentation` and the resized scores.
+    processor = ViTSegImageProcessor()
+    logits = torch.randn(2, 4, 3, 5)
+    results = processor.post_process_semantic_segmentation(
+        _Outputs(logits), target_sizes=[(30, 41), (7, 9)], return_segmentation_scores=True
+    )
+    plain = processor.post_process_semantic_segmentation(_Outputs(logits), target_sizes=[(30, 41), (7, 9)])
+    for result, label_map, size in zip(results, plain, [(30, 41), (7, 9)]):
+        assert set(result.keys()) == {"segmentation", "segmentation_scores"}
+        assert torch.equal(result.segmentation, label_map)
+        assert result.segmentation_scores.shape == (4, *size)
+        assert torch.equal(result.segmentation_scores.argmax(0), label_map)
+    at_logits = processor.post_process_semantic_segmentation(_Outputs(logits), return_segmentation_scores=True)
+    assert torch.equal(at_logits[1]["segmentation_scores"], logits[1])
 
 
 def test_post_process_crop_keeps_geometry():
@@ -443,14 +499,79 @@ def test_post_process_crop_keeps_geometry():
 
 
 @pytest.mark.parametrize("out_hw", [(37, 53), (8, 6), (15, 20)], ids=["up", "down", "same"])
-def test_region_resampling_matches_interpolate(out_hw):
-    logits = torch.randn(1, 5, 21, 21)
-    # A region ending on a logits row equals interpolating the exact crop; the whole map equals plain interpolate.
+def test_box_resampling_matches_interpolate(out_hw):
+    logits = torch.randn(1, 5, 21, 21)  # covering a 42 x 42 canvas at stride 2
+    # A box ending on a logits row equals interpolating the exact crop; the whole canvas equals plain interpolate.
     cropped = F.interpolate(logits[..., :15, :20], size=out_hw, mode="bilinear", align_corners=False)
-    region = _resample_top_left_region(logits, (15 / 21, 20 / 21), out_hw)
-    torch.testing.assert_close(region, cropped, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_resample_box(logits, (0, 0, 30, 40), (42, 42), out_hw), cropped, atol=1e-5, rtol=1e-5)
     whole = F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
-    torch.testing.assert_close(_resample_top_left_region(logits, (1.0, 1.0), out_hw), whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_resample_box(logits, (0, 0, 42, 42), (42, 42), out_hw), whole, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact post-processing (issue 13 item 16): the ground truth, as one-hot logits, comes back unchanged
+# --------------------------------------------------------------------------------------------------
+
+
+NUM_CLASSES = 4
+
+
+def _one_hot_logits(labels: torch.Tensor) -> torch.Tensor:
+    """`(B, H, W)` labels (padding = 255) -> `(B, NUM_CLASSES + 1, H, W)` one-hot logits, padding its own class."""
+    classes = labels.masked_fill(labels == 255, NUM_CLASSES)
+    return F.one_hot(classes, NUM_CLASSES + 1).permute(0, 3, 1, 2).float()
+
+
+def _block_labels(height, width, block, seed):
+    """Random classes in `block x block` squares: what a 1/2 nearest-neighbour downsizing keeps exactly."""
+    coarse = np.random.default_rng(seed).integers(0, NUM_CLASSES, (-(-height // block), -(-width // block)))
+    return np.kron(coarse, np.ones((block, block), dtype=np.int64))[:height, :width]
+
+
+def _edge_extended(core, top, bottom, left, right):
+    """`core` with its border rows / columns repeated outward: what a centre crop loses and the nearest restores."""
+    return np.pad(core, ((top, bottom), (left, right)), mode="edge")
+
+
+@pytest.mark.parametrize(
+    "settings, ground_truth",
+    [
+        ({}, np.random.default_rng(0).integers(0, NUM_CLASSES, (50, 70))),  # padded to 56 x 70
+        ({"do_resize": True, "size": {"shortest_edge": 50}},  # 2x up, padded to 56 x 70
+         np.random.default_rng(1).integers(0, NUM_CLASSES, (25, 35))),
+        ({"do_resize": True, "size": {"shortest_edge": 30}}, _block_labels(60, 80, 4, seed=2)),  # 1/2, padded to 42
+        ({"size_divisor_mode": "crop"},  # 50 x 75 centre-cropped to 42 x 70
+         _edge_extended(np.random.default_rng(3).integers(0, NUM_CLASSES, (42, 70)), 4, 4, 2, 3)),
+    ],
+    ids=["padded", "resized-up", "resized-down", "cropped"],
+)
+def test_post_processing_gives_the_ground_truth_back_exactly(settings, ground_truth):
+    processor = ViTSegImageProcessor(patch_size=14, **settings)
+    height, width = ground_truth.shape
+    # A smaller image in the same batch, of patch multiples (a crop keeps it whole), padded to the first one's size.
+    second = np.random.default_rng(4).integers(0, NUM_CLASSES, (28, 42))
+    inputs = processor(
+        [random_rgb(height, width), random_rgb(28, 42)], segmentation_maps=[ground_truth, second],
+        return_input_sizes=True,
+    )
+    logits = _one_hot_logits(inputs["labels"])  # what a perfect model at stride 1 would say, padding included
+    maps = processor.post_process_semantic_segmentation(
+        _Outputs(logits), target_sizes=[(height, width), (28, 42)], input_boxes=inputs["input_boxes"],
+        padded_size=inputs["pixel_values"].shape[-2:],
+    )
+    assert torch.equal(maps[0], torch.from_numpy(ground_truth))
+    if "do_resize" not in settings:
+        assert torch.equal(maps[1], torch.from_numpy(second))
+
+
+def test_post_processing_after_the_users_own_resizing_is_exact():
+    # The user resized a 49 x 49 image to 98 x 98 (a multiple of 14: no padding) and passes the original size.
+    ground_truth = np.random.default_rng(5).integers(0, NUM_CLASSES, (49, 49))
+    resized = torch.from_numpy(np.kron(ground_truth, np.ones((2, 2), dtype=np.int64)))[None]
+    maps = ViTSegImageProcessor(patch_size=14).post_process_semantic_segmentation(
+        _Outputs(_one_hot_logits(resized)), target_sizes=[(49, 49)]
+    )
+    assert torch.equal(maps[0], torch.from_numpy(ground_truth))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,23 +8,32 @@ installed hf-vitseg. It builds on transformers' PIL backend, so torchvision is n
 """
 
 import math
-from typing import Any
+import os
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
 from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_outputs import (
+    SemanticSegmentationPostProcessorOutput,
+)
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ChannelDimension, PILImageResampling
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+)
 from transformers.processing_utils import ImagesKwargs, Unpack
-
 
 # PIL modes whose pixels numpy reads directly as one or three channels; every other mode goes through
 # `Image.convert("RGB")` (P, PA, RGBA, RGBa, RGBX, CMYK, YCbCr, LAB, HSV).
 _DIRECT_PIL_MODES = {"1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F", "RGB"}
 _ALPHA_LUMINANCE_MODES = {"LA", "La"}
 _VALID_CHANNELS = (1, 3, 4)
+_CHANNELS = 3  # what every output image has, and so how many values image_mean / image_std hold
 # Float images must lie in [0, 1]; this much overshoot (resampling ringing) is tolerated, more is an error.
 _FLOAT_RANGE_TOLERANCE = 0.1
 # Generic `ImagesKwargs` this processor does not implement; each has a ViTSeg-specific replacement.
@@ -79,7 +88,12 @@ class ViTSegImageProcessor(PilBackend):
             Per-channel mean. Set it from the backbone the model was pretrained with (ImageNet statistics suit
             ViT, DeiT, DINOv2 and DINOv3; SAM and others use their own).
         image_std (`list[float]`, *optional*, defaults to the ImageNet std `[0.229, 0.224, 0.225]`):
-            Per-channel standard deviation, set from the backbone like `image_mean`.
+            Per-channel standard deviation, set from the backbone like `image_mean`. Both hold 3 values (or one
+            for all channels): every output image is RGB.
+        do_convert_rgb (`bool`, *optional*, defaults to `True`):
+            Whether to convert every input to 3-channel RGB (grey replicated, alpha dropped, other PIL modes
+            through `convert("RGB")`, see "Input conversion"). With `False` nothing is converted, so only RGB
+            inputs (PIL mode `RGB`, 3-channel arrays) are accepted and anything else is a `ValueError`.
         patch_size (`int`, *optional*, defaults to 14):
             The backbone's patch size (14 for DINOv2, 16 for ViT / DeiT / DINOv3 / SAM). Output height and
             width are always multiples of it.
@@ -99,10 +113,13 @@ class ViTSegImageProcessor(PilBackend):
             size (e.g. `{"height": 1024, "width": 1024}` for SAM's image encoder). Both must be multiples of
             `patch_size`; an image larger than it (after resizing) is an error.
         return_input_sizes (`bool`, *optional*, defaults to `False`):
-            Whether to add `input_sizes`, a `(B, 2)` int64 array of each image's `(height, width)` after
-            resizing / cropping and before padding, to the output. Pop it before calling the model and pass it
-            to `post_process_semantic_segmentation` to cut the padding away. Off by default so that
-            `model(**inputs)` keeps working.
+            Whether to add the geometry of each image inside the padded batch to the output: `input_sizes`, a
+            `(B, 2)` int64 array of each image's `(height, width)` after resizing / cropping and before padding,
+            and `input_boxes`, a `(B, 4)` int64 array `(top, left, height, width)` saying where each image, as
+            resized, lies in `pixel_values` (`(0, 0, h, w)` when padded; negative offsets when centre-cropped).
+            Pop them before calling the model and pass them to `post_process_semantic_segmentation`, which then
+            maps the logits back onto each original image exactly. Off by default so that `model(**inputs)`
+            gets the model's inputs only.
 
     Input conversion (images). Inputs are `PIL.Image.Image`, `numpy.ndarray` or `torch.Tensor`; a batch is a
     list of them or one 4-D array / tensor. The result is always 3 channels:
@@ -120,7 +137,7 @@ class ViTSegImageProcessor(PilBackend):
       is how PIL often opens 16-bit files) are read as 16-bit data, x 255 / 65535, and must lie in
       [0, 65535]; floating dtypes (PIL `F`) must already lie in [0, 1] (up to 0.1 of overshoot) and are
       x 255; a float image outside that is a `ValueError`, as it is almost always 0..255 data or an
-      already-normalised tensor.
+      already-normalised tensor. NaN or infinite pixels are a `ValueError` (one would make every logit NaN).
 
     Segmentation maps: PIL (`L`, `P`, `I`, `I;16`, `1`) or 2-D integer arrays / tensors (a singleton channel
     axis is dropped; floats are accepted when every value is a whole number), one per image, each the same
@@ -135,7 +152,12 @@ class ViTSegImageProcessor(PilBackend):
     >>> inputs = processor(images=[image_a, image_b], segmentation_maps=[mask_a, mask_b])
     >>> inputs["pixel_values"].shape  # (2, 3, H, W), H and W multiples of 14
     >>> inputs["labels"].shape        # (2, H, W), padding = 255
+    >>> processor = ViTSegImageProcessor.for_model(model)  # patch size, ignore_index and statistics from the model
     ```
+
+    The steps applied to each sample are public methods (`process_image`, `process_segmentation_map`,
+    `resized_size`, `resize_sample`, `normalize_sample`, `crop_to_multiple`, `padded_size`, `pad_sample`), so that
+    training augmentation runs exactly these and sees what inference sees.
     """
 
     valid_kwargs = ViTSegImageProcessorKwargs
@@ -156,6 +178,7 @@ class ViTSegImageProcessor(PilBackend):
     do_reduce_labels = False
     pad_to_size = None
     return_input_sizes = False
+    do_convert_rgb = True
 
     def __init__(self, **kwargs: Unpack[ViTSegImageProcessorKwargs]):
         super().__init__(**kwargs)
@@ -210,21 +233,115 @@ class ViTSegImageProcessor(PilBackend):
                     f"`pad_to_size` {pad_to_size} must be a multiple of `patch_size` ({patch_size}) in both sides."
                 )
             kwargs["pad_to_size"] = dict(pad_to_size)
+        for name in ("image_mean", "image_std"):
+            if kwargs.get(name) is not None:
+                _check_channel_statistic(name, kwargs[name])
         return kwargs
 
     # ----------------------------------------------------------------------------------------------
-    # Conversion of one raw input
+    # The processor for a model
     # ----------------------------------------------------------------------------------------------
 
-    def process_image(self, image, input_data_format=None, **kwargs) -> np.ndarray:
-        """One raw image -> float32 `(3, H, W)` on the 0..255 scale, by the rule in the class docstring."""
+    @classmethod
+    def for_model(cls, model, folder: str | os.PathLike | None = None) -> "ViTSegImageProcessor":
+        r"""
+        The image processor for `model`: the one saved in `folder`, else one built for the model; checked against
+        the model either way (see `check_model`).
+
+        The one answer to "which processor goes with this model", used by training, evaluation, `hf-vitseg
+        predict` and `hf-vitseg push`.
+
+        Args:
+            model (`ViTSegForSemanticSegmentation`, or a PEFT model around one):
+                Supplies `model.size_divisor` (what height and width must be multiples of) and
+                `model.config.ignore_index`, and `model.config.backbone_name_or_path`, the pretrained backbone.
+            folder (`str` or `os.PathLike`, *optional*):
+                A saved model folder or Hub repo id. When it holds `preprocessor_config.json`, that processor is
+                loaded (with a warning when it is missing from a local folder, as predictions then depend on
+                defaults rather than on the processor the model was trained with).
+
+        A built processor pads to `model.size_divisor`, labels padding with the model's `ignore_index`, and
+        normalises with the mean and std of the backbone's own image processor when
+        `config.backbone_name_or_path` holds one (ImageNet's otherwise).
+
+        Raises:
+            ValueError: the saved processor does not fit the model (patch size or `ignore_index`), or the folder's
+                `preprocessor_config.json` holds another kind of processor.
+        """
+        processor = None
+        if folder is not None:
+            if os.path.isdir(folder):
+                if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+                    processor = cls._load_saved(folder)
+                else:
+                    warnings.warn(
+                        f"{folder} has no preprocessor_config.json; using a ViTSegImageProcessor built for the model "
+                        f"(patch size {model.size_divisor}, the backbone's mean and std or ImageNet's). Save the "
+                        "processor you trained with beside the model (processor.save_pretrained(folder)) to make "
+                        "this exact."
+                    )
+            else:
+                try:
+                    processor = cls._load_saved(folder)
+                except OSError:  # a Hub repo without a processor config, or out of reach: build one
+                    processor = None
+        if processor is None:
+            config = model.config
+            kwargs = {"patch_size": int(model.size_divisor), "ignore_index": int(config.ignore_index)}
+            kwargs.update(_backbone_statistics(getattr(config, "backbone_name_or_path", None)))
+            processor = cls(**kwargs)
+        processor.check_model(model)
+        return processor
+
+    @classmethod
+    def _load_saved(cls, folder) -> "ViTSegImageProcessor":
+        settings, _ = cls.get_image_processor_dict(folder)
+        kind = settings.get("image_processor_type")
+        if kind not in (None, cls.__name__, f"{cls.__name__}Fast"):
+            raise ValueError(
+                f"{folder} holds a {kind} (preprocessor_config.json), not a {cls.__name__}; hf-vitseg models need "
+                f"their own processor. Replace it: {cls.__name__}.for_model(model).save_pretrained(folder)."
+            )
+        return cls.from_pretrained(folder)
+
+    def check_model(self, model) -> None:
+        """Raise a `ValueError` saying what to change if this processor does not fit `model`: it must pad to a
+        multiple of `model.size_divisor` and label padding with `model.config.ignore_index`."""
+        divisor = getattr(model, "size_divisor", None)
+        if isinstance(divisor, int) and self.patch_size % divisor:
+            raise ValueError(
+                f"The image processor pads to multiples of {self.patch_size}, but the model needs multiples of "
+                f"{divisor}: set processor.patch_size = {divisor} (or a multiple of it)."
+            )
+        model_ignore = getattr(getattr(model, "config", None), "ignore_index", self.ignore_index)
+        if self.ignore_index != model_ignore:
+            raise ValueError(
+                f"The image processor pads labels with ignore_index={self.ignore_index}, but the model ignores "
+                f"{model_ignore}: make them agree (processor.ignore_index = model.config.ignore_index)."
+            )
+
+    # ----------------------------------------------------------------------------------------------
+    # The steps applied to one sample (public: training augmentation runs the same ones)
+    # ----------------------------------------------------------------------------------------------
+
+    def process_image(self, image, input_data_format=None, do_convert_rgb: bool | None = None, **kwargs) -> np.ndarray:
+        """One raw image -> float32 `(3, H, W)` on the 0..255 scale, by the rule in the class docstring.
+
+        With `do_convert_rgb=False` (default: the processor's setting) only RGB inputs are accepted.
+        """
+        convert = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
         if isinstance(image, Image.Image):
+            if not convert and image.mode != "RGB":
+                raise ValueError(
+                    f"do_convert_rgb=False: the image is a PIL image in mode {image.mode!r}, but the model takes RGB. "
+                    "Pass do_convert_rgb=True (the default) to convert it, or convert it yourself (image.convert('RGB'))."
+                )
             array = _pil_image_to_array(image)
             layout = ChannelDimension.LAST
         else:
             array = _to_numpy(image, "image")
             layout = input_data_format
-        array = _channels_first(array, layout, prefer_first=isinstance(image, torch.Tensor))
+        array = _channels_first(array, layout, prefer_first=isinstance(image, torch.Tensor), convert=convert)
         return _to_uint8_scale(array)
 
     def process_segmentation_map(self, segmentation_map) -> np.ndarray:
@@ -257,13 +374,132 @@ class ViTSegImageProcessor(PilBackend):
             raise ValueError(f"Segmentation maps must hold integer class indices, got dtype {array.dtype}.")
         return array.astype(np.int64)
 
+    def resized_size(self, input_hw: tuple[int, int], do_resize: bool | None = None, size=None) -> tuple[int, int]:
+        """`(height, width)` an image of `input_hw` has after the resize step (`input_hw` itself without one)."""
+        do_resize = self.do_resize if do_resize is None else do_resize
+        if not do_resize:
+            return tuple(int(side) for side in input_hw)
+        return _resize_output_size(input_hw, self.size if size is None else size)
+
+    def resize_sample(
+        self,
+        image: np.ndarray,
+        seg_map: np.ndarray | None,
+        out_hw: tuple[int, int],
+        resample=None,
+        window: tuple[int, int, int, int] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Resize a converted image `(3, H, W)` (float32, 0..255) and its map `(H, W)` to `out_hw`.
+
+        The image is resized channel by channel in PIL's float mode "F" with `resample` (default: the processor's),
+        so nothing is quantised; the map with nearest-neighbour (pixel centres, as PIL's NEAREST), so label values
+        are kept. `window=(top, left, height, width)` computes only that window of the resized result, equal (to
+        float rounding) to resizing everything and cropping, at the cost of the window alone: PIL resamples a
+        source box with the filter scale of the whole resize.
+        """
+        resample = self.resample if resample is None else resample
+        in_hw = tuple(image.shape[1:])
+        out_hw = (int(out_hw[0]), int(out_hw[1]))
+        top, left, height, width = window if window is not None else (0, 0, *out_hw)
+        if in_hw == out_hw:
+            rows, cols = slice(top, top + height), slice(left, left + width)
+            return image[:, rows, cols], None if seg_map is None else seg_map[rows, cols]
+        step_y, step_x = in_hw[0] / out_hw[0], in_hw[1] / out_hw[1]
+        box = None if window is None else (left * step_x, top * step_y, (left + width) * step_x, (top + height) * step_y)
+        image = np.stack(
+            [
+                np.asarray(Image.fromarray(channel).resize((width, height), resample=resample, box=box))
+                for channel in image
+            ]
+        )
+        if seg_map is not None:
+            rows = _nearest_indices(in_hw[0], out_hw[0])[top : top + height]
+            cols = _nearest_indices(in_hw[1], out_hw[1])[left : left + width]
+            seg_map = seg_map[rows[:, None], cols[None, :]]
+        return image, seg_map
+
+    def normalize_sample(
+        self,
+        image: np.ndarray,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        do_normalize: bool | None = None,
+        image_mean=None,
+        image_std=None,
+    ) -> np.ndarray:
+        """Rescale (`x * rescale_factor`) and normalise (`(x - image_mean) / image_std`) a `(3, H, W)` image, as
+        the processor's settings (or the arguments given) say; float32 out."""
+        do_rescale = self.do_rescale if do_rescale is None else do_rescale
+        do_normalize = self.do_normalize if do_normalize is None else do_normalize
+        if do_rescale:
+            image = image * np.float32(self.rescale_factor if rescale_factor is None else rescale_factor)
+        if do_normalize:
+            mean = _check_channel_statistic("image_mean", self.image_mean if image_mean is None else image_mean)
+            std = _check_channel_statistic("image_std", self.image_std if image_std is None else image_std)
+            image = (image - mean.reshape(-1, 1, 1)) / std.reshape(-1, 1, 1)
+        return image.astype(np.float32, copy=False)
+
+    def crop_to_multiple(
+        self,
+        image: np.ndarray,
+        seg_map: np.ndarray | None = None,
+        patch_size: int | None = None,
+        size_divisor_mode: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+        """With `size_divisor_mode="crop"`, centre-crop image `(C, H, W)` and map `(H, W)` down to multiples of
+        `patch_size`; otherwise return them as they are. Also returns the `(top, left)` offset of the crop."""
+        mode = self.size_divisor_mode if size_divisor_mode is None else size_divisor_mode
+        if mode != "crop":
+            return image, seg_map, (0, 0)
+        patch_size = self.patch_size if patch_size is None else patch_size
+        height, width = image.shape[1:]
+        crop_h, crop_w = height // patch_size * patch_size, width // patch_size * patch_size
+        if crop_h == 0 or crop_w == 0:
+            raise ValueError(
+                f'size_divisor_mode="crop" cannot crop an image of size {(height, width)} to a multiple of '
+                f'patch_size {patch_size}; resize it up first or use size_divisor_mode="pad".'
+            )
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        image = image[:, top : top + crop_h, left : left + crop_w]
+        if seg_map is not None:
+            seg_map = seg_map[top : top + crop_h, left : left + crop_w]
+        return image, seg_map, (top, left)
+
+    def padded_size(self, sizes, patch_size: int | None = None, pad_to_size=None) -> tuple[int, int]:
+        """The `(height, width)` images of `sizes` (a list of `(height, width)`) are padded to together:
+        `pad_to_size` when set (an error if an image is larger), else the largest size rounded up to `patch_size`."""
+        patch_size = self.patch_size if patch_size is None else patch_size
+        pad_to_size = self.pad_to_size if pad_to_size is None else pad_to_size
+        sizes = [(int(h), int(w)) for h, w in sizes]
+        if pad_to_size is not None:
+            target_hw = (int(pad_to_size["height"]), int(pad_to_size["width"]))
+            too_large = [hw for hw in sizes if hw[0] > target_hw[0] or hw[1] > target_hw[1]]
+            if too_large:
+                raise ValueError(
+                    f"pad_to_size {target_hw} is smaller than image size(s) {too_large}; resize first "
+                    "(do_resize=True with a suitable `size`) or raise pad_to_size."
+                )
+            return target_hw
+        return tuple(int(math.ceil(max(sides) / patch_size) * patch_size) for sides in zip(*sizes))
+
+    def pad_sample(
+        self, image: np.ndarray, seg_map: np.ndarray | None, target_hw: tuple[int, int], ignore_index: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pad image `(C, H, W)` with 0 (the mean colour after normalisation) and map `(H, W)` with `ignore_index`
+        at the bottom and right up to `target_hw`."""
+        ignore_index = self.ignore_index if ignore_index is None else ignore_index
+        image = _pad_bottom_right(image, target_hw, 0.0)
+        return image, None if seg_map is None else _pad_bottom_right(seg_map, target_hw, ignore_index)
+
     # ----------------------------------------------------------------------------------------------
-    # The pipeline
+    # The batch
     # ----------------------------------------------------------------------------------------------
 
     def _preprocess_image_like_inputs(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:
         images = [
-            self.process_image(image, input_data_format=kwargs.get("input_data_format"))
+            self.process_image(
+                image, input_data_format=kwargs.get("input_data_format"), do_convert_rgb=kwargs.get("do_convert_rgb")
+            )
             for image in _as_batch(images, "images", batch_size=None)
         ]
         maps = None
@@ -302,43 +538,27 @@ class ViTSegImageProcessor(PilBackend):
         **kwargs,
     ) -> BatchFeature:
         maps = segmentation_maps if segmentation_maps is not None else [None] * len(images)
-        processed_images, processed_maps = [], []
+        processed_images, processed_maps, boxes = [], [], []
         for image, seg_map in zip(images, maps):
             if seg_map is not None and do_reduce_labels:
                 seg_map = reduce_labels(seg_map, ignore_index)
-            if do_resize:
-                out_hw = _resize_output_size(image.shape[1:], size)
-                image = _resize_image(image, out_hw, resample)
-                seg_map = None if seg_map is None else _resize_nearest(seg_map, out_hw)
-            if do_rescale:
-                image = image * np.float32(rescale_factor)
-            if do_normalize:
-                mean = np.asarray(image_mean, dtype=np.float32).reshape(-1, 1, 1)
-                std = np.asarray(image_std, dtype=np.float32).reshape(-1, 1, 1)
-                image = (image - mean) / std
-            if size_divisor_mode == "crop":
-                image, seg_map = _center_crop_to_multiple(image, seg_map, patch_size)
-            processed_images.append(image.astype(np.float32, copy=False))
+            resized_hw = self.resized_size(image.shape[1:], do_resize, size)
+            image, seg_map = self.resize_sample(image, seg_map, resized_hw, resample)
+            image = self.normalize_sample(image, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+            image, seg_map, (top, left) = self.crop_to_multiple(image, seg_map, patch_size, size_divisor_mode)
+            boxes.append((-top, -left, *resized_hw))
+            processed_images.append(image)
             processed_maps.append(seg_map)
 
         input_sizes = np.array([image.shape[1:] for image in processed_images], dtype=np.int64)
-        if pad_to_size is not None:
-            target_hw = (pad_to_size["height"], pad_to_size["width"])
-            too_large = [tuple(hw.tolist()) for hw in input_sizes if hw[0] > target_hw[0] or hw[1] > target_hw[1]]
-            if too_large:
-                raise ValueError(
-                    f"pad_to_size {target_hw} is smaller than image size(s) {too_large}; resize first "
-                    "(do_resize=True with a suitable `size`) or raise pad_to_size."
-                )
-        else:
-            # Largest size in the batch, rounded up to the patch grid ("crop" sizes already lie on it).
-            target_hw = tuple(int(math.ceil(side / patch_size) * patch_size) for side in input_sizes.max(axis=0))
-
-        data = {"pixel_values": np.stack([_pad_bottom_right(image, target_hw, 0.0) for image in processed_images])}
+        target_hw = self.padded_size(input_sizes.tolist(), patch_size, pad_to_size)
+        padded = [self.pad_sample(image, m, target_hw, ignore_index) for image, m in zip(processed_images, processed_maps)]
+        data = {"pixel_values": np.stack([image for image, _ in padded])}
         if segmentation_maps is not None:
-            data["labels"] = np.stack([_pad_bottom_right(m, target_hw, ignore_index) for m in processed_maps])
+            data["labels"] = np.stack([seg_map for _, seg_map in padded])
         if return_input_sizes:
             data["input_sizes"] = input_sizes
+            data["input_boxes"] = np.array(boxes, dtype=np.int64)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     # ----------------------------------------------------------------------------------------------
@@ -351,103 +571,104 @@ class ViTSegImageProcessor(PilBackend):
         target_sizes=None,
         input_sizes=None,
         padded_size=None,
-        infer_padding: bool = True,
-    ) -> list[torch.Tensor]:
+        input_boxes=None,
+        return_segmentation_scores: bool = False,
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         r"""
-        Turn model logits into one label map per image.
+        Turn model logits into one label map per image, exactly aligned when the geometry is given.
 
         Args:
             outputs (`SemanticSegmenterOutput` or `torch.Tensor`):
                 Model outputs; `outputs.logits` (or the tensor itself) is `(B, C, h, w)` at any resolution
                 coarser or finer than the input, covering the whole padded `pixel_values`.
             target_sizes (`list[tuple[int, int]]` or `torch.Tensor` of shape `(B, 2)`, *optional*):
-                `(height, width)` of each output map, usually each original image's size. Logits are resized
-                bilinearly (`align_corners=False`), then the argmax is taken. When `None`, the argmax is taken at
-                the logits' resolution.
+                `(height, width)` of each output map, usually each original image's size. Logits are resampled
+                bilinearly (`align_corners=False` geometry), then the argmax is taken. When `None`, the argmax is
+                taken at the logits' resolution.
             input_sizes (`list[tuple[int, int]]` or array / tensor `(B, 2)`, *optional*):
-                Each image's `(height, width)` inside the padded batch, i.e. after resizing / cropping and before
-                padding: the processor's `input_sizes` output (`return_input_sizes=True`). When given, the padded
-                bottom/right area is cut away *before* resizing to the target size, so the predicted map is
-                exactly aligned with the image. Requires `padded_size`. Without `target_sizes`, the logits are
-                cropped at their own resolution, keeping every row/column that covers part of the image.
+                Each image's `(height, width)` inside the padded batch (the processor's `input_sizes`, with
+                `return_input_sizes=True`): the image is taken to start at the top-left corner, the rest is padding.
             padded_size (`tuple[int, int]`, *optional*):
-                `(height, width)` of the padded `pixel_values` the model saw, i.e. `pixel_values.shape[-2:]`.
-            infer_padding (`bool`, *optional*, defaults to `True`):
-                When `target_sizes` are given without `input_sizes` (as transformers' `ImageSegmentationPipeline`
-                does), take each target size to be the original image's size and recompute the resizing and
-                padding this processor applied to it, so the padded area is still cut away. This happens only
-                when the result is consistent with the logits (the recomputed padded canvas has the logits'
-                aspect ratio) and never with `size_divisor_mode="crop"`, which discards pixels instead.
-                Set it to `False` to stretch the whole logits over each target size.
+                `(height, width)` of the padded `pixel_values` the model saw, `pixel_values.shape[-2:]`. Needed with
+                `input_sizes` or `input_boxes`.
+            input_boxes (array / tensor `(B, 4)`, *optional*):
+                The processor's `input_boxes`: `(top, left, height, width)` of each image, as resized, in the padded
+                `pixel_values`; it also describes centre-cropping (negative offsets), so prefer it to `input_sizes`.
+                Parts of the image the model never saw (cropped away) take the nearest prediction.
+            return_segmentation_scores (`bool`, *optional*, defaults to `False`):
+                As in transformers: return, per image, a `SemanticSegmentationPostProcessorOutput` with
+                `segmentation` (`(height, width)` class ids) and `segmentation_scores` (`(num_labels, height, width)`,
+                the resampled logits) instead of the map alone.
+
+        Without `input_sizes` / `input_boxes` nothing is assumed about how the model's input was made: the whole
+        logits are resized to each target size. That is exact for inputs a user resized themselves (or that
+        needed no padding) and off by up to the padding for padded ones, so pass the geometry for those; the
+        processor returns it with `return_input_sizes=True`, and `ViTSegSegmentationPipeline` and `hf-vitseg
+        predict` pass it.
 
         Returns:
-            `list[torch.Tensor]`: `B` int64 maps of shape `(height, width)`.
+            `list[torch.Tensor]`: `B` int64 maps of shape `(height, width)`, or, with `return_segmentation_scores`,
+            `list[SemanticSegmentationPostProcessorOutput]`.
 
         Example:
 
         ```python
         >>> inputs = processor(images, return_input_sizes=True)
-        >>> input_sizes = inputs.pop("input_sizes")
+        >>> input_boxes, _ = inputs.pop("input_boxes"), inputs.pop("input_sizes")
         >>> outputs = model(**inputs)
         >>> maps = processor.post_process_semantic_segmentation(
         ...     outputs,
         ...     target_sizes=[image.size[::-1] for image in images],  # PIL sizes are (W, H)
-        ...     input_sizes=input_sizes,
+        ...     input_boxes=input_boxes,
         ...     padded_size=inputs["pixel_values"].shape[-2:],
         ... )
         ```
         """
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
         batch_size, _, logits_h, logits_w = logits.shape
-        for name, sizes in (("target_sizes", target_sizes), ("input_sizes", input_sizes)):
-            if sizes is not None and len(sizes) != batch_size:
-                raise ValueError(f"Got {len(sizes)} {name} for a batch of {batch_size} logits; pass one per image.")
-        if input_sizes is not None and padded_size is None:
-            raise ValueError("`input_sizes` needs `padded_size`, the (height, width) of the padded pixel_values.")
+        for name, values in (("target_sizes", target_sizes), ("input_sizes", input_sizes), ("input_boxes", input_boxes)):
+            if values is not None and len(values) != batch_size:
+                raise ValueError(f"Got {len(values)} {name} for a batch of {batch_size} logits; pass one per image.")
+        if input_boxes is not None and input_sizes is not None:
+            raise ValueError("Pass `input_boxes` or `input_sizes`, not both (the boxes say everything the sizes do).")
+        if input_boxes is None and input_sizes is not None:
+            input_boxes = [(0, 0, int(h), int(w)) for h, w in _as_int_rows(input_sizes)]
+        if input_boxes is not None:
+            if padded_size is None:
+                raise ValueError(
+                    "`input_sizes` / `input_boxes` need `padded_size`, the (height, width) of the padded pixel_values."
+                )
+            input_boxes = _as_int_rows(input_boxes)
+            padded_size = (int(padded_size[0]), int(padded_size[1]))
+        if target_sizes is not None:
+            target_sizes = _as_int_rows(target_sizes)
 
-        if input_sizes is None and target_sizes is not None and infer_padding:
-            input_sizes, padded_size = self._infer_input_geometry(target_sizes, (logits_h, logits_w))
-
-        label_maps = []
+        results = []
         for index in range(batch_size):
             item_logits = logits[index : index + 1].float()  # (1, C, h, w)
-            # Share of the logits (per side) that covers the image rather than padding.
-            if input_sizes is None:
-                covered = (1.0, 1.0)
+            if input_boxes is None:
+                if target_sizes is not None and tuple(target_sizes[index]) != (logits_h, logits_w):
+                    item_logits = F.interpolate(item_logits, size=tuple(target_sizes[index]), mode="bilinear",
+                                                align_corners=False)
+            elif target_sizes is not None:
+                item_logits = _resample_box(item_logits, input_boxes[index], padded_size, tuple(target_sizes[index]))
             else:
-                covered = (
-                    int(input_sizes[index][0]) / int(padded_size[0]),
-                    int(input_sizes[index][1]) / int(padded_size[1]),
-                )
-            if target_sizes is not None:
-                target_hw = (int(target_sizes[index][0]), int(target_sizes[index][1]))
-                item_logits = _resample_top_left_region(item_logits, covered, target_hw)
-            else:
-                keep_h, keep_w = math.ceil(covered[0] * logits_h), math.ceil(covered[1] * logits_w)
+                # At the logits' own resolution: keep every row / column that covers part of the image.
+                top, left, height, width = input_boxes[index]
+                keep_h = math.ceil(min(top + height, padded_size[0]) * logits_h / padded_size[0])
+                keep_w = math.ceil(min(left + width, padded_size[1]) * logits_w / padded_size[1])
                 item_logits = item_logits[..., :keep_h, :keep_w]
-            label_maps.append(item_logits[0].argmax(dim=0))
-        return label_maps
-
-    def _infer_input_geometry(self, target_sizes, logits_hw: tuple[int, int]):
-        """`(input_sizes, padded_size)` this processor would have produced for images of `target_sizes`, or
-        `(None, None)` when they cannot be recomputed or do not fit the logits."""
-        if self.size_divisor_mode == "crop":
-            return None, None
-        input_sizes = []
-        for target in target_sizes:
-            hw = (int(target[0]), int(target[1]))
-            input_sizes.append(_resize_output_size(hw, self.size) if self.do_resize else hw)
-        if self.pad_to_size is not None:
-            padded = (int(self.pad_to_size["height"]), int(self.pad_to_size["width"]))
-        else:
-            patch = self.patch_size
-            padded = tuple(int(math.ceil(max(sizes) / patch) * patch) for sizes in zip(*input_sizes))
-        if any(h > padded[0] or w > padded[1] for h, w in input_sizes):
-            return None, None
-        # The padded canvas must be what the logits cover: the same aspect ratio (any output stride).
-        if abs(padded[0] * logits_hw[1] - padded[1] * logits_hw[0]) > 1e-6 * padded[0] * logits_hw[1]:
-            return None, None
-        return input_sizes, padded
+            scores = item_logits[0]
+            segmentation = scores.argmax(dim=0)
+            if return_segmentation_scores:
+                results.append(
+                    SemanticSegmentationPostProcessorOutput(
+                        data={"segmentation": segmentation, "segmentation_scores": scores}
+                    )
+                )
+            else:
+                results.append(segmentation)
+        return results
 
 
 def reduce_labels(segmentation_map: np.ndarray, ignore_index: int) -> np.ndarray:
@@ -505,8 +726,9 @@ def _pil_image_to_array(image: Image.Image) -> np.ndarray:
         raise ValueError(f"Cannot convert a PIL image in mode {image.mode!r} to RGB: {error}") from error
 
 
-def _channels_first(array: np.ndarray, layout, prefer_first: bool) -> np.ndarray:
-    """`(H, W)`, `(H, W, C)` or `(C, H, W)` -> `(3, H, W)`: grey replicated, alpha dropped."""
+def _channels_first(array: np.ndarray, layout, prefer_first: bool, convert: bool = True) -> np.ndarray:
+    """`(H, W)`, `(H, W, C)` or `(C, H, W)` -> `(3, H, W)`: grey replicated, alpha dropped (only RGB when not
+    `convert`)."""
     if array.ndim == 2:
         array = array[None]
     elif array.ndim == 3:
@@ -533,6 +755,11 @@ def _channels_first(array: np.ndarray, layout, prefer_first: bool) -> np.ndarray
             f"Unsupported number of channels {channels} in an image of shape {tuple(array.shape)}: C must be in "
             f"{_VALID_CHANNELS} (1 = grayscale, replicated to RGB; 3 = RGB; 4 = RGBA, alpha dropped)."
         )
+    if not convert and channels != _CHANNELS:
+        raise ValueError(
+            f"do_convert_rgb=False: the image has {channels} channel(s) (shape {tuple(array.shape)}), but the model "
+            "takes 3-channel RGB. Pass do_convert_rgb=True (the default) to convert it."
+        )
     if channels == 1:
         return np.repeat(array, 3, axis=0)
     return array[:3]
@@ -553,6 +780,14 @@ def _to_uint8_scale(array: np.ndarray) -> np.ndarray:
             )
         return array.astype(np.float32) * np.float32(255 / 65535)
     if array.dtype.kind == "f":
+        # Checked first: min() / max() of an array holding NaN are NaN, which passes every range comparison.
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad_pixels = ~finite.all(axis=0)  # (H, W): a pixel with any channel NaN or inf
+            raise ValueError(
+                f"The image holds {int(bad_pixels.sum())} non-finite pixel value(s) (NaN or inf) of {bad_pixels.size} "
+                "pixels; one is enough to make every prediction NaN. Fix or drop the image (e.g. np.nan_to_num)."
+            )
         low, high = float(array.min()), float(array.max())
         if low < -_FLOAT_RANGE_TOLERANCE or high > 1 + _FLOAT_RANGE_TOLERANCE:
             raise ValueError(
@@ -561,6 +796,42 @@ def _to_uint8_scale(array: np.ndarray) -> np.ndarray:
             )
         return array.astype(np.float32) * np.float32(255)
     raise ValueError(f"Unsupported image dtype {array.dtype}.")
+
+
+def _check_channel_statistic(name: str, value) -> np.ndarray:
+    """`image_mean` / `image_std` as a float32 `(3,)` array; one value or three (one per RGB channel), finite,
+    and a std above 0, or a `ValueError` naming the setting."""
+    values = np.atleast_1d(np.asarray(value, dtype=np.float64)).ravel()
+    if values.size == 1:
+        values = np.repeat(values, _CHANNELS)
+    if values.size != _CHANNELS:
+        raise ValueError(
+            f"`{name}` must hold {_CHANNELS} values (one per RGB channel; the processor always outputs RGB) or one "
+            f"for all channels, got {values.size}: {list(np.asarray(value).ravel())}."
+        )
+    if not np.all(np.isfinite(values)) or (name == "image_std" and np.any(values <= 0)):
+        raise ValueError(f"`{name}` must hold finite values{' above 0' if name == 'image_std' else ''}, got {list(values)}.")
+    return values.astype(np.float32)
+
+
+def _backbone_statistics(backbone_name_or_path) -> dict:
+    """`image_mean` / `image_std` of the backbone's own image processor, when its folder or repo has one."""
+    if not backbone_name_or_path:
+        return {}
+    try:
+        settings, _ = ViTSegImageProcessor.get_image_processor_dict(backbone_name_or_path)
+    except OSError:  # no preprocessor_config.json there (or the Hub is out of reach): keep ImageNet's
+        return {}
+    return {key: settings[key] for key in ("image_mean", "image_std") if key in settings}
+
+
+def _as_int_rows(values) -> list[tuple[int, ...]]:
+    """Sizes or boxes given as a list of tuples, a numpy array or a tensor -> a list of int tuples."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().tolist()
+    elif isinstance(values, np.ndarray):
+        values = values.tolist()
+    return [tuple(int(v) for v in row) for row in values]
 
 
 def _resize_output_size(input_hw: tuple[int, int], size) -> tuple[int, int]:
@@ -572,38 +843,9 @@ def _resize_output_size(input_hw: tuple[int, int], size) -> tuple[int, int]:
     return size["height"], size["width"]
 
 
-def _resize_image(image: np.ndarray, out_hw: tuple[int, int], resample) -> np.ndarray:
-    """`(C, H, W)` float32 -> `(C, *out_hw)`, each channel resized in PIL's float mode "F" (no quantisation)."""
-    if tuple(image.shape[1:]) == tuple(out_hw):
-        return image
-    width_height = (out_hw[1], out_hw[0])
-    return np.stack([np.asarray(Image.fromarray(channel).resize(width_height, resample=resample)) for channel in image])
-
-
-def _resize_nearest(seg_map: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of an integer map, sampling pixel centres as PIL's NEAREST does."""
-    rows = _nearest_indices(seg_map.shape[0], out_hw[0])
-    cols = _nearest_indices(seg_map.shape[1], out_hw[1])
-    return seg_map[rows[:, None], cols[None, :]]
-
-
 def _nearest_indices(in_len: int, out_len: int) -> np.ndarray:
+    """Source indices of a nearest-neighbour resize, sampling pixel centres as PIL's NEAREST does."""
     return np.minimum(((np.arange(out_len) + 0.5) * (in_len / out_len)).astype(np.int64), in_len - 1)
-
-
-def _center_crop_to_multiple(image: np.ndarray, seg_map: np.ndarray | None, patch_size: int):
-    height, width = image.shape[1:]
-    crop_h, crop_w = height // patch_size * patch_size, width // patch_size * patch_size
-    if crop_h == 0 or crop_w == 0:
-        raise ValueError(
-            f'size_divisor_mode="crop" cannot crop an image of size {(height, width)} to a multiple of patch_size '
-            f'{patch_size}; resize it up first or use size_divisor_mode="pad".'
-        )
-    top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    image = image[:, top : top + crop_h, left : left + crop_w]
-    if seg_map is not None:
-        seg_map = seg_map[top : top + crop_h, left : left + crop_w]
-    return image, seg_map
 
 
 def _pad_bottom_right(array: np.ndarray, target_hw: tuple[int, int], fill) -> np.ndarray:
@@ -615,27 +857,31 @@ def _pad_bottom_right(array: np.ndarray, target_hw: tuple[int, int], fill) -> np
     return np.pad(array, widths, mode="constant", constant_values=fill)
 
 
-def _resample_top_left_region(
-    logits: torch.Tensor, covered: tuple[float, float], out_hw: tuple[int, int]
+def _resample_box(
+    logits: torch.Tensor, box: tuple[int, int, int, int], padded_hw: tuple[int, int], out_hw: tuple[int, int]
 ) -> torch.Tensor:
-    """Bilinearly resample the top-left `covered` fraction (per side) of `(1, C, h, w)` logits to `out_hw`.
+    """Bilinearly resample `(1, C, h, w)` logits, which cover a padded canvas of `padded_hw` pixels, onto an image
+    that lies at `box = (top, left, height, width)` in that canvas, at `out_hw` pixels.
 
     One interpolation straight from the logits to the target, with `F.interpolate(mode="bilinear",
-    align_corners=False)` geometry applied to the region: output row `i` samples logits row
-    `(i + 0.5) * covered_h * h / out_h - 0.5`, clamped to `[0, covered_h * h - 1]` so that nothing beyond the region
-    (the padding) is blended in. With `covered = (1, 1)` this is exactly `F.interpolate`; with a region that ends
-    on a logits row it equals cropping that row range and calling `F.interpolate`.
+    align_corners=False)` geometry: output row `i` is canvas row `top + (i + 0.5) * height / out_h`, i.e. logits
+    row `that * h / padded_h - 0.5`, clamped to the rows that cover the image's content (never the padding; parts
+    of the image outside the canvas, cropped away, take the nearest row). With the box covering the whole canvas
+    this is exactly `F.interpolate`; with a box ending on a logits row it equals cropping those rows and calling
+    `F.interpolate`.
     """
-    _, _, height, width = logits.shape
+    _, _, logits_h, logits_w = logits.shape
 
-    def normalised_coordinates(out_len: int, share: float, in_len: int) -> torch.Tensor:
-        centres = torch.arange(out_len, dtype=torch.float32, device=logits.device) + 0.5
-        index = centres * (share * in_len / out_len) - 0.5
-        index = index.clamp(0.0, max(share * in_len - 1.0, 0.0))
-        return (2.0 * index + 1.0) / in_len - 1.0  # grid_sample's align_corners=False convention
+    def normalised_coordinates(out_len: int, start: int, length: int, canvas: int, in_len: int) -> torch.Tensor:
+        centres = torch.arange(out_len, dtype=torch.float64, device=logits.device) + 0.5
+        index = (start + centres * (length / out_len)) * (in_len / canvas) - 0.5
+        content_end = min(start + length, canvas) * in_len / canvas  # in logits rows; content starts at 0
+        index = index.clamp(0.0, max(content_end - 1.0, 0.0))
+        return ((2.0 * index + 1.0) / in_len - 1.0).float()  # grid_sample's align_corners=False convention
 
-    ys = normalised_coordinates(out_hw[0], covered[0], height)
-    xs = normalised_coordinates(out_hw[1], covered[1], width)
+    top, left, height, width = box
+    ys = normalised_coordinates(out_hw[0], top, height, padded_hw[0], logits_h)
+    xs = normalised_coordinates(out_hw[1], left, width, padded_hw[1], logits_w)
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]  # (1, out_h, out_w, 2), (x, y) order
     return F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
