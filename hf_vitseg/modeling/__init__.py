@@ -8,3 +8,13 @@ from .configuration_vitseg import ViTSegConfig
 from .head_base import BackboneFeatures, BaseHead, get_head_class, list_heads, register_head
 from .image_processing_vitseg import ViTSegImageProcessor
 from .modeling_vitseg import ViTSegForSemanticSegmentation, ViTSegPreTrainedModel
+
+# Importing hf_vitseg (which imports this package when transformers' Auto classes load) registers the Auto classes.
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation  # noqa: E402
+
+AutoConfig.register("vitseg", ViTSegConfig, exist_ok=True)
+AutoModelForSemanticSegmentation.register(ViTSegConfig, ViTSegForSemanticSegmentation, exist_ok=True)
+ViTSegConfig.register_for_auto_class()
+ViTSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+AutoImageProcessor.register(ViTSegConfig, image_processor_classes={"pil": ViTSegImageProcessor}, exist_ok=True)
+ViTSegImageProcessor.register_for_auto_class()

@@ -1,0 +1,45 @@
+"""The CLI never lists a command it cannot run, and `hf-vitseg --help` does not pay for torch."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_vitseg.cli import COMMANDS, main
+
+# The console script pip installs next to this interpreter (the dev install, `pip install -e .`).
+CONSOLE_SCRIPT = Path(sys.executable).with_name("hf-vitseg")
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_listed_command_module_imports_and_has_configure_parser_and_run(command):
+    module = importlib.import_module(COMMANDS[command][0])
+    assert callable(getattr(module, "configure_parser", None)), f"{module.__name__} has no configure_parser"
+    assert callable(getattr(module, "run", None)), f"{module.__name__} has no run"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_listed_command_answers_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: hf-vitseg {command} ")
+
+
+def test_the_console_script_lists_exactly_the_commands_and_imports_no_torch_for_help():
+    assert CONSOLE_SCRIPT.is_file(), f"{CONSOLE_SCRIPT} missing: install the package with pip install -e ."
+    # -X importtime writes every imported module to stderr: --help must not import torch (it takes 5x as long as
+    # `import transformers`, which is what the command's start-up is measured against).
+    result = subprocess.run([sys.executable, "-X", "importtime", str(CONSOLE_SCRIPT), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    listed = re.findall(r"^ {4}(\S+)", result.stdout, flags=re.MULTILINE)
+    assert listed == list(COMMANDS), result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "hf_vitseg.cli" in imported
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}, "hf-vitseg --help imported torch"

@@ -1,0 +1,69 @@
+"""What `import hf_vitseg` costs: no optional or data-only dependency, and the Auto classes registered."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+# Optional extras (peft, onnx, plots) and the data stack: a user who only wants the model must not pay for them.
+HEAVY = ["datasets", "peft", "onnx", "onnxruntime", "matplotlib"]
+
+# One fresh interpreter (importing torch takes seconds): the heavy modules loaded after `import hf_vitseg`, then
+# what the Auto classes resolve "vitseg" to, then the heavy modules loaded after building and running a model.
+PROBE = f"""
+import json, sys
+heavy = lambda: sorted(m for m in {HEAVY!r} if m in sys.modules)
+report = {{}}
+import hf_vitseg
+report["after_import"] = heavy()
+from transformers import AutoConfig, AutoModelForSemanticSegmentation
+config = AutoConfig.for_model("vitseg")
+report["auto_config"] = type(config) is hf_vitseg.ViTSegConfig
+report["auto_model"] = AutoModelForSemanticSegmentation._model_mapping[type(config)] is hf_vitseg.ViTSegForSemanticSegmentation
+report["auto_classes_for_remote_code"] = [
+    hf_vitseg.ViTSegConfig._auto_class, hf_vitseg.ViTSegForSemanticSegmentation._auto_class,
+    hf_vitseg.ViTSegImageProcessor._auto_class,
+]
+import numpy as np, torch
+from transformers import ViTConfig
+backbone = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                     patch_size=8)
+model = hf_vitseg.ViTSegForSemanticSegmentation(hf_vitseg.ViTSegConfig(backbone_config=backbone, num_labels=2))
+inputs = hf_vitseg.ViTSegImageProcessor(patch_size=8)(np.zeros((32, 32, 3), np.uint8), return_tensors="pt")
+model(**inputs)
+report["after_model"] = heavy()
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process() -> dict:
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_import_hf_vitseg_imports_no_heavy_optional_dependency(fresh_process):
+    assert fresh_process["after_import"] == []
+
+
+def test_building_and_running_a_model_imports_no_heavy_optional_dependency(fresh_process):
+    assert fresh_process["after_model"] == []
+
+
+def test_import_hf_vitseg_registers_the_auto_classes(fresh_process):
+    assert fresh_process["auto_config"] and fresh_process["auto_model"]
+    assert fresh_process["auto_classes_for_remote_code"] == [
+        "AutoConfig", "AutoModelForSemanticSegmentation", "AutoImageProcessor"
+    ]
+
+
+def test_public_names_stay_importable():
+    import hf_vitseg
+
+    for name in hf_vitseg.__all__:
+        assert getattr(hf_vitseg, name) is not None, name
+    assert set(hf_vitseg.__all__) <= set(dir(hf_vitseg))

@@ -1,0 +1,50 @@
+"""The wheel ships every package and the data files the code reads at run time."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+ROOT = Path(__file__).resolve().parent.parent
+SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def test_the_package_list_is_every_folder_holding_python_code():
+    on_disk = {
+        ".".join(folder.relative_to(ROOT).parts)
+        for folder in (ROOT / "hf_vitseg").rglob("*")
+        if folder.is_dir() and folder.name != "__pycache__" and any(folder.glob("*.py"))
+    } | {"hf_vitseg"}
+    mapped = set(SETUPTOOLS.get("package-dir", {}))
+    assert set(SETUPTOOLS["packages"]) == on_disk | mapped
+    assert SETUPTOOLS["package-dir"] == {"hf_vitseg.hub_cards": "hub_cards"}
+    for package, folder in SETUPTOOLS["package-dir"].items():
+        assert (ROOT / folder / "__init__.py").is_file(), package
+
+
+def test_the_wheel_holds_the_model_card_template_the_typing_marker_and_the_demo_sample(tmp_path):
+    # Built from a copy, so setuptools' build/ and egg-info never land in (or race over) the working tree.
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("hf_vitseg", "hub_cards"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+         str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("hf_vitseg-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for wanted in ("hf_vitseg/hub_cards/model_card.md", "hf_vitseg/py.typed", "hf_vitseg/demo/nuclei_sample.npz",
+                   "hf_vitseg/modeling/modeling_vitseg.py", "hf_vitseg/cli/__init__.py"):
+        assert wanted in names, wanted
