@@ -4,14 +4,15 @@ A flat folder with sibling imports only, importing only torch and transformers: 
 saver copies a model's module and its relative imports into one flat folder.
 """
 
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
+
 from .configuration_vitseg import ViTSegConfig
 from .head_base import BackboneFeatures, BaseHead, get_head_class, list_heads, register_head
 from .image_processing_vitseg import ViTSegImageProcessor
 from .modeling_vitseg import ViTSegForSemanticSegmentation, ViTSegPreTrainedModel
 
-# Importing hf_vitseg (which imports this package when transformers' Auto classes load) registers the Auto classes.
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation  # noqa: E402
-
+# The one place hf-vitseg registers with the Auto classes: `import hf_vitseg` imports this package (except for
+# `hf-vitseg --help`), and so does every module that uses the model.
 AutoConfig.register("vitseg", ViTSegConfig, exist_ok=True)
 AutoModelForSemanticSegmentation.register(ViTSegConfig, ViTSegForSemanticSegmentation, exist_ok=True)
 ViTSegConfig.register_for_auto_class()
