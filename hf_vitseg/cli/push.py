@@ -1,6 +1,7 @@
 """`hf-vitseg push FOLDER REPO_ID`: upload a saved model folder to the Hub with a generated model card.
 
-See `hf_vitseg.hub.push_to_hub` for what is uploaded and what is never overwritten.
+The files are listed before anything is sent; `--dry-run` only lists them. See `hf_vitseg.hub.push_to_hub` for
+what is uploaded (only what hf-vitseg wrote for the model) and what is never overwritten.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "folder's eval_results.json / all_results.json / trainer_state.json")
     parser.add_argument("--overwrite-card", action="store_true",
                         help="replace a README.md on the Hub that hf-vitseg did not write, or that was edited")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the files that would be uploaded and send nothing (no network)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `push`; returns 0 on success, 1 (with the reason on stderr) on bad input."""
-    from ..hub.push import DEFAULT_COMMIT_MESSAGE, push_to_hub
+    """Run `push`; returns 0 on success, 1 (with the reason on stderr, one line) on bad input or when the Hub
+    cannot be reached."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from ..hub.push import DEFAULT_COMMIT_MESSAGE, HubUnreachableError, push_to_hub
 
     card_data = {
         key: value
@@ -65,14 +71,31 @@ def run(args: argparse.Namespace) -> int:
             token=args.token,
             overwrite_card=args.overwrite_card,
             revision=args.revision,
+            dry_run=args.dry_run,
+            on_plan=lambda files: _print_plan(files, args.repo_id, args.dry_run),
         )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, HubUnreachableError) as error:
         print(f"hf-vitseg push: error: {error}", file=sys.stderr)
         return 1
-    print(f"Uploaded {len(result.uploaded)} files to {result.repo_id}: {', '.join(result.uploaded)}")
+    except HfHubHTTPError as error:
+        reason = str(error).strip().splitlines()[0]
+        print(f"hf-vitseg push: error: the Hub refused the push ({reason}). Log in with `hf auth login` or pass "
+              "--token with write access to the repo.", file=sys.stderr)
+        return 1
     for path, reason in result.skipped.items():
-        print(f"Kept {path}: {reason}")
+        print(f"Not uploaded: {path}: {reason}")
+    if result.dry_run:
+        print("Dry run: nothing was sent.")
+        return 0
+    print(f"Uploaded {len(result.uploaded)} files to {result.repo_id}: {', '.join(result.uploaded)}")
     commit_url = getattr(result.commit, "commit_url", None)
     if commit_url:
         print(commit_url)
     return 0
+
+
+def _print_plan(files: dict[str, str], repo_id: str, dry_run: bool) -> None:
+    print(f"{'Would upload' if dry_run else 'Uploading'} {len(files)} files to {repo_id}:")
+    width = max(map(len, files))
+    for name, source in files.items():
+        print(f"  {name:<{width}}  from {source}")
