@@ -82,6 +82,28 @@ def test_stock_pipeline_is_aligned_on_padded_images(model_folder):
     np.testing.assert_array_equal(segments_to_map(segments, ID2LABEL), exact_label_map(model_folder, image))
 
 
+def test_stock_pipeline_runs_the_exact_pipeline_saved_with_the_model(tmp_path):
+    # save_pretrained names pipeline_vitseg.py in config.json, so the stock call gets the exact geometry, also for
+    # a centre-cropping processor, whose lost border rows / columns take the nearest prediction.
+    folder = save_model(tmp_path / "crop")
+    ViTSegImageProcessor(patch_size=PATCH, size_divisor_mode="crop").save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["custom_pipelines"]["image-segmentation"]["impl"] == (
+        "pipeline_vitseg.ViTSegSegmentationPipeline")
+    segmenter = pipeline("image-segmentation", model=str(folder), trust_remote_code=True)
+    assert type(segmenter).__name__ == "ViTSegSegmentationPipeline"
+    image = random_image(50, 70)  # cropped to 48 x 64 at offset (1, 3)
+    model, processor = load_model(folder), ViTSegImageProcessor.from_pretrained(folder)
+    inputs = processor(image, return_input_sizes=True)
+    input_boxes, _ = inputs.pop("input_boxes"), inputs.pop("input_sizes")
+    assert input_boxes.tolist() == [[-1, -3, 50, 70]]
+    with torch.no_grad():
+        expected = processor.post_process_semantic_segmentation(
+            model(**inputs), target_sizes=[(50, 70)], input_boxes=input_boxes,
+            padded_size=inputs["pixel_values"].shape[-2:],
+        )[0].numpy()
+    np.testing.assert_array_equal(segments_to_map(segmenter(image), ID2LABEL), expected)
+
+
 def test_vitseg_pipeline_cuts_the_padding_away_exactly(model_folder):
     image = random_image(50, 70)  # padded to 56 x 72
     segmenter = segmentation_pipeline(str(model_folder))

@@ -29,14 +29,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from ..modeling.image_processing_vitseg import (
-    _center_crop_to_multiple,
-    _nearest_indices,
-    _pad_bottom_right,
-    _resize_output_size,
-    reduce_labels,
-)
-
+from ..modeling.image_processing_vitseg import reduce_labels
 
 # "Light" jitter: each factor is drawn uniformly from [1 - s, 1 + s].
 DEFAULT_PHOTOMETRIC = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2}
@@ -45,6 +38,11 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _UNSET_EPOCH = -1
 # How many samples a seeded transform remembers to notice that epochs repeat without set_epoch (memory stays O(1)).
 _TRACKED_SAMPLES = 64
+# The processor's per-sample steps this transform runs (so training sees exactly what inference sees).
+_PROCESSOR_STEPS = (
+    "process_image", "process_segmentation_map", "resized_size", "resize_sample", "normalize_sample",
+    "crop_to_multiple", "padded_size", "pad_sample", "patch_size",
+)
 
 
 class SegmentationTransform:
@@ -109,9 +107,7 @@ class SegmentationTransform:
         ignore_index: int | None = None,
         seed: int | None = None,
     ):
-        missing = [
-            name for name in ("process_image", "process_segmentation_map", "patch_size") if not hasattr(processor, name)
-        ]
+        missing = [name for name in _PROCESSOR_STEPS if not hasattr(processor, name)]
         if missing:
             raise TypeError(
                 f"SegmentationTransform needs a ViTSegImageProcessor (or one with the same methods); "
@@ -188,8 +184,8 @@ class SegmentationTransform:
             if self.train:
                 image, mask = self._augment(image, mask, self._generator(raw_image, raw_mask))
             else:
-                image, mask = self._resize_window(image, mask, self._scaled_size(image.shape[1:], 1.0))
-                image = self._normalize(image)
+                image, mask = self.processor.resize_sample(image, mask, self._scaled_size(image.shape[1:], 1.0))
+                image = self.processor.normalize_sample(image)
                 image, mask = self._pad_to_patch_grid(image, mask)
             pixel_values.append(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)))
             if mask is not None:
@@ -259,16 +255,17 @@ class SegmentationTransform:
         flip = rng.random() < 0.5
         factors = {name: rng.uniform(1.0 - strength, 1.0 + strength) for name, strength in self.photometric.items()}
 
-        window_hw = (min(crop_hw[0], out_hw[0] - top), min(crop_hw[1], out_hw[1] - left))
-        image, mask = self._resize_window(image, mask, out_hw, top, left, window_hw)
+        window = (top, left, min(crop_hw[0], out_hw[0] - top), min(crop_hw[1], out_hw[1] - left))
+        # Only the crop window of the resized sample is computed: the same pixels, at the cost of the window alone.
+        image, mask = self.processor.resize_sample(image, mask, out_hw, window=window)
         if self.hflip and flip:
             image, mask = image[:, :, ::-1], mask[:, ::-1]
         if factors:
             image = _jitter(image, factors)
-        image = self._normalize(image)
+        image = self.processor.normalize_sample(image)
         if self.crop_size is None:
             return self._pad_to_patch_grid(image, mask)
-        return _pad_bottom_right(image, self.crop_size, 0.0), _pad_bottom_right(mask, self.crop_size, self.ignore_index)
+        return self.processor.pad_sample(image, mask, self.crop_size, self.ignore_index)
 
     # ----------------------------------------------------------------------------------------------
     # The processor's steps, one sample at a time
@@ -277,66 +274,14 @@ class SegmentationTransform:
     def _scaled_size(self, input_hw: tuple[int, int], scale: float) -> tuple[int, int]:
         """`scale` x the processor's resize result (its `size` when `do_resize`, else the input size)."""
         processor = self.processor
-        base_hw = _resize_output_size(input_hw, processor.size) if processor.do_resize else input_hw
+        base_hw = processor.resized_size(input_hw)
         return tuple(max(1, int(round(side * scale))) for side in base_hw)
-
-    def _resize_window(self, image, mask, out_hw, top=0, left=0, window_hw=None):
-        """Rows `top:top+h`, columns `left:left+w` of image and mask resized to `out_hw`, computing only that window.
-
-        Equal (to float rounding) to resizing everything and then cropping, at the cost of the window alone: PIL
-        resamples a source box with the filter scale of the whole resize, and nearest-neighbour indices are sliced.
-        Images as the processor resizes them (each channel in PIL's float mode, `processor.resample`).
-        """
-        in_hw = tuple(image.shape[1:])
-        height, width = window_hw if window_hw is not None else out_hw
-        if in_hw == tuple(out_hw):
-            window = (slice(top, top + height), slice(left, left + width))
-            return image[:, window[0], window[1]], None if mask is None else mask[window]
-        step_y, step_x = in_hw[0] / out_hw[0], in_hw[1] / out_hw[1]
-        box = (left * step_x, top * step_y, (left + width) * step_x, (top + height) * step_y)
-        image = np.stack(
-            [
-                np.asarray(Image.fromarray(channel).resize((width, height), resample=self.processor.resample, box=box))
-                for channel in image
-            ]
-        )
-        if mask is not None:
-            rows = _nearest_indices(in_hw[0], out_hw[0])[top : top + height]
-            cols = _nearest_indices(in_hw[1], out_hw[1])[left : left + width]
-            mask = mask[rows[:, None], cols[None, :]]
-        return image, mask
-
-    def _normalize(self, image: np.ndarray) -> np.ndarray:
-        processor = self.processor
-        if processor.do_rescale:
-            image = image * np.float32(processor.rescale_factor)
-        if processor.do_normalize:
-            mean = np.asarray(processor.image_mean, dtype=np.float32).reshape(-1, 1, 1)
-            std = np.asarray(processor.image_std, dtype=np.float32).reshape(-1, 1, 1)
-            image = (image - mean) / std
-        return image.astype(np.float32, copy=False)
 
     def _pad_to_patch_grid(self, image: np.ndarray, mask: np.ndarray | None):
         """As the processor: centre-crop (size_divisor_mode="crop") or pad to a patch multiple / `pad_to_size`."""
-        processor = self.processor
-        if processor.size_divisor_mode == "crop":
-            image, mask = _center_crop_to_multiple(image, mask, self.patch_size)
-        height, width = image.shape[1:]
-        if processor.pad_to_size is not None:
-            target_hw = (processor.pad_to_size["height"], processor.pad_to_size["width"])
-            if height > target_hw[0] or width > target_hw[1]:
-                raise ValueError(
-                    f"pad_to_size {target_hw} is smaller than the image size {(height, width)}; resize first "
-                    "(processor do_resize=True with a suitable `size`) or raise pad_to_size."
-                )
-        else:
-            target_hw = (
-                math.ceil(height / self.patch_size) * self.patch_size,
-                math.ceil(width / self.patch_size) * self.patch_size,
-            )
-        image = _pad_bottom_right(image, target_hw, 0.0)
-        mask = None if mask is None else _pad_bottom_right(mask, target_hw, self.ignore_index)
-        return image, mask
+        image, mask, _ = self.processor.crop_to_multiple(image, mask, self.patch_size)
+        target_hw = self.processor.padded_size([image.shape[1:]], self.patch_size)
+        return self.processor.pad_sample(image, mask, target_hw, self.ignore_index)
 
 
 class AugmentationEpochCallback(TrainerCallback):

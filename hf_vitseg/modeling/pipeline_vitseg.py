@@ -3,29 +3,32 @@
 transformers' `ImageSegmentationPipeline` works with an hf-vitseg model as it is: it returns one mask per class
 present, with its label. Two things it cannot know about hf-vitseg, which this subclass adds:
 
-- the image processor pads each image at the bottom / right to a multiple of the patch size, and the logits
-  cover that padded canvas. The stock pipeline calls `post_process_semantic_segmentation(outputs,
-  target_sizes)` without the padding, so the predicted map is stretched over the image by up to one patch.
-  This pipeline asks the processor for `input_sizes` and passes them and the padded size back, so the map is
-  exactly aligned with the image;
+- the image processor pads (or centre-crops) each image to a multiple of the model's size divisor, and the
+  logits cover that padded canvas. The stock pipeline calls `post_process_semantic_segmentation(outputs,
+  target_sizes)` without that geometry, so the predicted map would be stretched over the image by up to one
+  patch. This pipeline asks the processor for `input_boxes` and passes them and the padded size back, so the map
+  is exactly aligned with the image;
 - hf-vitseg is not in transformers' list of segmentation models, so the stock pipeline logs "The model
   'ViTSegForSemanticSegmentation' is not supported for image-segmentation" although it is.
 
-This file is self-contained (numpy, PIL, torch and transformers only, no relative imports): `hf-vitseg push`
-uploads it as `pipeline_vitseg.py` and names it in `config.json`'s `custom_pipelines`, so that
-`pipeline("image-segmentation", model=repo_id, trust_remote_code=True)` uses it where hf-vitseg is not
-installed. Locally, `segmentation_pipeline(folder_or_repo)` builds it for any saved model.
+This file is self-contained (numpy, PIL, torch and transformers only, no relative imports):
+`model.save_pretrained` (with remote code) copies it beside the model as `pipeline_vitseg.py` and names it in
+`config.json`'s `custom_pipelines` (`add_to_saved_model`), and `hf-vitseg push` uploads it, so that
+`pipeline("image-segmentation", model=folder_or_repo_id, trust_remote_code=True)` uses it, hf-vitseg installed
+or not. `segmentation_pipeline(folder_or_repo)` builds it for any saved model without remote code.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from transformers import ImageSegmentationPipeline, pipeline
 from transformers.image_utils import load_image
-
 
 # What `hf-vitseg push` writes into the uploaded config.json, with this file uploaded as `pipeline_vitseg.py`.
 PIPELINE_FILENAME = "pipeline_vitseg.py"
@@ -62,19 +65,20 @@ class ViTSegSegmentationPipeline(ImageSegmentationPipeline):
             name = source if isinstance(source, str) else type(source).__name__
             raise ValueError(f"Cannot decode image {name!r}: {error}") from error
         inputs = self.image_processor(images=[image], return_tensors="pt", return_input_sizes=True)
-        input_sizes = inputs.pop("input_sizes")
+        inputs.pop("input_sizes")
+        input_boxes = inputs.pop("input_boxes")
         inputs = inputs.to(self.dtype)
         inputs["target_size"] = [(image.height, image.width)]
-        inputs["input_sizes"] = input_sizes
+        inputs["input_boxes"] = input_boxes
         return inputs
 
     def _forward(self, model_inputs):
         target_size = model_inputs.pop("target_size")
-        input_sizes = model_inputs.pop("input_sizes")
+        input_boxes = model_inputs.pop("input_boxes")
         padded_size = tuple(model_inputs["pixel_values"].shape[-2:])
         model_outputs = self.model(**model_inputs)
         model_outputs["target_size"] = target_size
-        model_outputs["input_sizes"] = input_sizes
+        model_outputs["input_boxes"] = input_boxes
         model_outputs["padded_size"] = padded_size
         return model_outputs
 
@@ -84,7 +88,7 @@ class ViTSegSegmentationPipeline(ImageSegmentationPipeline):
         label_map = self.image_processor.post_process_semantic_segmentation(
             model_outputs,
             target_sizes=model_outputs["target_size"],
-            input_sizes=model_outputs["input_sizes"],
+            input_boxes=model_outputs["input_boxes"],
             padded_size=model_outputs["padded_size"],
         )[0].numpy()
         id2label = self.model.config.id2label
@@ -93,6 +97,21 @@ class ViTSegSegmentationPipeline(ImageSegmentationPipeline):
             mask = Image.fromarray(((label_map == class_id) * 255).astype(np.uint8), mode="L")
             annotation.append({"score": None, "label": id2label[int(class_id)], "mask": mask})
         return annotation
+
+
+def add_to_saved_model(folder) -> None:
+    """Copy this file into a saved model folder as `pipeline_vitseg.py` and name it in the folder's `config.json`
+    (`custom_pipelines`), so that `pipeline("image-segmentation", model=folder, trust_remote_code=True)`, and the
+    same on the Hub, runs `ViTSegSegmentationPipeline`: transformers' own pipeline class, given no geometry,
+    would stretch the padded logits over the image."""
+    folder = Path(folder)
+    source = Path(__file__)
+    if source.resolve() != (folder / PIPELINE_FILENAME).resolve():
+        shutil.copyfile(source, folder / PIPELINE_FILENAME)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["custom_pipelines"] = CUSTOM_PIPELINES
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def segmentation_pipeline(model, **kwargs) -> ViTSegSegmentationPipeline:
