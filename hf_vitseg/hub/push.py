@@ -52,6 +52,7 @@ RUN_RECORD_FILES = ("training_args.json", "all_results.json", "eval_results.json
 # Where a model trained by SegmentationTrainer keeps the processor it was trained with, for `model.push_to_hub`.
 PROCESSOR_ATTRIBUTE = "_hf_vitseg_image_processor"
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HUB_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
 
 
 class HubUnreachableError(ConnectionError):
@@ -211,6 +212,9 @@ def upload_plan(folder: str | os.PathLike) -> tuple[dict[str, Path], dict[str, s
         path = folder / name
         if path.is_symlink():
             skipped[name] = "a symbolic link; hf-vitseg never uploads through one"
+        elif path.is_file() and _HUB_TOKEN.search(path.read_text(encoding="utf-8", errors="replace")):
+            # TrainingArguments masks hub_token, but a record written another way may hold one
+            skipped[name] = "it holds what looks like a Hub token (hf_...)"
         elif path.is_file():
             files[name] = path
     return files, skipped
@@ -226,7 +230,7 @@ def _model_processor(model):
         return processor
     source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if source and (Path(source) / "preprocessor_config.json").is_file():
-        return ViTSegImageProcessor.from_pretrained(source)
+        return ViTSegImageProcessor.for_model(model, folder=source)
     return None
 
 
@@ -238,8 +242,7 @@ def remember_processor(model, processor) -> None:
 
 def _processor_files(folder: Path, processor, model_config: dict, staging: Path) -> tuple[dict[str, Path], object]:
     """`preprocessor_config.json` and its remote-code files, and the processor they hold: `processor`'s if given,
-    else the folder's (uploaded byte for byte), else a default `ViTSegImageProcessor` with the backbone's patch
-    size (and a warning)."""
+    else the folder's (uploaded byte for byte), else `ViTSegImageProcessor.for_model` (and a warning)."""
     from ..modeling import ViTSegImageProcessor
 
     source = folder
@@ -248,16 +251,10 @@ def _processor_files(folder: Path, processor, model_config: dict, staging: Path)
         _regular_file(processor_file, "the image processor config")
         processor_for_card = ViTSegImageProcessor.from_pretrained(folder)
     else:
-        if processor is None:
-            import warnings
+        if processor is None:  # the one built for the model (its size divisor), with for_model's warning
+            from .loading import load_model
 
-            patch = (model_config.get("backbone_config") or {}).get("patch_size", 14)
-            patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-            warnings.warn(
-                f"{folder} has no preprocessor_config.json; pushing ViTSegImageProcessor(patch_size={patch}) with "
-                "ImageNet mean and std. Pass processor= (the one you trained with) to make it exact."
-            )
-            processor = ViTSegImageProcessor(patch_size=int(patch))
+            processor = ViTSegImageProcessor.for_model(load_model(folder), folder=folder)
         source = staging / "processor"
         processor.save_pretrained(source)
         processor_for_card = processor
@@ -525,3 +522,27 @@ def push_trainer_to_hub(trainer, *, commit_message: str = "End of training", tok
         private=private if private is not None else args.hub_private_repo,
     )
     return result.commit
+
+
+def push_checkpoint_to_hub(trainer, checkpoint_folder) -> None:
+    """What `Trainer` does at each save with `args.push_to_hub` (`hub_strategy` `every_save`, `checkpoint`,
+    `all_checkpoints`), through `push_to_hub`: the checkpoint's model files, the processor and the card, to
+    `args.hub_model_id`, synchronously. transformers' own upload sends the whole output folder, whatever else it
+    holds. Resumable checkpoints on the Hub (optimizer and scheduler states, `last-checkpoint/`) are not pushed.
+
+    Args:
+        trainer: the `SegmentationTrainer`.
+        checkpoint_folder: the `checkpoint-N` folder just saved.
+    """
+    args = trainer.args
+    if not trainer.is_world_process_zero() or args.hub_strategy == "end":
+        return
+    if args.hub_strategy in ("checkpoint", "all_checkpoints") and not getattr(trainer, "_hf_vitseg_warned", False):
+        trainer._hf_vitseg_warned = True
+        logger.warning("hub_strategy=%r: hf-vitseg pushes the model at each save, not resumable checkpoints "
+                       "(optimizer states stay local).", str(args.hub_strategy))
+    state = trainer.state
+    when = f"step {state.global_step}" if args.save_strategy == "steps" else f"epoch {int(state.epoch or 0)}"
+    repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or Path(args.output_dir).absolute().name
+    push_to_hub(checkpoint_folder, repo_id, processor=trainer.processing_class,
+                commit_message=f"Training in progress, {when}", token=args.hub_token, revision=args.hub_revision)
