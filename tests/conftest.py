@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +56,38 @@ NON_SQUARE = (64, 96)
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def tiny_model(head: str = "linear", family: str = "dinov2", *, backbone: str | Path | None = None, num_labels: int = 3,
+               seed: int = 0, **config_kwargs):
+    """A `ViTSegForSemanticSegmentation` with `head` on the tiny `family` backbone, random (seeded) weights; or,
+    with `backbone` (a saved backbone folder, e.g. `tiny_backbone_dir`), loaded by `from_pretrained_backbone`.
+    `config_kwargs` go to `ViTSegConfig` (`head_kwargs=...`, `backbone_out_indices=...`, ...)."""
+    from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
+
+    torch.manual_seed(seed)
+    if backbone is not None:
+        return ViTSegForSemanticSegmentation.from_pretrained_backbone(
+            backbone, head=head, num_labels=num_labels, **config_kwargs
+        )
+    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head=head, num_labels=num_labels,
+                          **config_kwargs)
+    return ViTSegForSemanticSegmentation(config)
+
+
+def save_tiny_backbone(folder: str | Path, family: str = "dinov2") -> Path:
+    """A tiny random `family` backbone (seed 0) saved as a plain Hugging Face model folder, like a Hub checkpoint."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    AutoModel.from_config(tiny_backbone_config(family)).save_pretrained(folder)
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory) -> Path:
+    """One tiny random DINOv2 backbone folder (patch 8, 4 layers, width 32) for the session: read it, never write."""
+    return save_tiny_backbone(tmp_path_factory.mktemp("tiny_dinov2"))
 
 
 def builtin_heads() -> list[str]:

@@ -1,4 +1,5 @@
-"""`atm` (SegViT's attention-to-mask decoder) on every backbone family, and its per-pixel combination."""
+"""`atm` (SegViT's attention-to-mask decoder): its per-pixel combination, taps and widths. Shapes, training and
+save/load on every backbone family: the common suite in test_modeling.py."""
 
 from __future__ import annotations
 
@@ -8,33 +9,14 @@ import pytest
 import torch
 
 import hf_vitseg.modeling.head_atm  # noqa: F401  registers atm
-from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 from hf_vitseg.modeling.head_atm import ATMHead
 
-from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config, train_steps
+from conftest import tiny_model
 from test_head_setr_mla import batch
 
 
-def build(family, **head_kwargs):
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head="atm", num_labels=3,
-                          head_kwargs=head_kwargs)
-    return ViTSegForSemanticSegmentation(config)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_trains_with_plain_cross_entropy_on_every_family(family):
-    model = build(family).train()
-    assert len(model.config.backbone_out_indices) == 3
-    x, y = batch()
-    losses, out = train_steps(model, x, y, steps=10, lr=3e-3)
-    stride = 32 if family == "swin" else 8  # the deepest tap's grid
-    assert out.logits.shape == (2, 3, NON_SQUARE[0] // stride, NON_SQUARE[1] // stride)
-    assert losses[-1] < losses[0] - 0.2, losses
-
-
 def test_logits_are_the_log_of_the_papers_combination_of_the_last_layer():
-    model = build("dinov2").eval()
+    model = tiny_model("atm").eval()
     x = batch()[0]
     with torch.no_grad():
         logits = model(x).logits
@@ -61,9 +43,9 @@ def test_combination_keeps_its_gradient_where_every_mask_is_tiny():
 
 
 def test_taps_and_widths():
-    model = build("dinov2", d_model=32, num_heads=4)
+    model = tiny_model("atm", head_kwargs={"d_model": 32, "num_heads": 4})
     assert model.config.backbone_out_indices == [1, 3, 4]
     assert model.head.class_queries.shape == (1, 3, 32) and len(model.head.layers) == 3
-    assert len(build("dinov2", in_index=[-1]).head.layers) == 1
+    assert len(tiny_model("atm", head_kwargs={"in_index": [-1]}).head.layers) == 1
     with pytest.raises(ValueError, match="divisible"):
-        build("dinov2", d_model=30, num_heads=4)
+        tiny_model("atm", head_kwargs={"d_model": 30, "num_heads": 4})

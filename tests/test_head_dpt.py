@@ -1,4 +1,5 @@
-"""The `dpt` head: every backbone family, readout handling, and equality with transformers' DPT neck + head."""
+"""The `dpt` head: readout handling, odd grids, presets, and equality with transformers' DPT neck + head. Shapes,
+training and save/load on every backbone family: the common suite in test_modeling.py."""
 
 from __future__ import annotations
 
@@ -8,23 +9,14 @@ from torch.nn import functional as F
 from transformers import DPTConfig, DPTForSemanticSegmentation
 
 import hf_vitseg.modeling.head_dpt  # noqa: F401  registers "dpt" until heads.py imports it
-from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 from hf_vitseg.convert import convert_dpt_neck_and_head, dpt_head_kwargs, load_peer_head_weights
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_dpt import DPTHead
 
-from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config, train_steps
+from conftest import NON_SQUARE, tiny_model
 
 
 SMALL = {"reassemble_channels": [8, 8, 16, 16], "fusion_channels": 16}
-
-
-def build(family, **kwargs):
-    torch.manual_seed(0)
-    head_kwargs = {**SMALL, **kwargs.pop("head_kwargs", {})}
-    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head="dpt", num_labels=3,
-                          head_kwargs=head_kwargs, **kwargs)
-    return ViTSegForSemanticSegmentation(config)
 
 
 def batch(size=NON_SQUARE, b=2):
@@ -35,47 +27,36 @@ def batch(size=NON_SQUARE, b=2):
     return torch.randn(b, 3, *size, generator=g), blocks.repeat_interleave(16, 1).repeat_interleave(16, 2)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_trains_at_its_natural_stride(family):
-    model = build(family).train()
-    x, y = batch()
-    # stride p/8 on single-stride backbones (p = 8 here: full size), 2 on Swin (finest stage at 4, x2 fusion)
-    expected = (32, 48) if family == "swin" else NON_SQUARE
-    losses, out = train_steps(model, x, y, steps=10, lr=5e-3)
-    assert out.logits.shape == (2, 3, *expected)
-    assert losses[-1] < losses[0] - 0.02, losses
-    assert all(p.grad is not None for p in model.head.parameters()), "no unused head parameter"
-
-
 def test_default_readout_follows_the_backbone():
-    assert build("dinov2").head.readout == "project"
-    assert build("deit").head.readout == "project"  # the CLS token, not the distillation token
-    assert build("sam").head.readout == "ignore"
-    assert build("swin").head.readout == "ignore"
+    heads = {family: tiny_model("dpt", family, head_kwargs=SMALL).head for family in ("dinov2", "deit", "sam", "swin")}
+    assert heads["dinov2"].readout == "project"
+    assert heads["deit"].readout == "project"  # the CLS token, not the distillation token
+    assert heads["sam"].readout == "ignore"
+    assert heads["swin"].readout == "ignore"
     # Swin maps are already at strides 4..32: projected, never resampled
-    assert all(isinstance(layer.resample, torch.nn.Identity) for layer in build("swin").head.reassemble)
+    assert all(isinstance(layer.resample, torch.nn.Identity) for layer in heads["swin"].reassemble)
 
 
 @pytest.mark.parametrize("family", ["sam", "swin"])
 @pytest.mark.parametrize("readout", ["add", "project"])
 def test_cls_readout_without_a_cls_token_is_a_clear_error(family, readout):
     with pytest.raises(ValueError, match="needs a CLS token"):
-        build(family, head_kwargs={"readout": readout})
+        tiny_model("dpt", family, head_kwargs={**SMALL, "readout": readout})
     with pytest.raises(ValueError, match="needs a CLS token"):
         DPTHead.check_backbone(family == "swin", 0, {"readout": readout})
 
 
 @pytest.mark.parametrize("readout", ["ignore", "add"])
 def test_other_readouts_and_a_single_tap(readout):
-    model = build("dinov2_with_registers", head_kwargs={"readout": readout}).eval()
-    single = build("vit", backbone_out_indices=[4], head_kwargs={"readout": readout}).eval()
+    model = tiny_model("dpt", "dinov2_with_registers", head_kwargs={**SMALL, "readout": readout}).eval()
+    single = tiny_model("dpt", "vit", backbone_out_indices=[4], head_kwargs={**SMALL, "readout": readout}).eval()
     x, _ = batch()
     assert model(x).logits.shape == single(x).logits.shape == (2, 3, *NON_SQUARE)
 
 
 def test_odd_token_grids_keep_the_levels_aligned():
     # 7x9 grid: the stride-2p level is 4x5; upsampling to each finer level's exact size gives 8 * grid
-    model = build("dinov2").eval()
+    model = tiny_model("dpt", "dinov2", head_kwargs=SMALL).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 56, 72)).logits.shape == (1, 3, 56, 72)
 
@@ -88,7 +69,7 @@ def test_paper_preset_widths():
 
 def test_trains_with_the_auxiliary_head():
     # DPTForSemanticSegmentation's use_auxiliary_head breaks with labels; ours trains with it
-    model = build("dinov2", auxiliary_loss_weight=0.4).train()
+    model = tiny_model("dpt", auxiliary_loss_weight=0.4, head_kwargs=SMALL).train()
     x, y = batch()
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     losses = []
@@ -100,15 +81,6 @@ def test_trains_with_the_auxiliary_head():
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.02, losses
     assert all(p.grad is not None for p in model.auxiliary_head.parameters())
-
-
-def test_save_and_reload(tmp_path):
-    model = build("dinov2").eval()
-    model.save_pretrained(tmp_path)
-    reloaded = ViTSegForSemanticSegmentation.from_pretrained(tmp_path).eval()
-    x, _ = batch()
-    with torch.no_grad():
-        assert torch.equal(model(x).logits, reloaded(x).logits)
 
 
 # -- equality with transformers ---------------------------------------------------------------------------------
@@ -204,9 +176,7 @@ def test_odd_grids_are_where_transformers_misaligns_and_we_do_not():
 
 def test_peer_weights_load_into_a_vitseg_model():
     dpt = tiny_dpt("project", True)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config("vit"), head="dpt", num_labels=3,
-                          backbone_out_indices=[1, 2, 3, 4], backbone_apply_layernorm=False,
-                          head_kwargs=dpt_head_kwargs(dpt.config))
-    model = ViTSegForSemanticSegmentation(config)
+    model = tiny_model("dpt", "vit", backbone_out_indices=[1, 2, 3, 4], backbone_apply_layernorm=False,
+                       head_kwargs=dpt_head_kwargs(dpt.config))
     load_peer_head_weights(model, dpt)
     assert torch.equal(model.head.classifier.weight, dpt.head.head[4].weight)

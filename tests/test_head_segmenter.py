@@ -1,4 +1,5 @@
-"""`segmenter` (Segmenter's mask transformer) on every backbone family, and its cosine-similarity masks."""
+"""`segmenter` (Segmenter's mask transformer): its cosine-similarity masks and the two-class temperature. Shapes,
+training and save/load on every backbone family: the common suite in test_modeling.py."""
 
 from __future__ import annotations
 
@@ -6,31 +7,13 @@ import pytest
 import torch
 
 import hf_vitseg.modeling.head_segmenter  # noqa: F401  registers segmenter
-from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 
-from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config, train_steps
+from conftest import tiny_model, train_steps
 from test_head_setr_mla import batch
 
 
-def build(family, **head_kwargs):
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head="segmenter", num_labels=3,
-                          head_kwargs=head_kwargs)
-    return ViTSegForSemanticSegmentation(config)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_trains_on_every_family_at_its_natural_stride(family):
-    model = build(family).train()
-    x, y = batch()
-    losses, out = train_steps(model, x, y, steps=10, lr=3e-3)
-    stride = 32 if family == "swin" else 8  # the last tap: patch tokens, or Swin's last stage
-    assert out.logits.shape == (2, 3, NON_SQUARE[0] // stride, NON_SQUARE[1] // stride)
-    assert losses[-1] < losses[0] - 0.1, losses
-
-
 def test_masks_are_cosine_similarities_normed_over_classes():
-    model = build("dinov2").eval()
+    model = tiny_model("segmenter").eval()
     head = model.head
     assert head.input_projection.out_features == 32 and head.layers[0].self_attn.num_heads == 1  # d_model = width
     assert len(head.layers) == 2 and head.layers[0].cross_attn is None
@@ -45,21 +28,14 @@ def test_masks_are_cosine_similarities_normed_over_classes():
 
 
 def test_wider_decoder_and_bad_heads():
-    head = build("dinov2", d_model=64, num_heads=4, num_layers=1).head
+    head = tiny_model("segmenter", head_kwargs={"d_model": 64, "num_heads": 4, "num_layers": 1}).head
     assert head.class_embeddings.shape == (1, 3, 64) and len(head.layers) == 1
     with pytest.raises(ValueError, match="divisible"):
-        build("dinov2", d_model=30, num_heads=4)
-
-
-def _binary_model(**head_kwargs):
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="segmenter", num_labels=2,
-                          head_kwargs=head_kwargs)
-    return ViTSegForSemanticSegmentation(config)
+        tiny_model("segmenter", head_kwargs={"d_model": 30, "num_heads": 4})
 
 
 def test_two_classes_use_a_learned_temperature_and_learn():
-    model = _binary_model()
+    model = tiny_model("segmenter", num_labels=2)
     head = model.head
     assert head.mask_norm is None and head.logit_scale.item() == pytest.approx(2.302585, abs=1e-5)  # log(10)
     captured = {}
@@ -79,6 +55,6 @@ def test_two_classes_use_a_learned_temperature_and_learn():
 
     # The paper's LayerNorm over the two classes' scores, same data and steps: ±(1, -1) * weight once the two
     # scores differ by more than sqrt(eps), so almost no gradient reaches them and the loss barely moves.
-    layernorm_losses, _ = train_steps(_binary_model(mask_norm=True).train(), x, y, steps=15, lr=3e-3,
-                                      optimizer_cls=torch.optim.AdamW)
+    layernorm = tiny_model("segmenter", num_labels=2, head_kwargs={"mask_norm": True}).train()
+    layernorm_losses, _ = train_steps(layernorm, x, y, steps=15, lr=3e-3, optimizer_cls=torch.optim.AdamW)
     assert layernorm_losses[-1] > 2 * losses[-1], (layernorm_losses, losses)

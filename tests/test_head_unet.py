@@ -1,4 +1,5 @@
-"""The `unet` head: every backbone family, the image stem, skip grouping for strides 14 and 16."""
+"""The `unet` head: the image stem, skip grouping for strides 14 and 16, the neck on ViTs only. Shapes, training
+and save/load on every backbone family: the common suite in test_modeling.py."""
 
 from __future__ import annotations
 
@@ -6,35 +7,18 @@ import pytest
 import torch
 
 import hf_vitseg.modeling.head_unet  # noqa: F401  registers "unet" until heads.py imports it
-from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_unet import UNetHead
 
-from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config, train_steps
+from conftest import NON_SQUARE, tiny_model
 
 
 SMALL = {"decoder_channels": [32, 32, 16, 16], "stem_channels": [8, 16]}
 
 
-def build(family, **kwargs):
-    torch.manual_seed(0)
-    head_kwargs = {**SMALL, **kwargs.pop("head_kwargs", {})}
-    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head="unet", num_labels=3,
-                          head_kwargs=head_kwargs, **kwargs)
-    return ViTSegForSemanticSegmentation(config)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_trains_at_stride_2(family):
-    model = build(family).train()
-    assert (model.neck is None) == (family == "swin"), "ViT/SAM taps go through the pyramid neck, Swin's do not"
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, *NON_SQUARE, generator=g)
-    y = torch.randint(0, 3, (2, 4, 6), generator=g).repeat_interleave(16, 1).repeat_interleave(16, 2)
-    losses, out = train_steps(model, x, y, steps=10, lr=5e-3)
-    assert out.logits.shape == (2, 3, NON_SQUARE[0] // 2, NON_SQUARE[1] // 2)
-    assert losses[-1] < losses[0] - 0.02, losses
-    assert all(p.grad is not None for p in model.head.parameters()), "no unused head parameter"
+@pytest.mark.parametrize("family", ["dinov2", "sam", "swin"])
+def test_vit_and_sam_taps_go_through_the_pyramid_neck_and_swin_stages_do_not(family):
+    assert (tiny_model("unet", family, head_kwargs=SMALL).neck is None) == (family == "swin")
 
 
 def features_at(stride, grid, channels=8, image=None):
@@ -81,17 +65,9 @@ def test_too_few_decoder_widths_is_a_clear_error():
 
 
 def test_fewer_swin_stages_use_the_finest_widths():
-    model = build("swin", backbone_out_indices=[3, 4], head_kwargs={"decoder_channels": [64, 32, 16, 8]})
+    model = tiny_model("unet", "swin", backbone_out_indices=[3, 4],
+                       head_kwargs={**SMALL, "decoder_channels": [64, 32, 16, 8]})
     # skips: stage 3 (stride 16), stem 4, stem 2 -> widths 32, 16, 8
     assert [stage[1][0].out_channels for stage in model.head.stages] == [32, 16, 8]
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, *NON_SQUARE)).logits.shape == (1, 3, 32, 48)
-
-
-def test_save_and_reload(tmp_path):
-    model = build("dinov2").eval()
-    model.save_pretrained(tmp_path)
-    reloaded = ViTSegForSemanticSegmentation.from_pretrained(tmp_path).eval()
-    x = torch.randn(1, 3, *NON_SQUARE)
-    with torch.no_grad():
-        assert torch.equal(model(x).logits, reloaded(x).logits)

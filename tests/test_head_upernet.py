@@ -1,4 +1,5 @@
-"""`upernet`: proven against transformers' `UperNetHead`, converter, batch-1 training, every backbone family."""
+"""`upernet`: proven against transformers' `UperNetHead`, the converter, batch-1 training, matmul pooling. Shapes,
+training and save/load on every backbone family: the common suite in test_modeling.py."""
 
 import pytest
 import torch
@@ -9,8 +10,7 @@ from transformers import (
 )
 
 import hf_vitseg.modeling.head_upernet  # noqa: F401  registers "upernet" until heads.py imports it
-from conftest import FAMILIES, tiny_backbone_config
-from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
+from conftest import tiny_model
 from hf_vitseg.convert import convert_upernet_decode_head, load_peer_head_weights
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_upernet import UperNetHead
@@ -66,9 +66,7 @@ def test_converter_accepts_head_or_model_state_dict():
 
 
 def test_load_peer_head_weights_into_vitseg_model():
-    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="upernet", num_labels=5,
-                          head_kwargs={"channels": 16})
-    model = ViTSegForSemanticSegmentation(config).eval()
+    model = tiny_model("upernet", num_labels=5, head_kwargs={"channels": 16}).eval()
     peer = tiny_peer(channels=[32] * 4)
     load_peer_head_weights(model, peer)
     pixel_values = torch.randn(1, 3, 64, 96)
@@ -80,15 +78,13 @@ def test_load_peer_head_weights_into_vitseg_model():
 
 
 def test_load_peer_head_weights_errors():
-    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="upernet", num_labels=5,
-                          head_kwargs={"channels": 16})
-    model = ViTSegForSemanticSegmentation(config)
+    model = tiny_model("upernet", num_labels=5, head_kwargs={"channels": 16})
     mismatch = r"(?s)does not fit.*classifier\.weight: peer \(5, 24, 1, 1\) vs this head \(5, 16, 1, 1\)"
     with pytest.raises(ValueError, match=mismatch):
         load_peer_head_weights(model, tiny_peer(channels=[32] * 4, hidden_size=24))
     with pytest.raises(ValueError, match="Pool scales differ"):
         load_peer_head_weights(model, tiny_peer(channels=[32] * 4, pool_scales=(1, 2, 4, 8)))
-    linear = ViTSegForSemanticSegmentation(ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), num_labels=5))
+    linear = tiny_model("linear", num_labels=5)
     with pytest.raises(ValueError, match="goes into a 'upernet' head"):
         load_peer_head_weights(linear, tiny_peer(channels=[32] * 4))
 
@@ -104,27 +100,8 @@ def test_trains_with_batch_of_one():
     assert ours.ppm[0][1][0].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_backbone_family(family):
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head="upernet", num_labels=3,
-                          head_kwargs={"channels": 16})
-    model = ViTSegForSemanticSegmentation(config).train()
-    assert len(config.backbone_out_indices) == 4
-    pixel_values = torch.randn(2, 3, 64, 96)
-    labels = torch.randint(0, 3, (2, 64, 96))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(10):
-        optimizer.zero_grad()
-        output = model(pixel_values, labels=labels)
-        output.loss.backward()
-        optimizer.step()
-        losses.append(output.loss.item())
-    # Natural resolution: the finest pyramid level, stride p/4 = 2 for the patch-8 ViTs and SAM, 4 for Swin.
-    stride = 4 if family == "swin" else 2
-    assert output.logits.shape == (2, 3, 64 // stride, 96 // stride)
-    assert losses[-1] < losses[0]
+def test_four_taps_by_default():
+    assert len(tiny_model("upernet", head_kwargs={"channels": 16}).config.backbone_out_indices) == 4
 
 
 @pytest.mark.parametrize("size", [(5, 7), (6, 6), (37, 37), (13, 29), (2, 11)])
