@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_backbone_config
+from conftest import FAMILIES, tiny_model
 from torch import nn
 
-from hf_vitseg import BaseHead, ViTSegConfig, ViTSegForSemanticSegmentation, register_head
+from hf_vitseg import BaseHead, ViTSegForSemanticSegmentation, register_head
 from hf_vitseg.modeling.head_base import HEAD_REGISTRY
 from hf_vitseg.training.lora import apply_lora, attention_projection_names, load_lora, save_lora
 from hf_vitseg.training.optim import param_groups
@@ -39,12 +39,6 @@ def attention_head():
     HEAD_REGISTRY.pop("test_lora_attention_head")
 
 
-def make_model(family="dinov2", **kwargs):
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), num_labels=3, **kwargs)
-    return ViTSegForSemanticSegmentation(config)
-
-
 def randomize_lora(model):
     """LoRA's B starts at zero (the adapter is a no-op); make it matter for the comparisons."""
     torch.manual_seed(1)
@@ -61,13 +55,13 @@ def batch(family="dinov2", n=2):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_targets_are_the_backbone_attention_projections(family):
-    model = make_model(family)
+    model = tiny_model("linear", family)
     names = attention_projection_names(model)
     expected = EXPECTED_PROJECTIONS.get(family, {"q_proj", "k_proj", "v_proj", "o_proj"})
     assert {n.rsplit(".", 1)[1] for n in names} == expected
     assert len(names) == 4 * len(expected)  # 4 layers (Swin: 4 blocks)
     if family != "swin":  # tapping layer 2 of 4: layers 3 and 4 never run and get no adapters
-        shallow = attention_projection_names(make_model(family, backbone_out_indices=[2]))
+        shallow = attention_projection_names(tiny_model("linear", family, backbone_out_indices=[2]))
         assert len(shallow) == 2 * len(expected) and set(shallow) < set(names)
     lora_model = apply_lora(model, r=2)
     wrapped = {n.removeprefix("base_model.model.") for n, m in lora_model.named_modules() if hasattr(m, "lora_A")}
@@ -75,17 +69,17 @@ def test_targets_are_the_backbone_attention_projections(family):
 
 
 def test_head_modules_with_projection_names_are_not_targeted(attention_head):
-    model = make_model(head=attention_head)
+    model = tiny_model(attention_head)
     lora_model = apply_lora(model, r=2, target_modules=["q_proj"])
     wrapped = [n for n, m in lora_model.named_modules() if hasattr(m, "lora_A")]
     assert wrapped and all(".backbone." in n for n in wrapped)
     assert model.head.q_proj.weight.requires_grad  # the head's own q_proj trains in full
     with pytest.raises(ValueError, match="matches no module"):
-        apply_lora(make_model(), target_modules=["query"])
+        apply_lora(tiny_model(), target_modules=["query"])
 
 
 def test_only_lora_and_head_train_and_loss_goes_down():
-    model = make_model(auxiliary_loss_weight=0.4, backbone_out_indices=[2, 4], freeze_backbone=True)
+    model = tiny_model(auxiliary_loss_weight=0.4, backbone_out_indices=[2, 4], freeze_backbone=True)
     base_weights = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
     head_before = model.head.classifier.weight.detach().clone()
     lora_model = apply_lora(model, r=4, alpha=8)
@@ -113,7 +107,7 @@ def test_only_lora_and_head_train_and_loss_goes_down():
 
 
 def test_save_load_identical_logits_with_saved_base(tmp_path):
-    model = make_model(backbone_out_indices=[2, 4], auxiliary_loss_weight=0.4, auxiliary_in_index=0)
+    model = tiny_model(backbone_out_indices=[2, 4], auxiliary_loss_weight=0.4, auxiliary_in_index=0)
     lora_model = apply_lora(model, r=4)
     randomize_lora(lora_model)
     with torch.no_grad():
@@ -140,12 +134,8 @@ def test_save_load_identical_logits_with_saved_base(tmp_path):
     torch.testing.assert_close(merged(pixel_values=x).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_save_load_from_pretrained_backbone_folder(tmp_path):
-    from transformers import Dinov2Model
-
-    torch.manual_seed(3)
-    Dinov2Model(tiny_backbone_config("dinov2")).save_pretrained(tmp_path / "backbone")
-    model = ViTSegForSemanticSegmentation.from_pretrained_backbone(tmp_path / "backbone", head="linear", num_labels=3)
+def test_save_load_from_pretrained_backbone_folder(tiny_backbone_dir, tmp_path):
+    model = tiny_model(backbone=tiny_backbone_dir)
     lora_model = apply_lora(model, r=2, alpha=4, target_modules=["q_proj", "v_proj"])
     randomize_lora(lora_model)
     x, y = batch()
@@ -169,11 +159,11 @@ def test_save_load_from_pretrained_backbone_folder(tmp_path):
 
 
 def test_bad_input(tmp_path):
-    model = make_model()
+    model = tiny_model()
     with pytest.raises(FileNotFoundError, match="not a folder written by save_lora"):
         load_lora(tmp_path)
     lora_model = apply_lora(model)
     with pytest.raises(ValueError, match="already carries PEFT adapters"):
         apply_lora(lora_model)
     with pytest.raises(TypeError, match="PeftModel"):
-        save_lora(make_model(), tmp_path / "x")
+        save_lora(tiny_model(), tmp_path / "x")

@@ -7,9 +7,8 @@ import re
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_backbone_config
+from conftest import FAMILIES, tiny_model
 
-from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 from hf_vitseg.training.optim import (
     OptimizerSettings,
     backbone_layer_ids,
@@ -18,12 +17,6 @@ from hf_vitseg.training.optim import (
     poly_schedule_with_warmup,
 )
 from hf_vitseg.training.recipes import full_finetune
-
-
-def make_model(family="dinov2", **kwargs):
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), num_labels=3, **kwargs)
-    return ViTSegForSemanticSegmentation(config)
 
 
 def group_of(groups):
@@ -49,7 +42,7 @@ def expected_layer_id(family: str, name: str, num_layers: int) -> int:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_decay_lr_ratios(family):
-    model = make_model(family)
+    model = tiny_model("linear", family)
     lr, decay = 1e-3, 0.8
     groups = param_groups(model, lr, head_lr=5e-3, layer_decay=decay)
     by_name = group_of(groups)
@@ -76,7 +69,7 @@ def test_layer_decay_lr_ratios(family):
 
 
 def test_no_decay_set_dinov2():
-    model = make_model("dinov2", auxiliary_loss_weight=0.4, backbone_out_indices=[2, 4], auxiliary_in_index=0)
+    model = tiny_model("linear", auxiliary_loss_weight=0.4, backbone_out_indices=[2, 4], auxiliary_in_index=0)
     groups = param_groups(model, 1e-3, weight_decay=0.05, layer_decay=0.9)
     by_name = group_of(groups)
     # written out independently of the implementation's rules
@@ -100,7 +93,7 @@ def test_no_decay_tokens_and_relative_positions():
                             ("deit", ["distillation_token", "position_embeddings"]),
                             ("sam", ["rel_pos_h", "rel_pos_w", "pos_embed"]),
                             ("swin", ["relative_position_bias_table"])]:
-        by_name = group_of(param_groups(make_model(family), 1e-3))
+        by_name = group_of(param_groups(tiny_model("linear", family), 1e-3))
         for marker in markers:
             names = [n for n in by_name if marker in n]
             assert names, (family, marker)
@@ -108,7 +101,7 @@ def test_no_decay_tokens_and_relative_positions():
 
 
 def test_frozen_backbone_excluded_and_head_parts_at_head_lr():
-    model = make_model("dinov2", freeze_backbone=True, head="conv", neck="pyramid", backbone_out_indices=[1, 2, 3, 4],
+    model = tiny_model("conv", freeze_backbone=True, neck="pyramid", backbone_out_indices=[1, 2, 3, 4],
                        auxiliary_loss_weight=0.4)
     groups = param_groups(model, 1e-4, head_lr=1e-2, layer_decay=0.9)
     names = [n for g in groups for n in g["param_names"]]
@@ -123,7 +116,7 @@ def test_frozen_backbone_excluded_and_head_parts_at_head_lr():
 
 
 def test_without_layer_decay_one_backbone_lr():
-    groups = param_groups(make_model(), 1e-3, head_lr=1e-2)
+    groups = param_groups(tiny_model(), 1e-3, head_lr=1e-2)
     assert {g["name"] for g in groups} == {"backbone.decay", "backbone.no_decay", "head.decay", "head.no_decay"}
     assert all(g["lr"] == (1e-3 if g["name"].startswith("backbone") else 1e-2) for g in groups)
 
@@ -131,7 +124,7 @@ def test_without_layer_decay_one_backbone_lr():
 @pytest.mark.parametrize("bad", [0.0, 1.5, -0.1])
 def test_bad_layer_decay(bad):
     with pytest.raises(ValueError, match="layer_decay"):
-        param_groups(make_model(), 1e-3, layer_decay=bad)
+        param_groups(tiny_model(), 1e-3, layer_decay=bad)
 
 
 def test_poly_schedule_values():
@@ -161,7 +154,7 @@ def test_poly_schedule_bad_input():
 
 
 def test_build_optimizer_from_recipe_and_args():
-    model = make_model()
+    model = tiny_model()
     recipe = full_finetune(layer_decay=0.5, lr=2e-4, head_lr=1e-3, weight_decay=0.01, warmup_steps=0.1)
     optimizer, scheduler = build_optimizer(model, recipe, num_training_steps=100)
     assert isinstance(optimizer, torch.optim.AdamW)
