@@ -206,7 +206,8 @@ def test_publish_to_hub(tmp_path, monkeypatch, saved_model):
     assert sorted(results["uploaded"]) == sorted(names)
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "modeling_vitseg.py",
             "configuration_vitseg.py", "image_processing_vitseg.py"} <= names
-    assert not names & {"eval_results.json", "training_args.bin"}, "results and pickles stay local"
+    assert "training_args.bin" not in names, "pickles stay local"
+    assert "eval_results.json" in names, "the run's evaluation record goes up with the model (issue 13 item 4)"
     assert (uploaded / "model.safetensors").read_bytes() == (saved_model / "model.safetensors").read_bytes()
 
     # the card: metadata parses with huggingface_hub, and its model-index holds this evaluation's mIoU,
