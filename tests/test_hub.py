@@ -18,12 +18,12 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from PIL import Image
 
 import hf_vitseg
-from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation, ViTSegImageProcessor
+from hf_vitseg import ViTSegImageProcessor
 from hf_vitseg.hub import check_model_folder, load_model, push_to_hub, render_model_card
 from hf_vitseg.hub.cards import HEAD_REFERENCES, card_is_ours_and_unedited
 from hf_vitseg.modeling.pipeline_vitseg import CUSTOM_PIPELINES, PIPELINE_FILENAME
 
-from conftest import builtin_heads, tiny_backbone_config
+from conftest import builtin_heads, tiny_model
 
 
 REPO_ID = "hf-vitseg-tests/tiny-dinov2-linear"
@@ -34,18 +34,11 @@ TRAINING_ARGS = {"learning_rate": 0.0003, "num_train_epochs": 5, "per_device_tra
                  "lr_scheduler_type": "cosine", "seed": 42, "weight_decay": 0.01}
 
 
-def build_model(head="linear", num_labels=3, id2label=ID2LABEL):
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head=head, num_labels=num_labels,
-                          id2label=id2label)
-    return ViTSegForSemanticSegmentation(config).eval()
-
-
 @pytest.fixture(scope="module")
 def saved_folder(tmp_path_factory) -> Path:
     """A folder as `Trainer` + `save_pretrained` leave it, plus files that must not be uploaded."""
     folder = tmp_path_factory.mktemp("saved_model")
-    model = build_model()
+    model = tiny_model(id2label=ID2LABEL)
     model.config.backbone_name_or_path = "facebook/dinov2-small"
     model.save_pretrained(folder)
     ViTSegImageProcessor(patch_size=8).save_pretrained(folder)
@@ -169,7 +162,7 @@ def test_card_metadata_and_model_index(saved_folder, recorder):
 
 @pytest.mark.parametrize("head", builtin_heads())
 def test_card_cites_every_head(head):
-    model = build_model(head)
+    model = tiny_model(head, id2label=ID2LABEL)
     card = render_model_card(model.config, REPO_ID, card_data={"eval_results": {"mean_iou": 0.5}})
     assert head in card.data.tags
     assert HEAD_REFERENCES[head]["citation"] in card.text, f"add {head!r} to hf_vitseg.hub.cards.HEAD_REFERENCES"
@@ -177,7 +170,7 @@ def test_card_cites_every_head(head):
 
 
 def test_card_reads_the_last_evaluation_from_trainer_state(tmp_path):
-    model = build_model()
+    model = tiny_model(id2label=ID2LABEL)
     model.save_pretrained(tmp_path)
     history = [{"eval_mean_iou": 0.2, "step": 10}, {"loss": 1.0, "step": 15}, {"eval_mean_iou": 0.3456, "step": 20}]
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
@@ -187,7 +180,7 @@ def test_card_reads_the_last_evaluation_from_trainer_state(tmp_path):
 
 
 def test_card_base_model_only_for_hub_ids(tmp_path):
-    model = build_model()
+    model = tiny_model(id2label=ID2LABEL)
     model.config.backbone_name_or_path = str(tmp_path)  # a local folder, not a Hub id
     assert render_model_card(model.config, REPO_ID).data.base_model is None
     with pytest.raises(ValueError, match="Unknown card_data keys"):
@@ -236,7 +229,7 @@ def test_invalid_repo_id_fails_before_any_network_call(saved_folder, recorder, r
 
 
 def test_push_a_model_object_with_its_processor(recorder):
-    model = build_model()
+    model = tiny_model(id2label=ID2LABEL)
     push_to_hub(model, REPO_ID, processor=ViTSegImageProcessor(patch_size=8, image_mean=[0.5] * 3))
     assert json.loads(recorder.uploaded["preprocessor_config.json"])["image_mean"] == [0.5] * 3
     assert "model.safetensors" in recorder.uploaded and "modeling_vitseg.py" in recorder.uploaded
@@ -244,7 +237,7 @@ def test_push_a_model_object_with_its_processor(recorder):
 
 
 def test_push_without_a_saved_processor_uploads_a_default_one(tmp_path, recorder):
-    build_model().save_pretrained(tmp_path / "model")
+    tiny_model(id2label=ID2LABEL).save_pretrained(tmp_path / "model")
     with pytest.warns(UserWarning, match="no preprocessor_config.json"):
         push_to_hub(tmp_path / "model", REPO_ID)
     assert json.loads(recorder.uploaded["preprocessor_config.json"])["patch_size"] == 8
