@@ -90,10 +90,14 @@ def trained(assets, datasets_, tmp_path_factory):
 
 
 def fabricate_run(output_dir: Path, model) -> None:
-    """What a run leaves: a complete checkpoint-2 and the final model, beside a file of the user's own."""
+    """What a run leaves: a complete checkpoint-2, the final model and the run manifest listing them, beside a
+    file of the user's own."""
+    from hf_vitseg.training.run_dir import record_run_files
+
     model.save_pretrained(output_dir / "checkpoint-2")
     (output_dir / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
     model.save_pretrained(output_dir)
+    record_run_files(output_dir, before={})
     (output_dir / "notes.txt").write_text("my notes")
 
 
@@ -187,7 +191,7 @@ def test_cli_train_then_evaluate(assets, tmp_path, capsys):
     assert table.splitlines()[0].startswith("mean_iou") and "iou_LABEL_2" in table
 
     assert cli_main(evaluate + ["--sliding-window"]) == 1
-    assert "needs crop_size" in capsys.readouterr().err
+    assert "--sliding-window needs --crop-size" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -19,13 +19,23 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line on stderr (exit status 2), pointing at `--help` instead of the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-vitseg", description=__doc__.splitlines()[0])
+    from .args import add_verbose
+
+    parser = _Parser(prog="hf-vitseg", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == command:
             importlib.import_module(module).configure_parser(sub)
+            add_verbose(sub)
     return parser
 
 
@@ -37,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    from .args import transformers_progress
+
+    with transformers_progress(getattr(args, "verbose", False)):
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
 
 
 if __name__ == "__main__":

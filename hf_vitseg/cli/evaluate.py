@@ -10,7 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
+
+from .args import (
+    add_data_flags,
+    check_device,
+    check_model_folder,
+    load_dataset_from_args,
+    model_source,
+    positive_int,
+    report,
+    size_pair,
+)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -21,20 +31,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data (image folders or a Hugging Face dataset)")
     data.add_argument("--images", help="folder of images")
     data.add_argument("--masks", help="folder of masks, paired with the images by file name")
-    data.add_argument("--mask-suffix", default="", help="what a mask's file name adds to its image's, e.g. _mask")
-    data.add_argument("--dataset", help="Hub id, local dataset or save_to_disk folder (instead of the folders)")
     data.add_argument("--split", default="validation")
-    data.add_argument("--image-column", default="image")
-    data.add_argument("--annotation-column", default="annotation")
-    data.add_argument("--reduce-labels", action="store_true", help="0 means 'unlabelled' (ADE20K)")
+    add_data_flags(data)
     inference = parser.add_argument_group("inference")
     inference.add_argument("--sliding-window", action="store_true", help="infer window by window (needs --crop-size)")
-    inference.add_argument("--crop-size", type=int, nargs="+", metavar="N", help="window: N or H W (the training crop)")
-    inference.add_argument("--stride", type=int, nargs="+", metavar="N", help="window step: N or H W (default 2/3 of the window)")
+    inference.add_argument("--crop-size", type=positive_int, nargs="+", metavar="N",
+                           help="window: N or H W (the training crop)")
+    inference.add_argument("--stride", type=positive_int, nargs="+", metavar="N",
+                           help="window step: N or H W (default 2/3 of the window)")
     inference.add_argument("--blend", choices=["uniform", "gaussian"], default="uniform")
-    inference.add_argument("--batch-size", type=int, default=1)
+    inference.add_argument("--batch-size", type=positive_int, default=1)
     inference.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON (NaN as null)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,37 +51,35 @@ def run(args: argparse.Namespace) -> int:
     from ..training.loading import load_trainable_model, resolve_processor
 
     try:
-        model = load_trainable_model(args.model)
-        processor = resolve_processor(None, model, args.model)
+        # every argument is checked before the model loads
+        source = model_source(args.model, "--model")
+        crop_size, stride = size_pair(args.crop_size, "--crop-size"), size_pair(args.stride, "--stride")
+        if args.sliding_window and crop_size is None:
+            raise ValueError("--sliding-window needs --crop-size (the size the model was trained at, e.g. 512).")
+        if (crop_size or stride) and not args.sliding_window:
+            raise ValueError("--crop-size and --stride need --sliding-window.")
+        device = check_device(args.device)
+        check_model_folder(source, "--model")
+        model = load_trainable_model(source)
+        processor = resolve_processor(None, model, source)
         if args.reduce_labels:
             processor.do_reduce_labels = True
         dataset = load_dataset_from_args(args, args.images, args.masks, args.split, "")
         metrics = evaluate_model(
             model, dataset, processor=processor, batch_size=args.batch_size, sliding_window=args.sliding_window,
-            crop_size=size_pair(args.crop_size, "--crop-size"), stride=size_pair(args.stride, "--stride"),
-            blend=args.blend, device=args.device,
+            crop_size=crop_size, stride=stride, blend=args.blend, device=device,
         )
     except (ValueError, OSError) as error:
-        print(f"hf-vitseg evaluate: error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
+        return report("evaluate", error)
+    print(json_metrics(metrics) if args.json else format_metrics(metrics))
     return 0
 
 
-def load_dataset_from_args(args, images_dir, masks_dir, split, role: str):
-    """The dataset the command line names: an image folder pair or `--dataset` with a split."""
-    from ..data.datasets import load_hf_dataset, load_image_folder
-
-    flag = f"--{role}-" if role else "--"
-    if args.dataset:
-        if images_dir or masks_dir:
-            raise ValueError(f"Give either --dataset or {flag}images/{flag}masks, not both.")
-        return load_hf_dataset(
-            args.dataset, split=split, image_column=args.image_column, annotation_column=args.annotation_column
-        )
-    if not (images_dir and masks_dir):
-        raise ValueError(f"Give {flag}images DIR and {flag}masks DIR (or --dataset NAME).")
-    return load_image_folder(images_dir, masks_dir, mask_suffix=args.mask_suffix)
+def json_metrics(metrics: dict) -> str:
+    """Metrics as strict JSON: NaN (a class absent from labels and predictions) becomes `null`."""
+    clean = {name: None if isinstance(value, float) and not math.isfinite(value) else value
+             for name, value in metrics.items()}
+    return json.dumps(clean, indent=2, allow_nan=False)
 
 
 def format_metrics(metrics: dict) -> str:
@@ -94,12 +100,3 @@ def _summary_order(name: str) -> tuple[int, str]:
         if name.endswith(key):
             return rank, name
     return 4, name
-
-
-def size_pair(values: list[int] | None, flag: str) -> tuple[int, int] | None:
-    """`N` or `H W` from the command line as `(H, W)`."""
-    if values is None:
-        return None
-    if len(values) not in (1, 2):
-        raise ValueError(f"{flag} takes one or two numbers (N or H W), got {len(values)}.")
-    return (values[0], values[-1])

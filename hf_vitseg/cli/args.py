@@ -1,0 +1,276 @@
+"""What every `hf-vitseg` command shares: argument types that check a value as argparse reads it (so a bad
+value stops the command before anything is loaded), the checks of `--model` / `--backbone` / `--device`,
+the `-v` switch for transformers' own progress bars, and the one way a command reports a user error (one
+line on stderr naming the flag, exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+
+class CliError(ValueError):
+    """A user error whose message is already written for the command line (it names the flag)."""
+
+
+# Python argument spellings in messages of the library functions, and the flag that sets each on the
+# command line: a CLI user must read the flag, never the Python argument.
+PYTHON_TO_FLAG = {
+    "on_unmatched='warn'": "--skip-unmatched",
+    "mask_suffix=": "--mask-suffix ",
+    "set mask_suffix,": "set --mask-suffix,",
+    "Check the folders, image_glob and mask_suffix": "Check the folders and --mask-suffix",
+    "images_dir=": "images folder ",
+    "masks_dir=": "masks folder ",
+    "image_glob=": "pattern ",
+    "image_column=...": "--image-column NAME",
+    "annotation_column=...": "--annotation-column NAME",
+    "do_reduce_labels=True on the processor (and reduce_labels=True here)": "--reduce-labels",
+    "resume=True (--resume)": "--resume",
+    "overwrite_output_dir=True (--overwrite-output-dir)": "--overwrite-output-dir",
+    "Drop resume (--resume)": "Drop --resume",
+    "pass resume=True": "pass --resume",
+    "sliding_window needs crop_size": "--sliding-window needs --crop-size",
+}
+
+
+# -- argument types ------------------------------------------------------------------------------------------------
+def bounded_number(kind, text: str, test, wanted: str):
+    """`kind(text)`, finite and passing `test`, else an argparse error saying what was `wanted`."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value) or not test(value):
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (batch sizes, steps)."""
+    return bounded_number(int, text, lambda v: v >= 1, "an integer >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (worker counts)."""
+    return bounded_number(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def finite_float(text: str) -> float:
+    """Any finite number (no nan / inf)."""
+    return bounded_number(float, text, lambda v: True, "a finite number")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, epochs, scales)."""
+    return bounded_number(float, text, lambda v: v > 0, "a finite number > 0")
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (weight decay)."""
+    return bounded_number(float, text, lambda v: v >= 0, "a finite number >= 0")
+
+
+def unit_float(text: str) -> float:
+    """A finite number in [0, 1] (overlay alpha)."""
+    return bounded_number(float, text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def fraction(text: str) -> float:
+    """A finite number in (0, 1] (layer decay)."""
+    return bounded_number(float, text, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def ratio(text: str) -> float:
+    """A finite number in [0, 1) (warm-up ratio)."""
+    return bounded_number(float, text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def json_value(text: str):
+    """A JSON value given inline or as the path of a .json file."""
+    path = Path(text)
+    if text.endswith(".json") and path.is_file():
+        text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text[:80]!r}") from error
+
+
+def json_object(text: str) -> dict:
+    """A JSON object (`{...}`) given inline or as the path of a .json file."""
+    value = json_value(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"channels\": 256}}', got {text[:80]!r}")
+    return value
+
+
+def size_pair(values: list[int] | None, flag: str) -> tuple[int, int] | None:
+    """`N` or `H W` from the command line as `(H, W)`, each >= 1."""
+    if values is None:
+        return None
+    if len(values) not in (1, 2):
+        raise CliError(f"{flag} takes one or two numbers (N or H W), got {len(values)}.")
+    if min(values) < 1:
+        raise CliError(f"{flag} must be positive, got {' '.join(map(str, values))}.")
+    return (values[0], values[-1])
+
+
+def add_data_flags(group) -> None:
+    """The data flags `train` and `evaluate` share (besides their image / mask folders and splits)."""
+    group.add_argument("--mask-suffix", default="", help="what a mask's file name adds to its image's, e.g. _mask")
+    group.add_argument("--skip-unmatched", action="store_true",
+                       help="skip images without a mask and masks without an image (with a warning) instead of stopping")
+    group.add_argument("--dataset", help="Hub id, local dataset or save_to_disk folder (instead of the folders)")
+    group.add_argument("--image-column", default="image")
+    group.add_argument("--annotation-column", default="annotation")
+    group.add_argument("--reduce-labels", action="store_true",
+                       help="0 means 'unlabelled' (ADE20K): 0 becomes the ignore index, the rest shift down by one")
+    group.add_argument("--binary-masks", action="store_true",
+                       help="masks stored as 0 / 255 (black / white): 255 becomes class 1 (use with --num-labels 2)")
+
+
+def load_dataset_from_args(args, images_dir, masks_dir, split, role: str):
+    """The dataset the command line names: an image folder pair or `--dataset` with a split; `--binary-masks`
+    applied. `role` is the flags' prefix (`train`, `eval`, or `""` for `--images` / `--masks`)."""
+    from ..data.datasets import binary_masks, load_hf_dataset, load_image_folder
+
+    flag = f"--{role}-" if role else "--"
+    if args.dataset:
+        if images_dir or masks_dir:
+            raise CliError(f"Give either --dataset or {flag}images/{flag}masks, not both.")
+        source = Path(args.dataset).expanduser()
+        if not source.exists() and _looks_like_local_path(args.dataset):
+            raise CliError(f"--dataset {args.dataset}: no such folder. Check the path.")
+        try:
+            dataset = load_hf_dataset(
+                args.dataset, split=split, image_column=args.image_column, annotation_column=args.annotation_column
+            )
+        except (ValueError, OSError) as error:
+            raise CliError(f"--dataset {args.dataset}: {cli_message(error)}") from error
+    else:
+        if not (images_dir and masks_dir):
+            raise CliError(f"Give {flag}images DIR and {flag}masks DIR (or --dataset NAME).")
+        for what, folder in (("images", images_dir), ("masks", masks_dir)):
+            if not Path(folder).is_dir():
+                raise CliError(f"{flag}{what} {folder}: {'is a file, not' if Path(folder).exists() else 'no such'} folder.")
+        dataset = load_image_folder(images_dir, masks_dir, mask_suffix=args.mask_suffix,
+                                    on_unmatched="warn" if args.skip_unmatched else "error")
+    return binary_masks(dataset) if args.binary_masks else dataset
+
+
+# -- paths, models, devices ----------------------------------------------------------------------------------------
+def _looks_like_local_path(value: str) -> bool:
+    """A Hub repo id is `name` or `owner/name`; anything else (`./x`, `/x`, `~/x`, `a/b/c`, `C:\\x`) is a path."""
+    return value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1 or os.path.isabs(value)
+
+
+def model_source(value: str, flag: str) -> str:
+    """Check `--model` / `--backbone`: an existing folder, or something that can only be a Hub repo id.
+
+    Raises:
+        CliError: a path that does not exist, a file where a folder is expected, or a Hub id while the Hub
+            is switched off (`HF_HUB_OFFLINE=1`).
+    """
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise CliError(f"{flag} {value}: is a file; give the folder a model was saved to (save_pretrained).")
+    if _looks_like_local_path(value):
+        raise CliError(f"{flag} {value}: no such folder. Check the path.")
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    if HF_HUB_OFFLINE:
+        raise CliError(
+            f"{flag} {value}: no such local folder, and HF_HUB_OFFLINE=1 keeps it from being read from the Hub. "
+            "Give the path of a saved folder (or unset HF_HUB_OFFLINE to download it)."
+        )
+    return value
+
+
+def check_model_folder(value: str, flag: str) -> None:
+    """A saved model folder given to `flag` is a complete ViTSeg model before anything loads it: `config.json`
+    with model_type `vitseg` (or a LoRA folder's config), safetensors weights only (no pickle), none of them
+    truncated; the error names the file."""
+    from ..hub.loading import check_model_folder as check
+    from ..training.lora import VITSEG_CONFIG_FILE
+
+    folder = Path(value)
+    if not folder.is_dir():
+        return  # a Hub id: checked by the download
+    if (folder / "adapter_config.json").is_file() and (folder / VITSEG_CONFIG_FILE).is_file():
+        return  # a LoRA folder: `load_lora` reads it
+    try:
+        check(folder)
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, OSError) as error:
+        raise CliError(f"{flag} {value}: {error}") from error
+    if model_type != "vitseg":
+        raise CliError(
+            f"{flag} {value}: its config.json says model_type {model_type!r}, not a ViTSeg segmentation model. "
+            "Train one on it with hf-vitseg train --backbone PATH, or give the folder hf-vitseg train wrote."
+        )
+
+
+def check_device(device: str | None, flag: str = "--device") -> str:
+    """`device` (default: cuda when available, else cpu), refused when this torch cannot use it."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CliError(f"{flag} {device}: not a device name; use cpu, cuda, cuda:1, mps, ...") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"{flag} {device}: this torch has no CUDA device ({torch.__version__}); use --device cpu.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise CliError(f"{flag} {device}: there are only {torch.cuda.device_count()} CUDA device(s).")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError(f"{flag} {device}: MPS is not available here; use --device cpu.")
+    return device
+
+
+# -- verbosity ----------------------------------------------------------------------------------------------------
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    """The shared `-v/--verbose` switch."""
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show transformers' own progress bars (loading weights, writing shards) and logs")
+
+
+@contextlib.contextmanager
+def transformers_progress(verbose: bool):
+    """Within the block, transformers' and huggingface_hub's own bars ("Loading weights", "Writing model
+    shards") are hidden unless `verbose`; the previous setting comes back afterwards."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    if not verbose:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not verbose:
+            logging.enable_progress_bar()
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
+def cli_message(error: BaseException | str) -> str:
+    """An error's message for the command line: one line, Python argument names replaced by their flags."""
+    text = str(error)
+    for python, flag in PYTHON_TO_FLAG.items():
+        text = text.replace(python, flag)
+    return " ".join(text.split())
+
+
+def report(command: str, error: BaseException | str) -> int:
+    """Print `hf-vitseg COMMAND: error: MESSAGE` as one line on stderr; returns the exit status 1."""
+    print(f"hf-vitseg {command}: error: {cli_message(error)}", file=sys.stderr)
+    return 1
