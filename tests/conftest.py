@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    BeitConfig,
+    CLIPVisionConfig,
     DeiTConfig,
     Dinov2Config,
     Dinov2WithRegistersConfig,
     DINOv3ViTConfig,
     SamVisionConfig,
+    SiglipVisionConfig,
     SwinConfig,
     ViTConfig,
 )
@@ -42,13 +45,20 @@ def tiny_backbone_config(family: str):
             hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_dim=64, image_size=64, patch_size=8,
             window_size=4, global_attn_indexes=[1, 3], output_channels=16,
         )
+    if family == "clip":
+        return CLIPVisionConfig(intermediate_size=64, **_VIT)
+    if family == "siglip":
+        return SiglipVisionConfig(intermediate_size=64, **_VIT)
+    if family == "beit":  # relative position bias in every layer, absolute embeddings too
+        return BeitConfig(intermediate_size=64, use_relative_position_bias=True, use_absolute_position_embeddings=True,
+                          use_mean_pooling=False, **_VIT)
     if family == "swin":
         return SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], image_size=64, patch_size=4,
                           window_size=2)
     raise KeyError(family)
 
 
-FAMILIES = ["vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit", "sam", "swin"]
+FAMILIES = ["vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit", "sam", "swin", "clip", "siglip", "beit"]
 # Non-square input that every tiny family accepts (multiples of 8 and of Swin's total stride 32).
 NON_SQUARE = (64, 96)
 

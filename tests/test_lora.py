@@ -14,7 +14,8 @@ from hf_vitseg.training.optim import param_groups
 
 peft = pytest.importorskip("peft", reason="LoRA needs the optional dependency peft")
 
-EXPECTED_PROJECTIONS = {"sam": {"qkv", "proj"}}  # every other family: q_proj, k_proj, v_proj, o_proj
+CLIP_LIKE = {"q_proj", "k_proj", "v_proj", "out_proj"}
+EXPECTED_PROJECTIONS = {"sam": {"qkv", "proj"}, "clip": CLIP_LIKE, "siglip": CLIP_LIKE}  # else q/k/v/o_proj
 
 
 class AttentionHead(BaseHead):

@@ -35,7 +35,7 @@ def expected_layer_id(family: str, name: str, num_layers: int) -> int:
         return num_layers + 1 if "hidden_states_norms" in name else 0
     if m := re.search(r"\.(?:layers|layer)\.(\d+)\.", name):
         return int(m[1]) + 1
-    if re.search(r"backbone\.model\.(layernorm|norm)\.", name):
+    if re.search(r"backbone\.model\.(layernorm|norm|post_layernorm)\.", name):
         return num_layers + 1
     return 0
 

@@ -1,42 +1,49 @@
 """The backbone adapter: one entry point that turns any supported HF backbone into `BackboneFeatures`.
 
-ViT families (vit, deit, dinov2, dinov2_with_registers, dinov3_vit): the adapter drives the HF model's
-embeddings and transformer layers itself, so that
+What differs between backbone families (where the layers are, how to embed, prefix tokens, ...) is in their
+`BackboneFamily` record (`backbones.py`), resolved once as `self.family`; this module holds only what every
+family shares.
+
+ViT families (`kind == "vit"`: ViT, DeiT, DINOv2 (+ registers), DINOv3, CLIP's and SigLIP's vision towers,
+BEiT): the adapter drives the HF model's embeddings and transformer layers itself, so that
 
 - it runs only as deep as the deepest tapped layer (tapping layer 8 of 12 never runs layers 9-12);
 - patch tokens become `(B, C, h, w)` maps with the true `(h, w) = (H/p, W/p)` grid, non-square included
   (`Dinov2Backbone` swaps h and w there, which is why it is not used);
 - prefix tokens (CLS, distillation, registers) are split off and handed over separately;
-- position embeddings are interpolated for any input size that is a multiple of the patch size
-  (absolute embeddings bicubically by the HF embeddings module, RoPE by DINOv3's own module).
+- position embeddings are interpolated for any input size that is a multiple of the patch size.
 
-SAM's ViT image encoder (`SamVisionModel`): tokens are already spatial `(B, h, w, C)`; the absolute
-position embedding is interpolated bicubically for sizes other than the native one (windowed layers pad
-internally, global layers interpolate their relative positions). SAM's neck is not used (heads get the
-transformer taps), so it is not built.
+SAM's ViT image encoder (`kind == "sam"`): tokens are already spatial `(B, h, w, C)`; SAM's neck is not used
+(heads get the transformer taps), so it is not built.
 
-Hierarchical backbones (swin, ...): `AutoBackbone` with `out_indices` set to the taps; they hand over
-their own multi-scale maps.
+Hierarchical backbones (`kind == "hierarchical"`: Swin, ...): `AutoBackbone` with `out_indices` set to the
+taps; they hand over their own multi-scale maps.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from transformers import AutoBackbone, AutoModel
+from transformers.utils import logging
 
-from .configuration_vitseg import ViTSegConfig, backbone_kind
-from .head_base import BackboneFeatures
+from .backbones import BackboneFamily, family_for, get_path
+from .configuration_vitseg import ViTSegConfig
+from .features import BackboneFeatures
+
+logger = logging.get_logger(__name__)
 
 
 class BackboneAdapter(nn.Module):
     """Wraps the HF backbone (`self.model`) and returns `BackboneFeatures` for the configured taps.
 
+    Args:
+        config: the model's `ViTSegConfig` (its backbone config, taps and `backbone_apply_layernorm`).
+
     Attributes known at construction, for necks and heads:
+        family: the backbone family's record (`backbones.BackboneFamily`).
         out_channels: channels of each tapped map.
         out_strides: stride of each tapped map.
-        num_prefix_tokens: prefix tokens per tap (0 for SAM and hierarchical backbones).
+        num_prefix_tokens: prefix tokens per tap (0 for SigLIP, SAM and hierarchical backbones).
         size_divisor: input height and width must be multiples of this (the patch size for ViT/SAM,
             the coarsest stride for hierarchical backbones); the image processor pads to it.
     """
@@ -44,13 +51,13 @@ class BackboneAdapter(nn.Module):
     def __init__(self, config: ViTSegConfig):
         super().__init__()
         bc = config.backbone_config
-        self.kind = backbone_kind(bc)
+        self.family: BackboneFamily = family_for(bc)
         self.out_indices = list(config.backbone_out_indices)
         self.apply_layernorm = config.backbone_apply_layernorm
-        self.num_prefix_tokens = config.num_prefix_tokens
+        self.num_prefix_tokens = self.family.num_prefix_tokens(bc)
         self.num_channels = bc.num_channels
-        self.model = build_backbone_model(bc)
-        if self.kind == "hierarchical":
+        self.model = self.family.build(bc)
+        if self.family.kind == "hierarchical":
             self.out_channels = list(self.model.channels)
             first_stride = getattr(bc, "patch_size", 4)
             first_stride = first_stride[0] if isinstance(first_stride, (list, tuple)) else first_stride
@@ -63,57 +70,101 @@ class BackboneAdapter(nn.Module):
             self.size_divisor = patch
         self.mark_unused_parameters()
 
+    @property
+    def kind(self) -> str:
+        """`"vit"`, `"sam"` or `"hierarchical"` (the family record's)."""
+        return self.family.kind
+
+    # -- the parts of the HF model, as the family record names them ------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The transformer layers the adapter drives (ViT and SAM), or the stages (hierarchical backbones)."""
+        layers = get_path(self.model, self.family.layers)
+        if layers is None:
+            raise AttributeError(f"The {self.family.name} family record names no layers of {type(self.model).__name__}.")
+        return layers
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        """The norm after the last layer (per-stage norms for hierarchical backbones), or None."""
+        return get_path(self.model, self.family.final_norm)
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The backbone's patch embedding module."""
+        return self.model.get_input_embeddings()
+
     def unused_parameters(self) -> list[nn.Parameter]:
-        """Backbone parameters the taps never use: layers past the deepest tap, the final norm when taps are
-        not normed, the mask token. They get no gradient, which would stall plain DDP and waste optimizer state."""
-        if self.kind == "hierarchical":
-            # Swin-like: the encoder's final norm is replaced by per-stage norms; stages past the deepest tap
-            base = getattr(self.model, getattr(self.model, "base_model_prefix", ""), None)
-            unused = list(base.layernorm.parameters()) if hasattr(base, "layernorm") else []
-            stages = getattr(getattr(base, "encoder", None), "layers", None)
-            if stages is not None:
-                unused += [p for stage in stages[max(self.out_indices):] for p in stage.parameters()]
-            return unused
-        unused = [p for layer in self.layers[max(self.out_indices):] for p in layer.parameters()]
-        if self.final_norm is not None and not self.apply_layernorm:
+        """Backbone parameters the taps never use: layers (stages) past the deepest tap, the final norm when taps
+        are not normed, mask tokens. They get no gradient, which would stall plain DDP and waste optimizer state."""
+        unused = []
+        for path in self.family.always_unused:
+            part = get_path(self.model, path)
+            if isinstance(part, nn.Parameter):
+                unused.append(part)
+            elif isinstance(part, nn.Module):
+                unused += list(part.parameters())
+        layers = get_path(self.model, self.family.layers)
+        if layers is not None:
+            unused += [p for layer in layers[max(self.out_indices):] for p in layer.parameters()]
+        if self.family.kind != "hierarchical" and self.final_norm is not None and not self.apply_layernorm:
             unused += list(self.final_norm.parameters())
-        embeddings = getattr(self.model, "embeddings", None)
-        if getattr(embeddings, "mask_token", None) is not None:
-            unused.append(embeddings.mask_token)
         return unused
 
     def mark_unused_parameters(self) -> None:
         for p in self.unused_parameters():
             p.requires_grad_(False)
 
-    # -- the layers the adapter drives (ViT and SAM) --------------------------------------------------------
-    @property
-    def layers(self) -> nn.ModuleList:
-        m = self.model
-        if self.kind == "sam":
-            return m.vision_encoder.layers
-        for path in ("layers", "encoder.layer", "model.layer"):
-            obj = m
-            try:
-                for attr in path.split("."):
-                    obj = getattr(obj, attr)
-            except AttributeError:
-                continue
-            return obj
-        raise AttributeError(f"Cannot find the transformer layers of {type(m).__name__}.")
+    def attention_projection_names(self) -> list[str]:
+        """Names (in `self.named_modules()`) of the attention projections LoRA adapts (the family record's
+        `attention_projections`), in the layers the taps use: layers past the deepest tap never run."""
+        unused = {id(p) for p in self.unused_parameters()}
+        leaves = set(self.family.attention_projections)
+        return [
+            name for name, module in self.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in leaves and id(module.weight) not in unused
+        ]
 
-    @property
-    def final_norm(self) -> nn.Module | None:
-        if self.kind != "vit":
-            return None
-        return getattr(self.model, "layernorm", None) or getattr(self.model, "norm", None)
+    def layer_ids(self) -> tuple[dict[int, int], int]:
+        """Layer id (for layer-wise LR decay) of every backbone parameter, keyed by `id(parameter)`, and the
+        layer count `L`. Parameters it leaves out embed (id 0). See `training/optim.py` for the scheme.
 
+        Raises:
+            ValueError: for a family whose record has no `layer_scheme`.
+        """
+        ids: dict[int, int] = {}
+
+        def assign(module: nn.Module | None, layer_id: int) -> None:
+            if module is not None:
+                for p in module.parameters():
+                    ids[id(p)] = layer_id
+
+        scheme = self.family.layer_scheme
+        if scheme == "blocks":
+            num_layers = len(self.layers)
+            for i, layer in enumerate(self.layers, start=1):
+                assign(layer, i)
+        elif scheme == "stages":  # SimMIM's get_swin_layer_id: blocks counted across stages
+            depths = [len(stage.blocks) for stage in self.layers]
+            num_layers = sum(depths)
+            for s, stage in enumerate(self.layers):
+                for j, block in enumerate(stage.blocks):
+                    assign(block, sum(depths[:s]) + j + 1)
+                assign(getattr(stage, "downsample", None), sum(depths[: s + 1]))
+        else:
+            raise ValueError(
+                f"Layer-wise learning-rate decay does not know how to count the layers of a {self.family.name} "
+                "backbone (its family record has no layer_scheme). Pass layer_decay=None."
+            )
+        assign(self.final_norm, num_layers + 1)
+        return ids, num_layers
+
+    # -- forward ------------------------------------------------------------------------------------------------
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}."
             )
-        b, c, h, w = pixel_values.shape
+        _, c, h, w = pixel_values.shape
         if c != self.num_channels:
             raise ValueError(
                 f"pixel_values has {c} channels but the backbone expects {self.num_channels}. Convert images "
@@ -128,43 +179,70 @@ class BackboneAdapter(nn.Module):
             )
 
     def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | int | list[int] | None = False,
+        output_attentions: bool | None = False,
     ) -> BackboneFeatures:
+        """Run the backbone and tap it.
+
+        Args:
+            pixel_values: `(B, C, H, W)`, H and W multiples of `size_divisor`.
+            output_hidden_states: `True` for the hidden states as far as the backbone ran (embeddings first), or
+                indices into all of them (embeddings = 0, negative from the end, as in transformers 5) for only
+                those, running deeper if needed.
+            output_attentions: record the attention probabilities. Under an attention implementation that does
+                not return them (SDPA, flash) the backbone runs with eager attention for this call (warned once).
+        """
         self.check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
-        if self.kind == "hierarchical":
-            out = self.model(
-                pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
-            )
-            return BackboneFeatures(
-                feature_maps=list(out.feature_maps),
-                strides=self.out_strides,
-                pixel_values=pixel_values,
-                hidden_states=out.hidden_states,
-                attentions=out.attentions,
-            )
+        selected = _selected_hidden_states(output_hidden_states, self.family.num_levels(self.model.config))
+        with _EagerAttention(self.model, enabled=bool(output_attentions)):
+            if self.family.kind == "hierarchical":
+                out = self.model(
+                    pixel_values, output_hidden_states=bool(output_hidden_states), output_attentions=output_attentions
+                )
+                hidden_states = out.hidden_states
+                if selected is not None and hidden_states is not None:
+                    hidden_states = tuple(hidden_states[i] for i in selected if i < len(hidden_states))
+                return BackboneFeatures(
+                    feature_maps=list(out.feature_maps),
+                    strides=self.out_strides,
+                    pixel_values=pixel_values,
+                    hidden_states=hidden_states,
+                    attentions=out.attentions,
+                )
+            with _AttentionRecorder(self.model, enabled=bool(output_attentions)) as recorder:
+                return self._forward_layers(pixel_values, bool(output_hidden_states), selected, recorder)
 
+    def _forward_layers(self, pixel_values, output_hidden_states: bool, selected: list[int] | None, recorder):
+        family = self.family
         height, width = pixel_values.shape[-2:]
         grid_hw = (height // self.size_divisor, width // self.size_divisor)
-        hidden, layer_kwargs = self._embed(pixel_values, grid_hw)
-        deepest = max(self.out_indices)
+        hidden, layer_kwargs = family.embed(self.model, pixel_values, grid_hw)
+        pre_norm = get_path(self.model, family.pre_norm)
+        if pre_norm is not None:
+            hidden = pre_norm(hidden)
+        layer_kwargs = {**dict(family.layer_kwargs), **layer_kwargs}
+        deepest = max(self.out_indices + (selected or []))
         taps = {0: hidden} if 0 in self.out_indices else {}
         all_hidden = [hidden] if output_hidden_states else None
-        with _AttentionRecorder(self.model, enabled=output_attentions) as recorder:
-            for i, layer in enumerate(self.layers[:deepest], start=1):
-                hidden = layer(hidden, **layer_kwargs)
-                if isinstance(hidden, tuple):
-                    hidden = hidden[0]
-                if i in self.out_indices:
-                    taps[i] = hidden
-                if all_hidden is not None:
-                    all_hidden.append(hidden)
+        for i, layer in enumerate(self.layers[:deepest], start=1):
+            hidden = layer(hidden, **layer_kwargs)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+            if i in self.out_indices:
+                taps[i] = hidden
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+        if all_hidden is not None and selected is not None:
+            all_hidden = [all_hidden[i] for i in selected]
 
         feature_maps, prefix_tokens = [], []
         norm = self.final_norm if self.apply_layernorm else None
         for i in self.out_indices:
             tokens = taps[i]
-            if self.kind == "sam":  # (B, h, w, C): already spatial, no prefix tokens
+            if family.kind == "sam":  # (B, h, w, C): already spatial, no prefix tokens
                 feature_maps.append(tokens.permute(0, 3, 1, 2))
                 continue
             if norm is not None:
@@ -177,92 +255,111 @@ class BackboneAdapter(nn.Module):
         return BackboneFeatures(
             feature_maps=feature_maps,
             strides=self.out_strides,
-            prefix_tokens=prefix_tokens or None,
+            prefix_tokens=prefix_tokens if prefix_tokens and self.num_prefix_tokens else None,
             pixel_values=pixel_values,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            attentions=recorder.attentions if output_attentions else None,
+            attentions=recorder.attentions if recorder.enabled else None,
         )
 
-    def _embed(self, pixel_values: torch.Tensor, grid_hw: tuple[int, int]):
-        """Tokens before the first layer, and the extra keyword arguments each layer needs."""
-        model, model_type = self.model, self.model.config.model_type
-        if self.kind == "sam":
-            encoder = model.vision_encoder
-            # SamPatchEmbeddings insists on the native size; its projection alone does not.
-            hidden = encoder.patch_embed.projection(pixel_values).permute(0, 2, 3, 1)
-            if encoder.pos_embed is not None:
-                pos = encoder.pos_embed
-                if tuple(pos.shape[1:3]) != grid_hw:
-                    pos = F.interpolate(
-                        pos.permute(0, 3, 1, 2).float(), size=grid_hw, mode="bicubic", align_corners=False
-                    ).to(pos.dtype).permute(0, 2, 3, 1)
-                hidden = hidden + pos
-            return hidden, {}
-        if model_type in ("vit", "deit"):
-            return model.embeddings(pixel_values, interpolate_pos_encoding=True), {}
-        if model_type == "dinov3_vit":
-            return model.embeddings(pixel_values), {"position_embeddings": model.rope_embeddings(pixel_values)}
-        return model.embeddings(pixel_values), {}
+
+def _selected_hidden_states(output_hidden_states, num_layers: int) -> list[int] | None:
+    """Sorted non-negative indices into the `num_layers + 1` hidden states that `output_hidden_states` selects,
+    or None when it is a flag (transformers 5's convention: an int or a list of ints, negative from the end)."""
+    if output_hidden_states is None or isinstance(output_hidden_states, bool):
+        return None
+    indices = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
+    total = num_layers + 1
+    for i in indices:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"output_hidden_states must be a bool, an int or a list of ints, got {output_hidden_states!r}.")
+        if not -total <= i < total:
+            raise ValueError(
+                f"output_hidden_states={output_hidden_states!r} selects hidden state {i!r}, but this backbone has "
+                f"{total} (0 = embeddings .. {num_layers}, or -{total}..-1 from the end); e.g. [{num_layers}]."
+            )
+    return sorted({i % total for i in indices})
 
 
-def build_backbone_model(backbone_config) -> nn.Module:
-    """The HF model for a backbone config, without parts the adapter never uses (poolers, SAM's neck)."""
-    kind = backbone_kind(backbone_config)
-    if kind == "hierarchical":
-        return AutoBackbone.from_config(backbone_config)
-    if backbone_config.model_type in ("vit", "deit"):
-        return AutoModel.from_config(backbone_config, add_pooling_layer=False)
-    model = AutoModel.from_config(backbone_config)
-    if kind == "sam":
-        del model.vision_encoder.neck
-    return model
+class _EagerAttention:
+    """Runs the HF model with eager attention while enabled, if its attention implementation does not return
+    attention probabilities (SDPA, flash, flex); restores the implementation after. transformers' models record
+    attentions with eager too, rather than fail."""
+
+    _warned = False
+
+    def __init__(self, model: nn.Module, enabled: bool):
+        self.model = model
+        self.previous = getattr(model.config, "_attn_implementation", None)
+        self.switch = enabled and self.previous not in (None, "eager")
+
+    def __enter__(self):
+        if self.switch:
+            if not _EagerAttention._warned:
+                logger.warning(
+                    f"output_attentions=True: the backbone's {self.previous!r} attention does not return attention "
+                    "probabilities, so this call runs with eager attention (slower, slightly different numbers). "
+                    "Load the model with attn_implementation='eager' to avoid switching."
+                )
+                _EagerAttention._warned = True
+            self.model.set_attn_implementation("eager")
+        return self
+
+    def __exit__(self, *exc):
+        if self.switch:
+            self.model.set_attn_implementation(self.previous)
+        return False
 
 
 class _AttentionRecorder:
     """Collects attention probabilities from the backbone's attention modules while enabled.
 
-    Uses the class that the HF model itself records attentions from (`_can_record_outputs`), so it works
-    for every family. SDPA and flash kernels do not return probabilities: asking for them is an error that
-    says to load with `attn_implementation="eager"`.
+    Uses the class that the HF model itself records attentions from (`_can_record_outputs` of the model or, for
+    SAM, of its vision encoder), so it works for every family. Modules of a subclass of it (SAM's SDPA attention)
+    run as that class while recording.
     """
 
     def __init__(self, model: nn.Module, enabled: bool):
         self.enabled = enabled
-        self.attentions: tuple[torch.Tensor, ...] = ()
         self._model = model
         self._handles = []
+        self._collected: list[torch.Tensor] = []
+        self._swapped: list[tuple[nn.Module, type]] = []
+
+    @property
+    def attentions(self) -> tuple[torch.Tensor, ...]:
+        """What was recorded so far, one tensor per attention module call."""
+        return tuple(self._collected)
 
     def __enter__(self):
         if not self.enabled:
             return self
-        spec = getattr(type(self._model), "_can_record_outputs", None) or {}
-        if hasattr(self._model, "vision_encoder"):
-            spec = getattr(type(self._model.vision_encoder), "_can_record_outputs", None) or spec
-        target = spec.get("attentions")
-        target = getattr(target, "target_class", target)
+        target = None
+        for module in self._model.modules():
+            spec = getattr(type(module), "_can_record_outputs", None) or {}
+            target = getattr(spec.get("attentions"), "target_class", spec.get("attentions"))
+            if isinstance(target, type):
+                break
         if not isinstance(target, type):
             raise ValueError(f"{type(self._model).__name__} does not expose attention probabilities.")
-        collected = []
 
         def hook(module, args, output):
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None:
-                raise ValueError(
-                    "output_attentions=True needs attention probabilities, which the backbone's "
-                    f"{self._model.config._attn_implementation!r} attention does not return. Load the model "
-                    "with attn_implementation='eager'."
-                )
-            collected.append(weights)
+            if weights is not None:
+                self._collected.append(weights)
 
         for module in self._model.modules():
             if isinstance(module, target):
+                if type(module) is not target:
+                    # SAM picks its attention class at construction (an SDPA subclass returns no probabilities):
+                    # the eager base class, same parameters, runs this call
+                    self._swapped.append((module, type(module)))
+                    module.__class__ = target
                 self._handles.append(module.register_forward_hook(hook))
-        self._collected = collected
         return self
 
     def __exit__(self, *exc):
         for handle in self._handles:
             handle.remove()
-        if self.enabled:
-            self.attentions = tuple(self._collected)
+        for module, cls in self._swapped:
+            module.__class__ = cls
         return False

@@ -2,45 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
 
+from .backbones import BackboneFamily, family_for, vision_config_of
 from .heads import get_head_class
-
-
-# ViT families whose tokens the adapter reshapes itself: model_type -> number of non-register prefix tokens.
-VIT_FAMILIES = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 1, "dinov3_vit": 1}
-SAM_FAMILIES = ("sam_vision_model",)
-
-
-def backbone_kind(backbone_config: PreTrainedConfig) -> str:
-    """`"vit"` (tokens with prefix tokens), `"sam"` (spatial tokens) or `"hierarchical"` (AutoBackbone maps)."""
-    model_type = backbone_config.model_type
-    if model_type in VIT_FAMILIES:
-        return "vit"
-    if model_type in SAM_FAMILIES:
-        return "sam"
-    if model_type in MODEL_FOR_BACKBONE_MAPPING_NAMES and hasattr(backbone_config, "stage_names"):
-        return "hierarchical"
-    raise ValueError(
-        f"Backbone model_type {model_type!r} is not supported. Supported: ViT families "
-        f"{', '.join(VIT_FAMILIES)}; SAM's vision encoder (sam_vision_model, or a sam config); "
-        "and hierarchical backbones that transformers' AutoBackbone builds (e.g. swin)."
-    )
-
-
-def num_prefix_tokens(backbone_config: PreTrainedConfig) -> int:
-    """CLS + distillation + register tokens in front of the patch tokens (0 without any)."""
-    if backbone_kind(backbone_config) != "vit":
-        return 0
-    return VIT_FAMILIES[backbone_config.model_type] + int(getattr(backbone_config, "num_register_tokens", 0) or 0)
-
-
-def num_backbone_levels(backbone_config: PreTrainedConfig) -> int:
-    """The largest valid tap index: transformer layers for ViT/SAM, stages for hierarchical backbones."""
-    if backbone_kind(backbone_config) == "hierarchical":
-        return len(backbone_config.stage_names) - 1
-    return backbone_config.num_hidden_layers
 
 
 def evenly_spaced_indices(num_levels: int, num_taps: int) -> list[int]:
@@ -55,17 +22,20 @@ class ViTSegConfig(PreTrainedConfig):
 
     Args:
         backbone_config (`PreTrainedConfig` or `dict`, *optional*):
-            The backbone's config, any of: `ViTConfig`, `DeiTConfig`, `Dinov2Config`,
-            `Dinov2WithRegistersConfig`, `DINOv3ViTConfig`, `SamVisionConfig` (a `SamConfig` is reduced to
-            its vision config), or a hierarchical backbone config that `AutoBackbone` builds (`SwinConfig`).
-            Saved nested with its `model_type` and reloaded as the same class. Defaults to a DINOv2 ViT-S/14
-            config (random weights; use `from_pretrained_backbone` for pretrained ones).
+            The backbone's config, any family of the table in `backbones.py`: `ViTConfig`, `DeiTConfig`,
+            `Dinov2Config`, `Dinov2WithRegistersConfig`, `DINOv3ViTConfig`, `CLIPVisionConfig`,
+            `SiglipVisionConfig`, `BeitConfig`, `SamVisionConfig` (a `SamConfig`, `CLIPConfig` or
+            `SiglipConfig` is reduced to its vision config), or a hierarchical backbone config that
+            `AutoBackbone` builds (`SwinConfig`). Copied: the object passed in is never changed. Saved nested
+            with its `model_type` and reloaded as the same class. Defaults to a DINOv2 ViT-S/14 config (random
+            weights; use `from_pretrained_backbone` for pretrained ones).
         backbone_out_indices (`list[int]`, *optional*):
             Which backbone layers to tap, sorted and unique. For ViT families and SAM these are transformer
             layers `0..num_hidden_layers` (0 is the embedding output, negative values count from the end);
             for hierarchical backbones they are stages `1..num_stages` (0 is the stem). Defaults to the
             head's choice: the last layer for single-map heads, four evenly spaced layers for multi-level
-            heads. The backbone runs only as deep as the deepest tap.
+            heads (the last layer alone on a backbone with fewer layers than that). The backbone runs only as
+            deep as the deepest tap.
         backbone_apply_layernorm (`bool`, *optional*, defaults to `True`):
             Apply the backbone's final layer norm to every tapped layer, as DINOv2's linear evaluation does.
             (ViT families only; SAM has no final norm and hierarchical backbones norm their own maps.)
@@ -141,31 +111,15 @@ class ViTSegConfig(PreTrainedConfig):
                 raise ValueError("backbone_config given as a dict needs a 'model_type' key (e.g. 'dinov2').")
             backbone_config = dict(backbone_config)
             backbone_config = AutoConfig.for_model(backbone_config.pop("model_type"), **backbone_config)
-        if backbone_config.model_type == "sam":
-            backbone_config = backbone_config.vision_config
-        kind = backbone_kind(backbone_config)
-
+        else:
+            # the config is ours from here on: the caller's object is never changed (hierarchical backbones get
+            # their out_indices set below), so one backbone config can seed several models
+            backbone_config = copy.deepcopy(backbone_config)
+        backbone_config = vision_config_of(backbone_config)
+        family = family_for(backbone_config)
         head_cls = get_head_class(head)
-        head_kwargs = dict(head_kwargs or {})
-        unknown = set(head_kwargs) - head_cls.init_kwargs()
-        if unknown:
-            raise ValueError(
-                f"head_kwargs {sorted(unknown)} are not arguments of head {head!r}. "
-                f"Valid: {sorted(head_cls.init_kwargs())}."
-            )
-        head_cls.check_backbone(kind == "hierarchical", num_prefix_tokens(backbone_config), head_kwargs)
-
-        if neck not in ("auto", "pyramid", None):
-            raise ValueError(f"neck must be 'auto', 'pyramid' or None, got {neck!r}.")
-        if neck == "pyramid" and kind == "hierarchical":
-            raise ValueError("neck='pyramid' is for single-stride backbones; a hierarchical backbone has its own pyramid.")
-        num_levels = num_backbone_levels(backbone_config)
         if backbone_out_indices is None:
-            backbone_out_indices = evenly_spaced_indices(num_levels, head_cls.num_default_taps)
-        backbone_out_indices = self._normalize_indices(backbone_out_indices, num_levels, kind)
-        if kind == "hierarchical":
-            backbone_config.out_indices = backbone_out_indices
-            backbone_config.out_features = [backbone_config.stage_names[i] for i in backbone_out_indices]
+            backbone_out_indices = self.default_out_indices(family.num_levels(backbone_config), head_cls)
 
         id2label = kwargs.get("id2label")
         if id2label is not None and kwargs.get("num_labels") is not None and len(id2label) != kwargs["num_labels"]:
@@ -174,37 +128,17 @@ class ViTSegConfig(PreTrainedConfig):
                 # fine-tune on other classes): the new count wins, with default label names
                 kwargs.pop("id2label")
                 kwargs.pop("label2id", None)
-                id2label = None
             else:
                 raise ValueError(
                     f"num_labels={kwargs['num_labels']} disagrees with id2label, which has {len(id2label)} entries. "
                     "Pass one of them, or make them agree."
-                )
-        if class_weights is not None:
-            n = len(id2label) if id2label is not None else kwargs.get("num_labels")
-            if n is not None and len(class_weights) != n:
-                raise ValueError(f"class_weights has {len(class_weights)} entries for {n} labels.")
-
-        wants_neck = neck == "pyramid" or (neck == "auto" and head_cls.wants_pyramid and kind != "hierarchical")
-        if wants_neck and len(backbone_out_indices) not in (1, 4):
-            raise ValueError(
-                f"Head {head!r} gets a pyramid neck, which builds 4 levels from 1 or 4 backbone taps; "
-                f"backbone_out_indices={backbone_out_indices} has {len(backbone_out_indices)}. Tap 4 layers "
-                f"(e.g. {evenly_spaced_indices(num_levels, 4)}) or 1."
-            )
-        if auxiliary_loss_weight:
-            n_taps = len(backbone_out_indices)
-            if not -n_taps <= auxiliary_in_index < n_taps:
-                raise ValueError(
-                    f"auxiliary_in_index={auxiliary_in_index} is out of range for {n_taps} tapped layers "
-                    f"(backbone_out_indices={backbone_out_indices}); tap more layers or pick another index."
                 )
 
         self.backbone_config = backbone_config
         self.backbone_out_indices = backbone_out_indices
         self.backbone_apply_layernorm = backbone_apply_layernorm
         self.head = head
-        self.head_kwargs = head_kwargs
+        self.head_kwargs = dict(head_kwargs or {})
         self.ignore_index = ignore_index
         self.class_weights = list(class_weights) if class_weights is not None else None
         self.label_smoothing = label_smoothing
@@ -218,8 +152,59 @@ class ViTSegConfig(PreTrainedConfig):
         self.freeze_backbone = freeze_backbone
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
+        self.backbone_out_indices = self._normalize_indices(
+            backbone_out_indices, family.num_levels(backbone_config), family.kind,
+            (1, 4) if self.uses_pyramid_neck else None,
+        )
+        if family.kind == "hierarchical":
+            backbone_config.out_indices = self.backbone_out_indices
+            backbone_config.out_features = [backbone_config.stage_names[i] for i in self.backbone_out_indices]
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the fields against each other; raise a `ValueError` naming the problem and a valid value.
+
+        Called at construction and by `save_pretrained`; call it again after changing fields by hand.
+        """
+        family = self.backbone_family
+        num_levels = family.num_levels(self.backbone_config)
+        head_cls = get_head_class(self.head)
+        unknown = set(self.head_kwargs) - head_cls.init_kwargs()
+        if unknown:
+            raise ValueError(
+                f"head_kwargs {sorted(unknown)} are not arguments of head {self.head!r}. "
+                f"Valid: {sorted(head_cls.init_kwargs())}."
+            )
+        head_cls.check_backbone(family.kind == "hierarchical", self.num_prefix_tokens, self.head_kwargs)
+
+        if self.neck not in ("auto", "pyramid", None):
+            raise ValueError(f"neck must be 'auto', 'pyramid' or None, got {self.neck!r}.")
+        if self.neck == "pyramid" and family.kind == "hierarchical":
+            raise ValueError(
+                "neck='pyramid' is for single-stride backbones; a hierarchical backbone has its own pyramid "
+                "(use neck='auto' or None)."
+            )
+        tap_counts = (1, 4) if self.uses_pyramid_neck else None
+        indices = self._normalize_indices(self.backbone_out_indices, num_levels, family.kind, tap_counts)
+        if tap_counts and len(indices) not in tap_counts:
+            example = evenly_spaced_indices(num_levels, 4) if num_levels >= 4 else [num_levels]
+            raise ValueError(
+                f"Head {self.head!r} gets a pyramid neck, which builds 4 levels from 1 or 4 backbone taps; "
+                f"backbone_out_indices={indices} has {len(indices)}. Tap {'4 layers or ' if num_levels >= 4 else ''}"
+                f"1 (e.g. {example})."
+            )
+        if self.auxiliary_loss_weight:
+            n_taps = len(indices)
+            if not -n_taps <= self.auxiliary_in_index < n_taps:
+                raise ValueError(
+                    f"auxiliary_in_index={self.auxiliary_in_index} is out of range for {n_taps} tapped layers "
+                    f"(backbone_out_indices={indices}); tap more layers or pick an index in "
+                    f"{-n_taps}..{n_taps - 1}."
+                )
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be at least 1, got {self.num_labels}.")
+        if self.class_weights is not None and len(self.class_weights) != self.num_labels:
+            raise ValueError(f"class_weights has {len(self.class_weights)} entries for {self.num_labels} labels.")
         if 0 <= self.ignore_index < self.num_labels:
             raise ValueError(
                 f"ignore_index={self.ignore_index} is a valid class id for num_labels={self.num_labels}; "
@@ -227,7 +212,16 @@ class ViTSegConfig(PreTrainedConfig):
             )
 
     @staticmethod
-    def _normalize_indices(indices, num_levels: int, kind: str) -> list[int]:
+    def default_out_indices(num_levels: int, head_cls) -> list[int]:
+        """The head's `num_default_taps` evenly spaced layers; on a backbone shallower than that, the last layer
+        alone (a pyramid neck and multi-level heads take 1 tap, not 2 or 3)."""
+        num_taps = head_cls.num_default_taps if num_levels >= head_cls.num_default_taps else 1
+        return evenly_spaced_indices(num_levels, num_taps)
+
+    @staticmethod
+    def _normalize_indices(indices, num_levels: int, kind: str, tap_counts: tuple[int, ...] | None = None) -> list[int]:
+        """Indices with negative ones resolved, checked against the backbone's depth (and the tap counts a
+        pyramid neck takes, for the example an error suggests)."""
         if isinstance(indices, int):
             indices = [indices]
         lowest = 0
@@ -235,7 +229,7 @@ class ViTSegConfig(PreTrainedConfig):
         normalized = []
         for i in indices:
             if not isinstance(i, int) or isinstance(i, bool):
-                raise ValueError(f"backbone_out_indices must be ints, got {indices!r}.")
+                raise ValueError(f"backbone_out_indices must be ints, got {indices!r} (e.g. [{num_levels}]).")
             j = i + num_levels + 1 if i < 0 else i
             if not lowest <= j <= num_levels:
                 raise ValueError(
@@ -244,13 +238,21 @@ class ViTSegConfig(PreTrainedConfig):
                 )
             normalized.append(j)
         if not normalized:
-            raise ValueError("backbone_out_indices must name at least one layer.")
+            raise ValueError(f"backbone_out_indices must name at least one layer (e.g. [{num_levels}]).")
         if normalized != sorted(set(normalized)):
+            example = sorted(set(normalized))
+            if tap_counts and len(example) not in tap_counts:
+                example = [num_levels]
             raise ValueError(
                 f"backbone_out_indices {list(indices)} must be sorted and unique (after resolving negative "
-                f"indices: {normalized}); e.g. {sorted(set(normalized))}."
+                f"indices: {normalized}); e.g. {example}."
             )
         return normalized
+
+    @property
+    def backbone_family(self) -> BackboneFamily:
+        """The backbone family's record (see `backbones.py`)."""
+        return family_for(self.backbone_config)
 
     @property
     def uses_pyramid_neck(self) -> bool:
@@ -260,8 +262,8 @@ class ViTSegConfig(PreTrainedConfig):
 
     @property
     def backbone_kind(self) -> str:
-        return backbone_kind(self.backbone_config)
+        return self.backbone_family.kind
 
     @property
     def num_prefix_tokens(self) -> int:
-        return num_prefix_tokens(self.backbone_config)
+        return self.backbone_family.num_prefix_tokens(self.backbone_config)

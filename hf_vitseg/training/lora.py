@@ -4,12 +4,13 @@ Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022. The 
 frozen; each attention projection learns a low-rank update `(alpha / r) * B @ A`. The head, the neck and
 the auxiliary head are trained in full (they are new, so there is nothing to adapt).
 
-Which modules are the "attention projections", in transformers 5.x: the `nn.Linear` children of the
-backbone's attention modules (classes named `*Attention`):
+Which modules are the "attention projections" is a fact of the backbone family, in its record
+(`hf_vitseg/modeling/backbones.py`, `attention_projections`), in transformers 5.x:
 
 | family | projections |
 |---|---|
-| ViT, DeiT, DINOv2, DINOv2 with registers, DINOv3-ViT, Swin | `q_proj`, `k_proj`, `v_proj`, `o_proj` |
+| ViT, DeiT, DINOv2, DINOv2 with registers, DINOv3-ViT, BEiT, Swin | `q_proj`, `k_proj`, `v_proj`, `o_proj` |
+| CLIP's and SigLIP's vision towers | `q_proj`, `k_proj`, `v_proj`, `out_proj` |
 | SAM's ViT image encoder | `qkv` (fused), `proj` |
 
 Targets are anchored to `backbone.`: some heads (`atm`) have a `q_proj` of their own, which must train in
@@ -37,6 +38,7 @@ from pathlib import Path
 from torch import nn
 
 from ..modeling import ViTSegConfig, ViTSegForSemanticSegmentation
+from ..unwrap import unwrap_model
 
 __all__ = ["apply_lora", "attention_projection_names", "load_lora", "save_lora"]
 
@@ -56,16 +58,10 @@ def _require_peft():
 
 
 def attention_projection_names(model: nn.Module) -> list[str]:
-    """Full names (as in `model.named_modules()`) of the backbone's attention projections (see the module
-    docstring), in the layers the taps use: layers past the deepest tap never run, so they get no adapter."""
-    unused = {id(p) for p in model.backbone.unused_parameters()}
-    names = []
-    for name, module in model.backbone.named_modules():
-        if type(module).__name__.endswith("Attention"):
-            for child_name, child in module.named_children():
-                if isinstance(child, nn.Linear) and id(child.weight) not in unused:
-                    names.append(f"backbone.{name}.{child_name}")
-    return names
+    """Full names (as in `model.named_modules()`) of the backbone's attention projections (its family record's
+    `attention_projections`, see the module docstring), in the layers the taps use: layers past the deepest tap
+    never run, so they get no adapter."""
+    return [f"backbone.{name}" for name in model.backbone.attention_projection_names()]
 
 
 def _target_regex(model: nn.Module, target_modules) -> str:
@@ -191,7 +187,7 @@ def save_lora(
     folder = Path(folder)
     if (folder / ADAPTER_CONFIG_FILE).exists() and not overwrite:
         raise FileExistsError(f"{folder} already holds an adapter; pass overwrite=True to replace it.")
-    vitseg = model.get_base_model()
+    vitseg = unwrap_model(model)
     source = base_model_name_or_path or _recorded_base(vitseg)
     if save_base:
         _base_without_adapters(vitseg).save_pretrained(folder / BASE_FOLDER)
@@ -226,12 +222,13 @@ def _config_kwargs(config: ViTSegConfig) -> dict:
 
 
 def _load_base(source: str, config: ViTSegConfig, folder: Path) -> ViTSegForSemanticSegmentation:
-    from transformers import AutoConfig
+    from ..hub.loading import load_config
+    from .loading import load_trainable_model  # the one loader of saved ViTSeg models (folder checked first)
 
     if source == BASE_FOLDER and (folder / BASE_FOLDER).is_dir():  # saved with save_base=True
-        return ViTSegForSemanticSegmentation.from_pretrained(folder / BASE_FOLDER)
-    if AutoConfig.from_pretrained(source).model_type == ViTSegConfig.model_type:
-        return ViTSegForSemanticSegmentation.from_pretrained(source)
+        return load_trainable_model(str(folder / BASE_FOLDER))
+    if load_config(source).model_type == ViTSegConfig.model_type:
+        return load_trainable_model(source)
     return ViTSegForSemanticSegmentation.from_pretrained_backbone(source, **_config_kwargs(config))
 
 

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from transformers import get_polynomial_decay_schedule_with_warmup
 
+from ..unwrap import unwrap_model
+
 
 __all__ = [
     "OptimizerSettings",
@@ -48,9 +50,8 @@ HEAD_PARTS = ("head", "neck", "auxiliary_head")
 
 
 def _vitseg_model(model: nn.Module) -> nn.Module:
-    """The `ViTSegForSemanticSegmentation` inside a PEFT model (or the model itself)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
+    """The `ViTSegForSemanticSegmentation` inside a PEFT model (or the model itself), checked to be one."""
+    model = unwrap_model(model)
     if not (hasattr(model, "backbone") and hasattr(model.backbone, "model") and hasattr(model, "head")):
         raise TypeError(
             f"Expected a ViTSegForSemanticSegmentation (or a PEFT model around one), got {type(model).__name__}."
@@ -73,52 +74,15 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _swin_like_stages(backbone_model: nn.Module) -> nn.ModuleList | None:
-    """The `layers` ModuleList of a Swin-like encoder (stages holding `blocks`), if there is one."""
-    for module in backbone_model.modules():
-        stages = getattr(module, "layers", None)
-        if isinstance(stages, nn.ModuleList) and len(stages) and all(hasattr(s, "blocks") for s in stages):
-            return stages
-    return None
-
-
 def backbone_layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     """Layer id of every backbone parameter (named as in `model.named_parameters()`), and the layer count `L`.
 
-    Ids run from 0 (embeddings) to `L + 1` (the backbone's final norm); see the module docstring. Works on
-    a `ViTSegForSemanticSegmentation` or a PEFT model around one (LoRA weights get their layer's id).
+    Ids run from 0 (embeddings) to `L + 1` (the backbone's final norm); see the module docstring. The backbone
+    adapter counts the layers as its family record says (`BackboneAdapter.layer_ids`). Works on a
+    `ViTSegForSemanticSegmentation` or a PEFT model around one (LoRA weights get their layer's id).
     """
     vitseg = _vitseg_model(model)
-    adapter = vitseg.backbone
-    ids_by_param: dict[int, int] = {}
-
-    def assign(module: nn.Module | None, layer_id: int) -> None:
-        if module is not None:
-            for p in module.parameters():
-                ids_by_param[id(p)] = layer_id
-
-    if adapter.kind == "hierarchical":
-        stages = _swin_like_stages(adapter.model)
-        if stages is None:
-            raise ValueError(
-                f"Layer-wise learning-rate decay knows ViT families, SAM and Swin-like backbones (stages of blocks); "
-                f"{type(adapter.model).__name__} is none of them. Pass layer_decay=None."
-            )
-        depths = [len(stage.blocks) for stage in stages]
-        num_layers = sum(depths)
-        for s, stage in enumerate(stages):
-            for j, block in enumerate(stage.blocks):
-                assign(block, sum(depths[:s]) + j + 1)
-            assign(getattr(stage, "downsample", None), sum(depths[: s + 1]))
-        # AutoBackbone's per-stage output norms play the final norm's part
-        assign(getattr(adapter.model, "hidden_states_norms", None), num_layers + 1)
-    else:
-        layers = adapter.layers
-        num_layers = len(layers)
-        for i, layer in enumerate(layers, start=1):
-            assign(layer, i)
-        assign(adapter.final_norm, num_layers + 1)
-
+    ids_by_param, num_layers = vitseg.backbone.layer_ids()
     prefix = _name_prefix(model, vitseg)
     layer_ids = {}
     for name, param in model.named_parameters():

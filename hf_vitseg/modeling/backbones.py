@@ -1,0 +1,310 @@
+"""The backbone-family table: every fact hf-vitseg needs about a backbone family, in one record per family.
+
+A new family is one `BackboneFamily` record in `FAMILIES` (and one line in the tests' family list). The
+adapter (`backbone_adapter.py`) resolves the record once and asks it where the layers and the final norm
+are, how to embed an image and how to build the HF model; the optimizer groups (layer-wise LR decay), LoRA
+(attention projections) and model cards (licence, paper) ask the adapter or `family_for(config)`.
+
+| family | kind | prefix tokens | layers | final norm | embedding |
+|---|---|---|---|---|---|
+| ViT, DeiT | vit | CLS (+ distillation) | `layers` | `layernorm` | `interpolate_pos_encoding=True` |
+| DINOv2 (+ registers) | vit | CLS (+ registers) | `encoder.layer` | `layernorm` | always interpolates |
+| DINOv3-ViT | vit | CLS + registers | `model.layer` | `norm` | RoPE from `rope_embeddings` |
+| CLIP vision tower | vit | CLS | `encoder.layers` | `post_layernorm` | `interpolate_pos_encoding=True`, then `pre_layrnorm` |
+| SigLIP vision tower | vit | none | `encoder.layers` | `post_layernorm` | `interpolate_pos_encoding=True` |
+| BEiT | vit | CLS | `layers` | `layernorm` | relative position bias per input size |
+| SAM's ViT image encoder | sam | none | `vision_encoder.layers` | none | absolute embedding resized bicubically |
+| Swin (and other AutoBackbone models) | hierarchical | none | `swin.encoder.layers` (stages) | per-stage norms | AutoBackbone's own |
+
+This module travels with every checkpoint (remote code): it imports only torch and transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoBackbone, AutoModel, PreTrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
+
+__all__ = ["FAMILIES", "BackboneFamily", "family_for", "get_path", "vision_config_of"]
+
+APACHE = "apache-2.0"
+
+
+def get_path(obj, path: str | None):
+    """`obj.a.b.c` for `path="a.b.c"`, or None where any step is missing (or `path` is None)."""
+    if path is None:
+        return None
+    for attr in path.split("."):
+        obj = getattr(obj, attr, None)
+        if obj is None:
+            return None
+    return obj
+
+
+# -- how each family turns pixels into the tokens before the first layer -----------------------------------------
+# Each returns `(hidden, layer_kwargs)`: the tokens and the extra keyword arguments every layer takes.
+Embed = Callable[[nn.Module, torch.Tensor, tuple[int, int]], tuple[torch.Tensor, dict]]
+
+
+def embed_interpolating(model: nn.Module, pixel_values: torch.Tensor, grid_hw: tuple[int, int]):
+    """Embeddings modules with an `interpolate_pos_encoding` switch (ViT, DeiT, CLIP, SigLIP): bicubic."""
+    return model.embeddings(pixel_values, interpolate_pos_encoding=True), {}
+
+
+def embed_plain(model: nn.Module, pixel_values: torch.Tensor, grid_hw: tuple[int, int]):
+    """Embeddings modules that interpolate position embeddings for any size by themselves (DINOv2)."""
+    return model.embeddings(pixel_values), {}
+
+
+def embed_rope(model: nn.Module, pixel_values: torch.Tensor, grid_hw: tuple[int, int]):
+    """DINOv3: no absolute position embedding; every layer gets the RoPE (cos, sin) for this grid."""
+    return model.embeddings(pixel_values), {"position_embeddings": model.rope_embeddings(pixel_values)}
+
+
+def embed_relative_bias(model: nn.Module, pixel_values: torch.Tensor, grid_hw: tuple[int, int]):
+    """BEiT / Data2VecVision: absolute embeddings (if any) interpolate themselves; the layers build their relative
+    position bias for the input's `resolution`; a shared bias is built here, as `BeitModel.forward` does."""
+    hidden = model.embeddings(pixel_values)
+    resolution = tuple(pixel_values.shape[-2:])
+    shared = getattr(model, "shared_position_bias", None)
+    bias = shared(grid_hw, interpolate_pos_encoding=False, dim_size=hidden.shape[1]) if shared is not None else None
+    return hidden, {"attention_mask": bias, "resolution": resolution}
+
+
+def embed_sam(model: nn.Module, pixel_values: torch.Tensor, grid_hw: tuple[int, int]):
+    """SAM: spatial tokens `(B, h, w, C)`; the absolute embedding is resized bicubically for other sizes."""
+    encoder = model.vision_encoder
+    # SamPatchEmbeddings insists on the native size; its projection alone does not.
+    hidden = encoder.patch_embed.projection(pixel_values).permute(0, 2, 3, 1)
+    if encoder.pos_embed is not None:
+        pos = encoder.pos_embed
+        if tuple(pos.shape[1:3]) != grid_hw:
+            pos = F.interpolate(
+                pos.permute(0, 3, 1, 2).float(), size=grid_hw, mode="bicubic", align_corners=False
+            ).to(pos.dtype).permute(0, 2, 3, 1)
+        hidden = hidden + pos
+    return hidden, {}
+
+
+def _no_embed(model, pixel_values, grid_hw):  # pragma: no cover - hierarchical models run themselves
+    raise TypeError("Hierarchical backbones run their own forward; the adapter never embeds for them.")
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """Everything hf-vitseg knows about one backbone family.
+
+    Args:
+        model_types: the `model_type`s of the backbone configs of this family (the first is its name).
+        kind: `"vit"` (a token sequence with prefix tokens, reshaped by the adapter), `"sam"` (spatial tokens
+            `(B, h, w, C)`) or `"hierarchical"` (an `AutoBackbone` handing over its own multi-scale maps).
+        source_name: the family's name for people (model cards).
+        citation / paper_url: the paper to cite for it (model cards).
+        license: the licence of the family's public checkpoints as a Hub licence id, or None where it is not
+            one (e.g. a custom licence): model cards then ask the user to name it.
+        hub_tag: the Hub tag of the family (default: `model_types[0]` with `-` for `_`).
+        class_tokens: prefix tokens besides registers (CLS, distillation); registers are read from
+            `config.num_register_tokens`.
+        layers: attribute path of the transformer layers (the stages, for hierarchical backbones).
+        final_norm: attribute path of the norm after the last layer (`backbone_apply_layernorm` applies it to
+            every tap), or None.
+        pre_norm: attribute path of a norm between the embeddings and the first layer (CLIP's `pre_layrnorm`).
+        embed: `(model, pixel_values, grid_hw) -> (tokens, layer_kwargs)`, see the `embed_*` functions.
+        layer_kwargs: constant keyword arguments of every layer call (e.g. `attention_mask=None` where the layer
+            requires one).
+        model_kwargs: keyword arguments of `AutoModel.from_config` (e.g. `add_pooling_layer=False`).
+        drop_modules: attribute paths of modules deleted after building (poolers, SAM's neck): the adapter never
+            runs them, and parameters without gradients stall DDP.
+        always_unused: attribute paths of parameters or modules the adapter never uses (mask tokens, the norm
+            a hierarchical backbone replaces by per-stage norms).
+        attention_projections: leaf names of the `nn.Linear` attention projections, for LoRA.
+        layer_scheme: how layer-wise LR decay counts layers: `"blocks"` (embeddings 0, layer `i`, final norm
+            `L + 1`), `"stages"` (Swin: blocks counted across stages, see `training/optim.py`) or None (unknown).
+        composite_model_types: `model_type`s of multi-tower checkpoints (CLIP, SigLIP, SAM) whose
+            `vision_config` is this family; the other towers are dropped.
+        checkpoint_prefixes: key prefixes under which such a checkpoint holds this backbone (`vision_model.`),
+            stripped when loading its weights.
+        interpolates_with_kwarg: the HF model's own forward needs `interpolate_pos_encoding=True` for sizes other
+            than the native one (tests compare the adapter with it).
+    """
+
+    model_types: tuple[str, ...]
+    kind: str
+    source_name: str
+    citation: str = ""
+    paper_url: str = ""
+    license: str | None = None
+    hub_tag: str | None = None
+    class_tokens: int = 0
+    layers: str | None = "encoder.layer"
+    final_norm: str | None = "layernorm"
+    pre_norm: str | None = None
+    embed: Embed = embed_plain
+    layer_kwargs: tuple[tuple[str, object], ...] = ()
+    model_kwargs: tuple[tuple[str, object], ...] = ()
+    drop_modules: tuple[str, ...] = ()
+    always_unused: tuple[str, ...] = ("embeddings.mask_token",)
+    attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    layer_scheme: str | None = "blocks"
+    composite_model_types: tuple[str, ...] = ()
+    checkpoint_prefixes: tuple[str, ...] = ()
+    interpolates_with_kwarg: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.model_types[0]
+
+    @property
+    def tag(self) -> str:
+        """The family's Hub tag (`dinov2`, `sam`, `clip`, ...)."""
+        return self.hub_tag or self.name.replace("_", "-")
+
+    def num_prefix_tokens(self, config: PreTrainedConfig) -> int:
+        """CLS + distillation + register tokens in front of the patch tokens (0 without any)."""
+        if self.kind != "vit":
+            return 0
+        return self.class_tokens + int(getattr(config, "num_register_tokens", 0) or 0)
+
+    def num_levels(self, config: PreTrainedConfig) -> int:
+        """The largest valid tap index: transformer layers for ViT/SAM, stages for hierarchical backbones."""
+        if self.kind == "hierarchical":
+            return len(config.stage_names) - 1
+        return config.num_hidden_layers
+
+    def build(self, config: PreTrainedConfig) -> nn.Module:
+        """The HF model for `config`, without the parts the adapter never runs (`drop_modules`)."""
+        if self.kind == "hierarchical":
+            return AutoBackbone.from_config(config)
+        model = AutoModel.from_config(config, **dict(self.model_kwargs))
+        for path in self.drop_modules:
+            parent_path, _, attr = path.rpartition(".")
+            parent = get_path(model, parent_path) if parent_path else model
+            if parent is not None and hasattr(parent, attr):
+                delattr(parent, attr)
+        if "head" in self.drop_modules and hasattr(model, "use_head"):
+            model.use_head = False  # SigLIP: its forward stays callable without the pooling head
+        return model
+
+
+FAMILIES: tuple[BackboneFamily, ...] = (
+    BackboneFamily(
+        model_types=("vit",), kind="vit", layers="layers", source_name="ViT", license=APACHE, class_tokens=1,
+        citation='Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition at '
+        'Scale", ICLR 2021',
+        paper_url="https://arxiv.org/abs/2010.11929",
+        embed=embed_interpolating, interpolates_with_kwarg=True, model_kwargs=(("add_pooling_layer", False),),
+    ),
+    BackboneFamily(
+        model_types=("deit",), kind="vit", layers="layers", source_name="DeiT", license=APACHE, class_tokens=2,
+        citation='Touvron et al., "Training data-efficient image transformers & distillation through '
+        'attention", ICML 2021',
+        paper_url="https://arxiv.org/abs/2012.12877",
+        embed=embed_interpolating, interpolates_with_kwarg=True, model_kwargs=(("add_pooling_layer", False),),
+    ),
+    BackboneFamily(
+        model_types=("dinov2",), kind="vit", source_name="DINOv2", license=APACHE, class_tokens=1,
+        citation='Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", TMLR 2024',
+        paper_url="https://arxiv.org/abs/2304.07193",
+    ),
+    BackboneFamily(
+        model_types=("dinov2_with_registers",), kind="vit", source_name="DINOv2 with registers", license=APACHE,
+        class_tokens=1,
+        citation='Darcet et al., "Vision Transformers Need Registers", ICLR 2024',
+        paper_url="https://arxiv.org/abs/2309.16588",
+    ),
+    BackboneFamily(
+        # DINOv3's weights come under Meta's own DINOv3 licence, which is not a Hub licence id.
+        model_types=("dinov3_vit",), kind="vit", source_name="DINOv3", license=None, hub_tag="dinov3",
+        class_tokens=1, layers="model.layer", final_norm="norm", embed=embed_rope,
+        citation='Siméoni et al., "DINOv3", arXiv 2025',
+        paper_url="https://arxiv.org/abs/2508.10104",
+    ),
+    BackboneFamily(
+        model_types=("clip_vision_model",), kind="vit", source_name="CLIP's vision tower", license="mit",
+        hub_tag="clip", class_tokens=1, layers="encoder.layers", final_norm="post_layernorm",
+        pre_norm="pre_layrnorm", embed=embed_interpolating, interpolates_with_kwarg=True,
+        layer_kwargs=(("attention_mask", None),), attention_projections=("q_proj", "k_proj", "v_proj", "out_proj"),
+        composite_model_types=("clip",), checkpoint_prefixes=("vision_model.",),
+        citation='Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", '
+        "ICML 2021",
+        paper_url="https://arxiv.org/abs/2103.00020",
+    ),
+    BackboneFamily(
+        # No CLS token: every token is a patch. The attention-pooling head is dropped (the adapter never pools).
+        model_types=("siglip_vision_model",), kind="vit", source_name="SigLIP's vision tower", license=APACHE,
+        hub_tag="siglip", class_tokens=0, layers="encoder.layers", final_norm="post_layernorm",
+        embed=embed_interpolating, interpolates_with_kwarg=True, layer_kwargs=(("attention_mask", None),),
+        drop_modules=("head",), attention_projections=("q_proj", "k_proj", "v_proj", "out_proj"),
+        composite_model_types=("siglip",), checkpoint_prefixes=("vision_model.",),
+        citation='Zhai et al., "Sigmoid Loss for Language Image Pre-Training", ICCV 2023',
+        paper_url="https://arxiv.org/abs/2303.15343",
+    ),
+    BackboneFamily(
+        # `layernorm` is an Identity when `use_mean_pooling` (BEiT's default): the taps are then not normed.
+        model_types=("beit",), kind="vit", source_name="BEiT", license=APACHE, class_tokens=1, layers="layers",
+        embed=embed_relative_bias, model_kwargs=(("add_pooling_layer", False),),
+        citation='Bao et al., "BEiT: BERT Pre-Training of Image Transformers", ICLR 2022',
+        paper_url="https://arxiv.org/abs/2106.08254",
+    ),
+    BackboneFamily(
+        model_types=("sam_vision_model",), kind="sam", source_name="SAM's ViT image encoder", license=APACHE,
+        hub_tag="sam", layers="vision_encoder.layers", final_norm=None, embed=embed_sam,
+        drop_modules=("vision_encoder.neck",), attention_projections=("qkv", "proj"),
+        composite_model_types=("sam",),
+        citation='Kirillov et al., "Segment Anything", ICCV 2023',
+        paper_url="https://arxiv.org/abs/2304.02643",
+    ),
+    BackboneFamily(
+        # AutoBackbone replaces the encoder's final norm by one norm per tapped stage.
+        model_types=("swin",), kind="hierarchical", source_name="Swin Transformer", license=APACHE,
+        layers="swin.encoder.layers", final_norm="hidden_states_norms", embed=_no_embed,
+        always_unused=("swin.layernorm", "swin.embeddings.mask_token"), layer_scheme="stages",
+        citation='Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", ICCV 2021',
+        paper_url="https://arxiv.org/abs/2103.14030",
+    ),
+)
+
+_BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
+_BY_COMPOSITE = {model_type: family for family in FAMILIES for model_type in family.composite_model_types}
+
+
+def vision_config_of(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The backbone config itself, or the vision tower's config of a multi-tower one (`SamConfig`, `CLIPConfig`,
+    `SiglipConfig`)."""
+    if config.model_type in _BY_COMPOSITE:
+        return config.vision_config
+    return config
+
+
+def family_for(config: PreTrainedConfig) -> BackboneFamily:
+    """The record of the family of a backbone config (or of a `ViTSegConfig`'s backbone).
+
+    Hierarchical backbones that transformers' `AutoBackbone` builds but the table does not list get a generic
+    record (no licence, no layer-wise LR decay).
+
+    Raises:
+        ValueError: for a `model_type` hf-vitseg does not support, naming the supported ones.
+    """
+    config = getattr(config, "backbone_config", None) or config
+    model_type = config.model_type
+    if model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type]
+    if model_type in _BY_COMPOSITE:
+        return _BY_COMPOSITE[model_type]
+    if model_type in MODEL_FOR_BACKBONE_MAPPING_NAMES and hasattr(config, "stage_names"):
+        return BackboneFamily(
+            model_types=(model_type,), kind="hierarchical", source_name=model_type, layers=None, final_norm=None,
+            embed=_no_embed, always_unused=(), layer_scheme=None,
+        )
+    supported = ", ".join(f.name for f in FAMILIES if f.kind != "hierarchical")
+    raise ValueError(
+        f"Backbone model_type {model_type!r} is not supported. Supported: {supported} (a sam, clip or siglip "
+        "config is reduced to its vision config); and hierarchical backbones that transformers' AutoBackbone "
+        "builds (e.g. swin)."
+    )
+
