@@ -290,7 +290,8 @@ def family_for(config: PreTrainedConfig) -> BackboneFamily:
     Raises:
         ValueError: for a `model_type` hf-vitseg does not support, naming the supported ones.
     """
-    config = getattr(config, "backbone_config", None) or config
+    backbone_config = getattr(config, "backbone_config", None)  # a ViTSegConfig: its backbone's family
+    config = backbone_config if backbone_config is not None else config
     model_type = config.model_type
     if model_type in _BY_MODEL_TYPE:
         return _BY_MODEL_TYPE[model_type]
