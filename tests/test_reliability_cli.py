@@ -175,6 +175,9 @@ USER_ERRORS = {
     "missing_backbone_path": (lambda env, tmp: ["train", "--backbone", tmp / "no" / "backbone", "--num-labels", "2",
                                                 "--train-images", env["images"], "--train-masks", env["masks"],
                                                 "--output-dir", tmp / "o"], ["--backbone", "no such folder"]),
+    "backbone_folder_without_config": (
+        lambda env, tmp: train_command(env, tmp / "o")[:1] + ["--backbone", env["images"]] + train_command(
+            env, tmp / "o")[3:], ["--backbone", "config.json"]),
     "truncated_training_image": (
         lambda env, tmp: train_command(env, tmp / "o")[:5] + [
             "--train-images", _truncated_image_folder(env) / "images", "--train-masks",

@@ -219,6 +219,18 @@ def check_model_folder(value: str, flag: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def loading(flag: str, value) -> None:
+    """Within the block, a failure to load what `flag` names (a Hub id that does not exist or cannot be
+    reached, a folder transformers cannot read) is a `CliError` that starts with the flag and its value."""
+    try:
+        yield
+    except CliError:
+        raise
+    except OSError as error:
+        raise CliError(f"{flag} {value}: {error}") from error
+
+
 def check_device(device: str | None, flag: str = "--device") -> str:
     """`device` (default: cuda when available, else cpu), refused when this torch cannot use it."""
     import torch

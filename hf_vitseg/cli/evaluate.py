@@ -16,6 +16,7 @@ from .args import (
     check_device,
     check_model_folder,
     load_dataset_from_args,
+    loading,
     model_source,
     positive_int,
     report,
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--crop-size and --stride need --sliding-window.")
         device = check_device(args.device)
         check_model_folder(source, "--model")
-        model = load_trainable_model(source)
+        with loading("--model", source):
+            model = load_trainable_model(source)
         processor = resolve_processor(None, model, source)
         if args.reduce_labels:
             processor.do_reduce_labels = True

@@ -29,6 +29,7 @@ from .args import (
     CliError,
     check_device,
     check_model_folder,
+    loading,
     model_source,
     positive_float,
     positive_int,
@@ -281,7 +282,10 @@ def _run(args: argparse.Namespace) -> int:
     size_pair(args.crop_size, "--crop-size")
     size_pair(args.stride, "--stride")
 
-    model = load_model(source, device=device)
+    with loading("--model", source):
+        model = load_model(source, device=device)
+    if getattr(model.config, "model_type", None) != "vitseg":  # a Hub id: only known once loaded
+        raise CliError(f"--model {source}: a {model.config.model_type!r} model, not a ViTSeg segmentation model.")
     processor = load_image_processor(source, model)
     sliding_window = _sliding_window_settings(args, model)
     large_image_window = _sliding_window_settings(args, model, force=True)

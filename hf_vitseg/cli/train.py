@@ -25,6 +25,7 @@ from .args import (
     check_model_folder,
     fraction,
     json_object,
+    loading,
     model_source,
     non_negative_float,
     non_negative_int,
@@ -149,16 +150,20 @@ def _train_from_args(args: argparse.Namespace) -> dict:
         recipe_head = config_kwargs.pop("head", "linear")
         head = args.head or recipe_head
         try:
-            model = ViTSegForSemanticSegmentation.from_pretrained_backbone(
-                resolve_backbone(source), head=head, **label_kwargs, **config_kwargs
-            )
+            with loading("--backbone", source):
+                model = ViTSegForSemanticSegmentation.from_pretrained_backbone(
+                    resolve_backbone(source), head=head, **label_kwargs, **config_kwargs
+                )
+        except CliError:
+            raise
         except (TypeError, ValueError, KeyError, RuntimeError) as error:
             # the config's own words name its fields; on the command line --ignore-index sets that one
             message = str(error).replace("ignore_index=", "--ignore-index ")
             raise CliError(f"{_model_flags(args)} do not build a model: {message}") from error
         model_path = None
     else:
-        model, model_path = load_trainable_model(source), source
+        with loading("--model", source):
+            model, model_path = load_trainable_model(source), source
         if args.ignore_index is not None and args.ignore_index != model.config.ignore_index:
             raise CliError(f"--ignore-index {args.ignore_index}: the --model uses ignore index "
                            f"{model.config.ignore_index} (its labels mean that); drop --ignore-index.")
