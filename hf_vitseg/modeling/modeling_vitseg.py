@@ -223,6 +223,25 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
             _save_user_head_source(type(self.head), Path(save_directory))
         return result
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """`PreTrainedModel.push_to_hub` through hf-vitseg's push when hf-vitseg is installed: the same files as
+        `hf-vitseg push` (the model's own files only), its image processor and hf-vitseg's model card; see
+        `hf_vitseg.hub.push.push_to_hub`. Where only this file is present (remote code), transformers' own push.
+
+        Args:
+            repo_id: `username/model-name`.
+            **kwargs: `PreTrainedModel.push_to_hub`'s (`commit_message`, `private`, `token`, `revision`,
+                `create_pr`, `max_shard_size`, `tags`, ...), and hf-vitseg's (`processor`, `card_data`, `dry_run`).
+
+        Returns:
+            the commit (`huggingface_hub.CommitInfo`), as transformers' returns.
+        """
+        try:  # this file travels as remote code: hf_vitseg is optional here (transformers skips imports in try)
+            from hf_vitseg.hub.push import push_model_to_hub
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_model_to_hub(self, repo_id, **kwargs)
+
 
 def _load_backbone_state_dict(name_or_path, config: ViTSegConfig, backbone_kwargs: dict) -> dict:
     """The backbone's weights as the adapter's `model` names them, from a base or task checkpoint."""

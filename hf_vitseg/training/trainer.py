@@ -25,6 +25,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from ..data.augment import AugmentationEpochCallback
 from ..data.collator import SegmentationCollator
 from ..data.datasets import prepare_datasets
+from ..hub.push import push_checkpoint_to_hub, push_trainer_to_hub, remember_processor
 from ..modeling import ViTSegForSemanticSegmentation, ViTSegImageProcessor
 from . import recipes
 from .loading import load_trainable_model, resolve_processor, unwrap_model, validate
@@ -48,6 +49,8 @@ class SegmentationTrainer(Trainer):
         self.head_lr = head_lr
         self.layer_decay = layer_decay
         super().__init__(*args, **kwargs)
+        # so that `model.push_to_hub` after training uploads the processor the model was trained with
+        remember_processor(unwrap_model(self.model), self.processing_class)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -96,6 +99,18 @@ class SegmentationTrainer(Trainer):
             output_dir = output_dir or self.args.output_dir
             save_lora(self.model, output_dir, overwrite=True)  # adapter, head weights, ViTSeg config
             self.processing_class.save_pretrained(output_dir)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
+                    revision=None, private=None, **kwargs):
+        """`Trainer.push_to_hub` through hf-vitseg's push (`hf_vitseg.hub.push.push_trainer_to_hub`): the saved
+        model's own files only (not the whole output folder), the processor and hf-vitseg's model card. Always
+        blocking; `kwargs` are transformers' model-card arguments (`license`, `tags`, `finetuned_from`, ...)."""
+        return push_trainer_to_hub(self, commit_message=commit_message or "End of training", token=token,
+                                   revision=revision, private=private, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        # transformers uploads the whole output folder at each save (with args.push_to_hub): the model's files only
+        push_checkpoint_to_hub(self, checkpoint_folder)
 
 
 def _load_full_checkpoint(checkpoint, model) -> bool:
