@@ -138,7 +138,7 @@ def _remote_code_files(folder: Path, modules: list[str], what: str) -> dict[str,
             raise ValueError(f"{what} imports {module!r}, which is not a module of {folder}.")
         files[name] = _regular_file(folder / name, f"remote code that {what} needs")
         pending.extend(get_relative_imports(files[name]))
-    return files
+    return dict(sorted(files.items()))
 
 
 def _weights_files(folder: Path) -> dict[str, Path]:
@@ -366,7 +366,7 @@ def push_to_hub(
         operations, sources, processor = _collect_operations(folder, files, processor, staging)
         card = render_model_card(_config_of(files["config.json"]), repo_id, folder=folder, card_data=card_data,
                                  processor=processor)
-        sources["README.md"] = "the model card, rendered from hub_cards/model_card.md"
+        sources["README.md"] = "hub_cards/model_card.md (the model card, rendered)"
         if dry_run:
             if on_plan is not None:
                 on_plan(dict(sources))
