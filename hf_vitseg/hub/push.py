@@ -190,6 +190,11 @@ def upload_plan(folder: str | os.PathLike) -> tuple[dict[str, Path], dict[str, s
         raise FileNotFoundError(f"{folder} is not a folder. Pass a folder written by model.save_pretrained.")
     config_file = folder / "config.json"
     if not config_file.exists() and not config_file.is_symlink():
+        if (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"{folder} holds a LoRA adapter, not a model: merge it first (hf_vitseg.training.lora.load_lora("
+                "folder).merge_and_unload()), save the merged model with save_pretrained, and push that folder."
+            )
         raise FileNotFoundError(
             f"{folder} has no config.json: it is not a saved model folder. Save one with model.save_pretrained(folder)."
         )
