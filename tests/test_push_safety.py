@@ -257,6 +257,25 @@ def test_push_without_network_is_one_line(tmp_path, capsys, monkeypatch):
     assert "check the network" in lines[0]
 
 
+def test_a_refused_push_is_one_line_naming_the_token_flag(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    httpx2 = pytest.importorskip("httpx2", reason="huggingface_hub's HTTP library in this version")
+
+    def create_repo(api, repo_id, **kwargs):
+        response = httpx2.Response(401, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create"))
+        raise HfHubHTTPError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\n"
+                             "Invalid credentials in Authorization header", response=response)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    folder = model_folder(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["push", str(folder), REPO_ID]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "401 Client Error: Unauthorized" in lines[0] and "--token" in lines[0]
+
+
 # -- cards: where the backbone weights came from --------------------------------------------------------------
 
 
