@@ -1,7 +1,7 @@
 """ONNX export with dynamic height and width, checked against PyTorch with onnxruntime.
 
 `export_onnx(model, path)` runs `torch.export.export` with symbolic batch, height and width (height and width
-multiples of the backbone's patch size, or of the coarsest stride for hierarchical backbones), hands the
+multiples of `model.size_divisor`: the patch size, or the coarsest stride for hierarchical backbones), hands the
 exported program to `torch.onnx.export` (the dynamo exporter), and then runs the ONNX file with onnxruntime
 at the example size and at a second size, comparing with PyTorch. The second run is not a formality: when
 model code turns a symbolic size into a Python int, the exporter can bake the example's size into the graph
@@ -38,19 +38,6 @@ class _LogitsOnly(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values, return_dict=True).logits
-
-
-def size_divisor(model: nn.Module) -> int:
-    """What input height and width must be multiples of: the patch size, or a hierarchical backbone's
-    coarsest stride."""
-    backbone = getattr(model, "backbone", None)
-    divisor = getattr(backbone, "size_divisor", None)
-    if divisor is None:
-        patch = getattr(getattr(getattr(model, "config", None), "backbone_config", None), "patch_size", None)
-        divisor = patch[0] if isinstance(patch, (list, tuple)) else patch
-    if not isinstance(divisor, int):
-        raise ValueError("Cannot tell the model's patch size; is it a ViTSegForSemanticSegmentation?")
-    return divisor
 
 
 def check_exportable(model: nn.Module, dynamic: bool = True) -> None:
@@ -92,12 +79,12 @@ def check_exportable(model: nn.Module, dynamic: bool = True) -> None:
 
 
 def _example_input(model: nn.Module, example_size, batch_size: int) -> torch.Tensor:
-    divisor = size_divisor(model)
+    divisor = model.size_divisor
     if example_size is None:
         example_size = (4 * divisor, 6 * divisor)  # non-square, so height and width stay distinct symbols
     height, width = (int(s) for s in example_size)
     if height % divisor or width % divisor:
-        raise ValueError(f"example_size {example_size} must be multiples of {divisor} (the backbone's patch size).")
+        raise ValueError(f"example_size {example_size} must be multiples of model.size_divisor ({divisor}).")
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
     return torch.randn(batch_size, 3, height, width, generator=generator).to(parameter.device, parameter.dtype)
@@ -106,8 +93,8 @@ def _example_input(model: nn.Module, example_size, batch_size: int) -> torch.Ten
 def export_program(model: nn.Module, example_size: tuple[int, int] | None = None, dynamic: bool = True):
     """`torch.export.export` of `pixel_values -> logits`, with symbolic batch, height and width when `dynamic`.
 
-    Height and width are declared as `divisor * k` (k >= 1), so the program accepts every multiple of the patch
-    size. Raises `OnnxExportError` naming the head and torch.export's reason when it fails.
+    Height and width are declared as `model.size_divisor * k` (k >= 1), so the program accepts every multiple of
+    it. Raises `OnnxExportError` naming the head and torch.export's reason when it fails.
     """
     check_exportable(model, dynamic)
     model = model.eval()
@@ -115,7 +102,7 @@ def export_program(model: nn.Module, example_size: tuple[int, int] | None = None
     example = _example_input(model, example_size, batch_size=2 if dynamic else 1)
     dynamic_shapes = None
     if dynamic:
-        divisor = size_divisor(model)
+        divisor = model.size_divisor
         max_side = 16384 // divisor
         height = torch.export.Dim("height_patches", min=1, max=max_side)
         width = torch.export.Dim("width_patches", min=1, max=max_side)
@@ -155,8 +142,9 @@ def export_onnx(
     Args:
         model: a `ViTSegForSemanticSegmentation` (put in eval mode here).
         path: the `.onnx` file to write.
-        example_size: `(height, width)` of the example input, multiples of the patch size; default 4 x 6 patches.
-        dynamic: symbolic batch, height and width (every multiple of the patch size); `False` fixes the input to
+        example_size: `(height, width)` of the example input, multiples of `model.size_divisor`; default 4 x 6 of
+            them.
+        dynamic: symbolic batch, height and width (every multiple of `model.size_divisor`); `False` fixes the input to
             batch 1 at `example_size`.
         opset_version: ONNX opset; default the exporter's.
         check: run the file with onnxruntime at the example size and, when `dynamic`, at a second size (one
@@ -195,7 +183,7 @@ def export_onnx(
             warnings.warn("onnxruntime is not installed: the exported file was not checked (pip install onnxruntime).")
             return path
         height, width = example.shape[-2:]
-        divisor = size_divisor(model)
+        divisor = model.size_divisor
         sizes = [(height, width)]
         if dynamic:
             sizes.append((height + divisor, max(divisor, width - divisor)))

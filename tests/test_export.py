@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 import hf_vitseg
-from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
+from hf_vitseg import ViTSegForSemanticSegmentation
 from hf_vitseg.export import OnnxExportError, check_exportable, export_onnx
 
-from conftest import builtin_heads, tiny_backbone_config
+from conftest import builtin_heads, tiny_model
 
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX tests need the onnx extra: pip install hf-vitseg[onnx]")
@@ -20,11 +20,10 @@ EXAMPLE = (32, 48)  # 4 x 6 patches of 8 pixels
 OTHER = (56, 40)  # 7 x 5 patches: taller and narrower, odd grid
 
 
-def build(head: str) -> ViTSegForSemanticSegmentation:
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head=head, num_labels=3)
-    model = ViTSegForSemanticSegmentation(config).eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval-mode normalisation is exercised
+def with_batchnorm_statistics(model: ViTSegForSemanticSegmentation) -> ViTSegForSemanticSegmentation:
+    """`model` in eval mode with non-trivial BatchNorm statistics, so eval-mode normalisation is exercised."""
+    model.eval()
+    with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
@@ -45,7 +44,7 @@ def onnx_max_error(model, path, size, batch_size):
 @pytest.mark.slow
 @pytest.mark.parametrize("head", HEADS)
 def test_onnx_export_with_dynamic_size_matches_pytorch(head, tmp_path):
-    model = build(head)
+    model = with_batchnorm_statistics(tiny_model(head))
     path = tmp_path / f"{head}.onnx"
     # Every shipped head exports with dynamic height and width (upernet's pyramid pooling is matmul-based for it).
     export_onnx(model, path, example_size=EXAMPLE)  # checks with onnxruntime itself; here, independently:
@@ -59,7 +58,7 @@ def test_torch_compile_matches_eager(head):
     # backend="aot_eager": Dynamo's graph capture and AOTAutograd (functionalisation, decompositions), where model
     # code breaks, without Inductor's C++ code generation, which took 130 s for the linear head alone on the
     # shared 2-core CI machine (aot_eager: 7 s).
-    model = build(head)
+    model = with_batchnorm_statistics(tiny_model(head))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
     pixel_values = torch.randn(2, 3, *EXAMPLE, generator=torch.Generator().manual_seed(2))
@@ -69,7 +68,7 @@ def test_torch_compile_matches_eager(head):
 
 
 def test_a_head_that_declares_itself_not_exportable(tmp_path):
-    model = build("linear")
+    model = with_batchnorm_statistics(tiny_model("linear"))
 
     class NotExportable(type(model.head)):
         onnx_exportable = False
@@ -89,7 +88,7 @@ def test_a_head_that_declares_itself_not_exportable(tmp_path):
 
 
 def test_adaptive_pooling_blocks_a_dynamic_export_only():
-    model = build("linear")
+    model = with_batchnorm_statistics(tiny_model("linear"))
     model.head.global_pool = nn.AdaptiveAvgPool2d(1)  # global pooling exports fine at any size
     check_exportable(model, dynamic=True)
     model.head.grid_pool = nn.AdaptiveAvgPool2d((2, 3))
@@ -99,5 +98,5 @@ def test_adaptive_pooling_blocks_a_dynamic_export_only():
 
 
 def test_example_size_must_be_a_patch_multiple(tmp_path):
-    with pytest.raises(ValueError, match="multiples of 8"):
-        export_onnx(build("linear"), tmp_path / "x.onnx", example_size=(30, 48))
+    with pytest.raises(ValueError, match=r"multiples of model.size_divisor \(8\)"):
+        export_onnx(with_batchnorm_statistics(tiny_model("linear")), tmp_path / "x.onnx", example_size=(30, 48))

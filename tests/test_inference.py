@@ -137,14 +137,16 @@ def test_window_starts_cover_the_axis_and_end_on_the_border(length):
 
 
 def test_crop_size_must_be_a_patch_multiple():
-    with pytest.raises(ValueError, match="multiple of the patch size"):
+    with pytest.raises(ValueError, match="multiple of the model's size divisor 14"):
         sliding_window_inference(PatchConvModel(), images(1, 56, 56), crop_size=50, stride=25, patch_size=PATCH)
 
 
-def test_patch_size_is_read_from_the_model_config():
+def test_size_divisor_is_read_from_the_model():
     model = PatchConvModel().eval()
-    model.config = types.SimpleNamespace(backbone_config=types.SimpleNamespace(patch_size=PATCH))
-    with pytest.raises(ValueError, match="multiple of the patch size 14"):
+    with pytest.raises(ValueError, match="PatchConvModel has no `size_divisor`.*pass patch_size="):
+        sliding_window_inference(model, images(1, 56, 56), crop_size=28, stride=14)
+    model.size_divisor = PATCH  # ViTSegForSemanticSegmentation's property: the one place that says it
+    with pytest.raises(ValueError, match="multiple of the model's size divisor 14"):
         sliding_window_inference(model, images(1, 56, 56), crop_size=50, stride=25)
     assert sliding_window_inference(model, images(1, 56, 56), crop_size=28, stride=14).shape == (1, 3, 56, 56)
 

@@ -106,22 +106,17 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | 
     return model.eval()
 
 
-def load_image_processor(name_or_path: str | os.PathLike, model=None, **kwargs):
-    """The image processor saved beside a model, or, when there is none, a `ViTSegImageProcessor` with the
-    model backbone's patch size (and a warning: its mean / std are ImageNet's, which suits ViT, DeiT and
-    DINOv2/v3 but not SAM)."""
-    import warnings
+def load_image_processor(name_or_path: str | os.PathLike, model=None):
+    """The image processor for the model saved at `name_or_path`: `ViTSegImageProcessor.for_model(model,
+    folder=name_or_path)`, i.e. the processor saved beside it, else one built for the model (its size divisor,
+    `ignore_index` and the backbone's mean and std), with a warning.
 
+    Args:
+        name_or_path: the model's folder or Hub repo id.
+        model: the loaded model; default `load_model(name_or_path)`.
+    """
     from ..modeling import ViTSegImageProcessor
 
-    if os.path.isdir(name_or_path) and not (Path(name_or_path) / "preprocessor_config.json").is_file():
-        patch_size = getattr(getattr(getattr(model, "config", None), "backbone_config", None), "patch_size", 14)
-        warnings.warn(
-            f"{name_or_path} has no preprocessor_config.json; using ViTSegImageProcessor(patch_size={patch_size}) "
-            "with ImageNet mean and std. Save the processor you trained with beside the model "
-            "(processor.save_pretrained(folder)) to make this exact."
-        )
-        return ViTSegImageProcessor(patch_size=int(patch_size))
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
+    if model is None:
+        model = load_model(name_or_path)
+    return ViTSegImageProcessor.for_model(model, folder=name_or_path)

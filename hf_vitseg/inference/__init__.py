@@ -1,7 +1,7 @@
 """Inference beyond one forward pass: the pipeline, sliding windows, test-time augmentation, overlays."""
 
-from .overlay import colorize, make_palette, overlay, side_by_side
 from ..modeling.pipeline_vitseg import ViTSegSegmentationPipeline, segmentation_pipeline
+from .overlay import colorize, make_palette, overlay, side_by_side
 from .sliding_window import (
     forward_logits,
     gaussian_importance_map,
@@ -9,7 +9,6 @@ from .sliding_window import (
     sliding_window_starts,
 )
 from .tta import predict_logits
-
 
 __all__ = [
     "ViTSegSegmentationPipeline",

@@ -1,8 +1,9 @@
 """Plain and sliding-window inference for segmentation models.
 
 The model contract: `model(pixel_values=x)` with `x` of shape `(B, 3, H, W)`, `H` and `W` multiples
-of the patch size, returns an object with `.logits` of shape `(B, num_labels, h', w')` at the
-head's natural (coarser) resolution. Callers upsample bilinearly (`align_corners=False`) to the
+of `model.size_divisor` (the patch size, or a hierarchical backbone's coarsest stride), returns an
+object with `.logits` of shape `(B, num_labels, h', w')` at the head's natural (coarser) resolution.
+Callers upsample bilinearly (`align_corners=False`, `hf_vitseg.modeling.head_base.resize`) to the
 input size; `forward_logits` is that plain inference, and `sliding_window_inference` is its
 memory-bounded counterpart for images larger than the resolution the model was trained at.
 
@@ -20,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
+from ..modeling.head_base import resize
+
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
@@ -28,17 +31,17 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return pair
 
 
-def resolve_patch_size(model: torch.nn.Module, patch_size: int | None) -> int:
-    """`patch_size` if given, else `model.config.backbone_config.patch_size`."""
+def resolve_size_divisor(model: torch.nn.Module, patch_size: int | None) -> int:
+    """`patch_size` if given, else `model.size_divisor`: what input height and width must be multiples of (the
+    patch size, or a hierarchical backbone's coarsest stride; a PEFT model forwards it)."""
     if patch_size is not None:
         return patch_size
-    backbone_config = getattr(getattr(model, "config", None), "backbone_config", None)
-    patch_size = getattr(backbone_config, "patch_size", None)
-    if not isinstance(patch_size, int):
+    divisor = getattr(model, "size_divisor", None)
+    if not isinstance(divisor, int):
         raise ValueError(
-            "Cannot read the patch size from model.config.backbone_config.patch_size; pass patch_size=."
+            f"{type(model).__name__} has no `size_divisor` (what input sizes must be multiples of); pass patch_size=."
         )
-    return patch_size
+    return divisor
 
 
 def resolve_device(model: torch.nn.Module, device: torch.device | str | None, fallback: torch.device) -> torch.device:
@@ -59,17 +62,14 @@ def forward_logits(
 
     Args:
         model: a segmentation model honouring the contract above (call `model.eval()` first).
-        pixel_values: `(B, 3, H, W)`, `H` and `W` multiples of the patch size.
+        pixel_values: `(B, 3, H, W)`, `H` and `W` multiples of `model.size_divisor`.
         output_size: `(H_out, W_out)`; default the input size `(H, W)`.
 
     Returns:
         float32 logits `(B, num_labels, H_out, W_out)`.
     """
     logits = model(pixel_values=pixel_values).logits.float()  # (B, C, h', w')
-    output_size = tuple(output_size or pixel_values.shape[-2:])
-    if tuple(logits.shape[-2:]) == output_size:
-        return logits
-    return F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+    return resize(logits, output_size or pixel_values.shape[-2:])
 
 
 def sliding_window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -150,8 +150,8 @@ def sliding_window_inference(
         model: a segmentation model honouring the module's contract (call `model.eval()` first).
         pixel_values: `(B, 3, H, W)`, any `H` and `W`.
         num_labels: the number of channels of the logits; default read from the first window.
-        crop_size: `(h, w)` window size (or one int), multiples of the patch size: the resolution
-            the model was trained at, e.g. 518 for DINOv2 at patch 14.
+        crop_size: `(h, w)` window size (or one int), multiples of `model.size_divisor`: the
+            resolution the model was trained at, e.g. 518 for DINOv2 at patch 14.
         stride: `(sh, sw)` step between windows (or one int), at most the crop size so that windows
             overlap or touch; 2/3 of the crop is a common choice.
         blend: `"uniform"` (every window counts the same) or `"gaussian"` (nnU-Net's importance
@@ -161,7 +161,7 @@ def sliding_window_inference(
             before the processor resized it); default the input size. When given (or when the
             image is padded), the `(num_labels, H, W)` buffer is a temporary per image, on top of
             the output.
-        patch_size: the backbone's patch size; default `model.config.backbone_config.patch_size`.
+        patch_size: what window sides must be multiples of; default `model.size_divisor`.
         device: where the windows run; default the model's device. The accumulation buffer and the
             result stay on `pixel_values.device`, so a large image can stay in CPU memory while its
             windows run on a GPU.
@@ -171,9 +171,12 @@ def sliding_window_inference(
     """
     crop_h, crop_w = _pair(crop_size, "crop_size")
     stride_h, stride_w = _pair(stride, "stride")
-    patch_size = resolve_patch_size(model, patch_size)
+    patch_size = resolve_size_divisor(model, patch_size)
     if crop_h % patch_size or crop_w % patch_size:
-        raise ValueError(f"crop_size {(crop_h, crop_w)} must be a multiple of the patch size {patch_size}.")
+        raise ValueError(
+            f"crop_size {(crop_h, crop_w)} must be a multiple of the model's size divisor {patch_size} (the patch "
+            "size, or a hierarchical backbone's coarsest stride)."
+        )
     if stride_h > crop_h or stride_w > crop_w:
         raise ValueError(f"stride {(stride_h, stride_w)} larger than crop_size {(crop_h, crop_w)} leaves pixels unseen.")
     if blend not in ("uniform", "gaussian"):
@@ -240,8 +243,6 @@ def sliding_window_inference(
             accumulated[:, rows].div_(weight_sum_h[rows, None] * weight_sum_w[None, :])
         if not accumulate_in_output:
             blended = accumulated[None, :, :height, :width]
-            if (height, width) != output_size:
-                blended = F.interpolate(blended, size=output_size, mode="bilinear", align_corners=False)
-            output[image_index] = blended[0]
+            output[image_index] = resize(blended, output_size)[0]
         del accumulated
     return output

@@ -8,7 +8,13 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
-from .sliding_window import forward_logits, resolve_device, resolve_patch_size, sliding_window_inference
+from ..modeling.head_base import resize
+from .sliding_window import (
+    forward_logits,
+    resolve_device,
+    resolve_size_divisor,
+    sliding_window_inference,
+)
 
 
 def _view_logits(
@@ -23,8 +29,7 @@ def _view_logits(
     height, width = pixel_values.shape[-2:]
     image = pixel_values
     if scale != 1.0:
-        scaled_size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        image = F.interpolate(image, size=scaled_size, mode="bilinear", align_corners=False)
+        image = resize(image, (max(1, round(height * scale)), max(1, round(width * scale))))
     scaled_h, scaled_w = image.shape[-2:]
     if sliding_window is not None:
         # Windows have the crop size whatever the image size, so no padding to a patch multiple here.
@@ -32,9 +37,7 @@ def _view_logits(
     else:
         padded = F.pad(image, (0, -scaled_w % patch_size, 0, -scaled_h % patch_size))
         logits = forward_logits(model, padded.to(device)).to(image.device)[..., :scaled_h, :scaled_w]
-    if (scaled_h, scaled_w) != (height, width):
-        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-    return logits
+    return resize(logits, (height, width))
 
 
 @torch.inference_mode()
@@ -51,7 +54,7 @@ def predict_logits(
 
     Every view (each scale, and its horizontal mirror when `flip`) is predicted at the input size:
     the image is rescaled bilinearly (`align_corners=False`), then either zero-padded at the bottom
-    / right to a patch multiple for plain inference, the padding cropped from the logits, or run
+    / right to a multiple of `model.size_divisor` for plain inference, the padding cropped from the logits, or run
     through `sliding_window_inference`, whose windows need no such padding; the logits are resized
     back to `(H, W)` and, for a mirrored view, flipped back. The views are then averaged as
     **probabilities**, not logits: a view that is unsure cannot outvote a confident one by the scale
@@ -70,7 +73,7 @@ def predict_logits(
         flip: also predict the horizontally mirrored image of every scale.
         sliding_window: `None` for plain inference of each whole view, or the keyword arguments of
             `sliding_window_inference` (`crop_size`, `stride`, `blend`, optionally `batch_size`).
-        patch_size: the backbone's patch size; default `model.config.backbone_config.patch_size`.
+        patch_size: what view sides are padded to multiples of; default `model.size_divisor`.
         device: where the model runs; default the model's device. The result stays on
             `pixel_values.device`.
 
@@ -79,7 +82,7 @@ def predict_logits(
     """
     if not scales or any(scale <= 0 for scale in scales):
         raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}.")
-    patch_size = resolve_patch_size(model, patch_size)
+    patch_size = resolve_size_divisor(model, patch_size)
     device = resolve_device(model, device, pixel_values.device)
     views = [(scale, mirrored) for scale in scales for mirrored in ((False, True) if flip else (False,))]
 

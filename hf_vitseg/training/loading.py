@@ -1,5 +1,10 @@
 """Models and processors for training and evaluation: a model given as is or loaded from a folder (LoRA
-folders included), the processor that goes with it, and the dataset check against both."""
+folders included), the processor that goes with it, and the dataset check against both.
+
+Inference loads with `hf_vitseg.hub.load_model` (checked folder, eval mode); training and evaluation load with
+`load_trainable_model`, which also opens the LoRA recipe's folders. Both check a local folder the same way
+(`hf_vitseg.hub.loading.check_model_folder`), so a broken file gets the same message whichever command met it.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +12,32 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
-from ..modeling import ViTSegForSemanticSegmentation, ViTSegImageProcessor
 from ..data.datasets import validate_dataset
+from ..hub.loading import load_config
+from ..modeling import ViTSegForSemanticSegmentation, ViTSegImageProcessor
+from ..unwrap import unwrap_model
 from .lora import VITSEG_CONFIG_FILE, load_lora
 
 
 # -- model and processor ----------------------------------------------------------------------------------------
 def load_trainable_model(model_or_path):
-    """A `ViTSegForSemanticSegmentation` given as is, or loaded from a saved folder (or Hub id); a folder that
-    `save_lora` wrote (the LoRA recipe's output) comes back as a trainable `PeftModel` (`lora.load_lora`)."""
+    """A `ViTSegForSemanticSegmentation` to train or evaluate: given as is, or loaded from a saved folder (checked
+    first, see `check_model_folder`) or Hub id; a folder that `save_lora` wrote (the LoRA recipe's output) comes
+    back as a trainable `PeftModel` (`lora.load_lora`).
+
+    Args:
+        model_or_path: a model (returned unchanged), a folder written by `save_pretrained` / `save_lora`, or a
+            Hub repo id.
+
+    Raises:
+        ValueError: the folder holds another kind of model, or a broken file (named).
+    """
     if isinstance(model_or_path, torch.nn.Module):
         return model_or_path
     if all((Path(model_or_path) / name).is_file() for name in ("adapter_config.json", VITSEG_CONFIG_FILE)):
         return load_lora(model_or_path, is_trainable=True)
-    model_type = AutoConfig.from_pretrained(model_or_path).model_type
+    model_type = load_config(model_or_path).model_type
     if model_type != "vitseg":
         raise ValueError(
             f"{model_or_path} holds a {model_type!r} model, not a ViTSeg segmentation model. Build one on this "
@@ -32,43 +47,21 @@ def load_trainable_model(model_or_path):
     return ViTSegForSemanticSegmentation.from_pretrained(model_or_path)
 
 
-def default_processor(model) -> ViTSegImageProcessor:
-    """A `ViTSegImageProcessor` for `model`: its patch size and `ignore_index`, and the mean and std of the
-    backbone's own image processor when the backbone's folder (`config.backbone_name_or_path`) has one
-    (ImageNet statistics otherwise)."""
-    model = unwrap_model(model)
-    kwargs = {"patch_size": model.size_divisor, "ignore_index": model.config.ignore_index}
-    backbone = getattr(model.config, "backbone_name_or_path", None)
-    if backbone:
-        try:
-            backbone_processor, _ = ViTSegImageProcessor.get_image_processor_dict(backbone)
-        except OSError:  # no preprocessor_config.json there (or the Hub is out of reach): keep ImageNet's
-            backbone_processor = {}
-        kwargs.update({k: backbone_processor[k] for k in ("image_mean", "image_std") if k in backbone_processor})
-    return ViTSegImageProcessor(**kwargs)
-
-
 def resolve_processor(processor, model, model_or_path=None) -> ViTSegImageProcessor:
-    """`processor`, else the one saved beside `model_or_path`, else `default_processor(model)`; checked
-    against the model (patch size, `ignore_index`)."""
-    if processor is None and isinstance(model_or_path, (str, os.PathLike)):
-        if (Path(model_or_path) / "preprocessor_config.json").is_file():
-            processor = ViTSegImageProcessor.from_pretrained(model_or_path)
+    """`processor` checked against `model` (`ViTSegImageProcessor.check_model`), or, when it is `None`,
+    `ViTSegImageProcessor.for_model(model, folder=model_or_path)`: the one saved with the model, else one built
+    for it.
+
+    Args:
+        processor: the processor the caller chose, or `None`.
+        model: the model (a PEFT model around one works too).
+        model_or_path: where the model came from, when it was loaded (a folder or Hub id).
+    """
     if processor is None:
-        return default_processor(model)
-    divisor, config = unwrap_model(model).size_divisor, unwrap_model(model).config
-    patch_size = getattr(processor, "patch_size", None)
-    if patch_size is not None and patch_size % divisor:
-        raise ValueError(
-            f"The image processor pads to multiples of {patch_size}, but the model needs multiples of {divisor}: "
-            f"set processor.patch_size = {divisor} (or a multiple of it)."
-        )
-    processor_ignore = getattr(processor, "ignore_index", config.ignore_index)
-    if processor_ignore != config.ignore_index:
-        raise ValueError(
-            f"The image processor pads labels with ignore_index={processor_ignore}, but the model ignores "
-            f"{config.ignore_index}: make them agree (processor.ignore_index = model.config.ignore_index)."
-        )
+        folder = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else None
+        return ViTSegImageProcessor.for_model(model, folder=folder)
+    if isinstance(processor, ViTSegImageProcessor):
+        processor.check_model(model)
     return processor
 
 
@@ -81,8 +74,4 @@ def validate(dataset, config, processor, name: str) -> None:
         raise ValueError(f"{name}: {error}") from error
 
 
-def unwrap_model(model):
-    """The ViTSeg model inside a PEFT model (LoRA recipe), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
+__all__ = ["load_trainable_model", "resolve_processor", "unwrap_model", "validate"]
