@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from ..modeling.head_base import resize
 
 
 MEAN_IOU_MODULE_DIR = Path(__file__).parent / "vitseg_mean_iou"
@@ -137,17 +138,12 @@ class ConfusionMatrix:
 def _upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, C, h, w) logits -> (B, H, W) int64 class map.
 
-    Bilinear, `align_corners=False`, as the loss and `post_process_semantic_segmentation` do. One image
-    at a time, so that a single full-resolution logit map is alive at once (C x H x W floats).
+    Bilinear, `align_corners=False` (`head_base.resize`), as the loss and `post_process_semantic_segmentation`
+    do. One image at a time, so that a single full-resolution logit map is alive at once (C x H x W floats).
     """
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits.argmax(dim=1)
-    return torch.cat(
-        [
-            F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False).argmax(dim=1)
-            for image in logits
-        ]
-    )
+    return torch.cat([resize(image[None].float(), size).argmax(dim=1) for image in logits])
 
 
 def preprocess_logits_for_metrics(logits, labels) -> torch.Tensor:
