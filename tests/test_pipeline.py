@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation, ViTSegImageProcessor
+from hf_vitseg import ViTSegImageProcessor
 from hf_vitseg.cli import main
 from hf_vitseg.hub import load_model
 from hf_vitseg.cli.predict import predict_label_map
 from hf_vitseg.modeling.pipeline_vitseg import ViTSegSegmentationPipeline, segmentation_pipeline
 
-from conftest import tiny_backbone_config
+from conftest import tiny_model
 
 
 ID2LABEL = {0: "sky", 1: "tree", 2: "road"}
@@ -30,10 +30,8 @@ PATCH = 8
 
 
 def save_model(folder: Path, num_labels: int = 3, id2label=None, **config_kwargs) -> Path:
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="linear", num_labels=num_labels,
-                          id2label=id2label if id2label is not None else ID2LABEL, **config_kwargs)
-    ViTSegForSemanticSegmentation(config).eval().save_pretrained(folder)
+    model = tiny_model(num_labels=num_labels, id2label=id2label if id2label is not None else ID2LABEL, **config_kwargs)
+    model.save_pretrained(folder)
     ViTSegImageProcessor(patch_size=PATCH).save_pretrained(folder)
     return folder
 
