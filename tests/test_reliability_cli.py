@@ -43,7 +43,8 @@ def assert_one_line_error(status: int, err: str, *expected: str) -> None:
     assert lines[0].startswith("hf-vitseg "), err
     for word in expected:
         assert word in lines[0], (word, err)
-    for python_spelling in ("on_unmatched=", "mask_suffix=", "crop_size", "images_dir", "overwrite_output_dir="):
+    for python_spelling in ("on_unmatched=", "mask_suffix=", "crop_size", "images_dir", "overwrite_output_dir=",
+                            "train_dataset"):
         assert python_spelling not in lines[0], (python_spelling, err)
 
 
@@ -142,7 +143,7 @@ USER_ERRORS = {
     # case: (command built from env and tmp_path, words the one-line message must hold)
     "head_kwargs_wrong_type": (
         lambda env, tmp: train_command(env, tmp / "o", "--head", "mlp", "--head-kwargs", '{"channels": "abc"}'),
-        ["--head-kwargs"]),
+        ['--head-kwargs {"channels": "abc"}', "'mlp'"]),
     "head_kwargs_not_an_object": (
         lambda env, tmp: train_command(env, tmp / "o", "--head-kwargs", "[1, 2]"), ["--head-kwargs"]),
     "device_cuda_without_cuda": (lambda env, tmp: evaluate_command(env, "--device", "cuda"), ["--device cuda"]),
@@ -181,7 +182,8 @@ USER_ERRORS = {
     "truncated_training_image": (
         lambda env, tmp: train_command(env, tmp / "o")[:5] + [
             "--train-images", _truncated_image_folder(env) / "images", "--train-masks",
-            _truncated_image_folder(env) / "masks", "--output-dir", tmp / "o", "--cpu"], ["001.png", "truncated"]),
+            _truncated_image_folder(env) / "masks", "--output-dir", tmp / "o", "--cpu"],
+        ["training data", "001.png", "truncated"]),
     "negative_epochs": (lambda env, tmp: train_command(env, tmp / "o", "--epochs", "-1"), ["--epochs"]),
     "nan_lr": (lambda env, tmp: train_command(env, tmp / "o", "--lr", "nan"), ["--lr"]),
     "zero_batch_size_train": (lambda env, tmp: train_command(env, tmp / "o", "--batch-size", "0"), ["--batch-size"]),

@@ -37,6 +37,8 @@ PYTHON_TO_FLAG = {
     "Drop resume (--resume)": "Drop --resume",
     "pass resume=True": "pass --resume",
     "sliding_window needs crop_size": "--sliding-window needs --crop-size",
+    "train_dataset: ": "training data: ",
+    "eval_dataset: ": "evaluation data: ",
 }
 
 

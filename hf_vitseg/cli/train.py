@@ -159,6 +159,11 @@ def _train_from_args(args: argparse.Namespace) -> dict:
         except (TypeError, ValueError, KeyError, RuntimeError) as error:
             # the config's own words name its fields; on the command line --ignore-index sets that one
             message = str(error).replace("ignore_index=", "--ignore-index ")
+            if isinstance(error, TypeError) and args.head_kwargs:  # a value of the wrong type reached the head
+                raise CliError(
+                    f"--head-kwargs {json.dumps(args.head_kwargs)}: head {head!r} cannot be built with these values "
+                    f"({message}); check each value's type in the head's docstring (numbers without quotes)."
+                ) from error
             raise CliError(f"{_model_flags(args)} do not build a model: {message}") from error
         model_path = None
     else:
@@ -244,10 +249,11 @@ def _check_resume_settings(args, model) -> None:
 
 def _model_flags(args) -> str:
     """The flags that set up the model, as given: what to check when it cannot be built."""
-    given = [flag for flag, value in (("--head", args.head), ("--head-kwargs", args.head_kwargs),
-                                      ("--config", args.config), ("--ignore-index", args.ignore_index),
-                                      ("--recipe", args.recipe)) if value is not None]
-    return " / ".join([f"--backbone {args.backbone}", *given])
+    given = [f"{flag} {value if isinstance(value, (str, int)) else json.dumps(value)}"
+             for flag, value in (("--head", args.head), ("--head-kwargs", args.head_kwargs), ("--config", args.config),
+                                 ("--ignore-index", args.ignore_index), ("--recipe", args.recipe))
+             if value is not None]
+    return " ".join([f"--backbone {args.backbone}", *given])
 
 
 def _label_kwargs(args) -> dict:
