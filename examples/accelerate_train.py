@@ -49,7 +49,7 @@ from hf_vitseg.data.collator import SegmentationCollator
 from hf_vitseg.training.loading import resolve_processor, unwrap_model, validate
 from hf_vitseg.training.metrics import ConfusionMatrix, preprocess_logits_for_metrics
 from hf_vitseg.training.optim import param_groups, poly_schedule_with_warmup
-from hf_vitseg.training.run_dir import clear_run, resolve_output_dir
+from hf_vitseg.training.run_dir import clear_run, record_run_files, resolve_output_dir, snapshot_files
 
 
 def default_accelerator(**accelerator_kwargs):
@@ -183,8 +183,10 @@ def train_with_accelerate(
         if accelerator.is_main_process:
             if overwrite_output_dir:
                 clear_run(output_dir)
+            before = snapshot_files(output_dir)
             model.save_pretrained(output_dir)
             processor.save_pretrained(output_dir)
+            record_run_files(output_dir, before)  # the run manifest: what a later overwrite may delete
         accelerator.wait_for_everyone()
     return model, metrics
 

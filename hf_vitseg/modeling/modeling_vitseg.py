@@ -30,6 +30,7 @@ from .configuration_vitseg import ViTSegConfig
 from .head_base import BaseHead, ConvNormAct, get_head_class
 from .losses import segmentation_loss
 from .neck import PyramidNeck
+from .saving_vitseg import save_folder_safely
 
 
 class ViTSegPreTrainedModel(PreTrainedModel):
@@ -211,17 +212,44 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         return model
 
     # -- save with user heads ---------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the source of a user-registered head when remote code is saved.
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None,
+                        push_to_hub: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained` that loses nothing, plus the source of a user-registered head.
+
+        The save is written to a staging folder beside `save_directory` and moved in only when complete
+        (`saving_vitseg.save_folder_safely`): a save that fails midway leaves the previous model loadable, and
+        a save that would replace a file hf-vitseg did not write (a `heads.py` or `config.json` of the user's)
+        is refused, naming the files. `.hf_vitseg_files.json` lists what the save wrote.
 
         If the head class lives outside hf-vitseg, its module file is copied beside the modeling files (with
         `hf_vitseg` imports rewritten to the flat sibling files) and imported from the saved
         `configuration_vitseg.py`, so `trust_remote_code=True` loading works where hf-vitseg is not installed.
+
+        Args:
+            save_directory: the folder to save to (created if needed).
+            is_main_process, state_dict: as for `PreTrainedModel.save_pretrained`.
+            push_to_hub: after saving, upload with `push_to_hub` (`repo_id` keyword, default: the folder name).
+            **kwargs: `PreTrainedModel.save_pretrained`'s other arguments.
         """
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if getattr(self, "_auto_class", None) is not None:
-            _save_user_head_source(type(self.head), Path(save_directory))
-        return result
+        parent_save = super().save_pretrained
+        if not is_main_process or kwargs.get("distributed_checkpoint"):
+            # other ranks write nothing; a distributed checkpoint is written by every rank at once
+            return parent_save(save_directory, is_main_process, state_dict, push_to_hub, **kwargs)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "create_pr") if k in kwargs}
+
+        def write(folder: str) -> None:
+            parent_save(folder, state_dict=state_dict, **kwargs)
+            if getattr(self, "_auto_class", None) is not None:
+                _save_user_head_source(type(self.head), Path(folder))
+                # the exact-geometry pipeline for pipeline("image-segmentation", folder, trust_remote_code=True)
+                from .pipeline_vitseg import add_to_saved_model
+
+                add_to_saved_model(folder)
+
+        save_folder_safely(write, save_directory)
+        if push_to_hub:
+            self.push_to_hub(hub_kwargs.pop("repo_id", Path(save_directory).name), token=kwargs.get("token"),
+                             **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """`PreTrainedModel.push_to_hub` through hf-vitseg's push when hf-vitseg is installed: the same files as

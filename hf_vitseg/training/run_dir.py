@@ -1,26 +1,35 @@
-"""The output folder of a training run: what it holds, what to resume from, what an overwrite may delete."""
+"""The output folder of a training run: what it holds, what to resume from, what an overwrite may delete.
+
+A run records every file it writes (checkpoints as they are saved, the final model at the end) in the run
+manifest `RUN_MANIFEST` (`.hf_vitseg_run.json`), a JSON list of paths relative to the folder. An overwrite
+deletes exactly those files and the folders they leave empty: a file of the user's beside the run, or inside
+one of its checkpoint folders, stays whatever its name.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
+from ..unwrap import unwrap_model
 from .lora import VITSEG_CONFIG_FILE
-from .loading import unwrap_model
-
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# Files a finished run leaves in its output folder (beside its checkpoint-* folders). They mark the folder
-# as holding a run, and they are what `overwrite_output_dir=True` removes; anything else stays.
-RUN_FILE_PATTERNS = (
-    "config.json", "*.safetensors", "model.safetensors.index.json", "adapter_config.json", VITSEG_CONFIG_FILE,
-    "preprocessor_config.json", "trainer_state.json", "training_args.bin", "*_results.json",
+RUN_MANIFEST = ".hf_vitseg_run.json"
+# Files that mark a folder as holding a saved model or run even without a manifest (a run of an hf-vitseg
+# that kept none, or a model saved by hand): refused as an output folder unless resume says to continue it.
+RUN_MARKERS = (
+    "config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json", VITSEG_CONFIG_FILE,
+    "trainer_state.json",
 )
 # What Trainer writes last into a checkpoint: a checkpoint folder without it was cut short (killed mid-save).
 CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"
+
 
 # -- output folder and checkpoints --------------------------------------------------------------------------
 def list_checkpoints(output_dir) -> list[Path]:
@@ -44,11 +53,82 @@ def find_last_checkpoint(output_dir) -> Path | None:
     return complete[-1] if complete else None
 
 
-def _run_files(output_dir: Path) -> list[Path]:
+# -- the run manifest -------------------------------------------------------------------------------------
+def snapshot_files(output_dir) -> dict[str, tuple[int, int]]:
+    """`{relative path: (size, mtime_ns)}` of every file under `output_dir` (symlinks as links, not followed):
+    what was there before a run, so that what the run wrote is what is new or changed afterwards."""
+    output_dir = Path(output_dir)
+    found = {}
+    for folder, _, names in os.walk(output_dir):
+        for name in names:
+            path = Path(folder, name)
+            if path.name == RUN_MANIFEST and path.parent == output_dir:
+                continue
+            stat = path.lstat()
+            found[path.relative_to(output_dir).as_posix()] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def read_run_manifest(output_dir) -> list[str] | None:
+    """The files a run recorded in `output_dir` (relative paths), or `None` when there is no manifest.
+
+    Raises when the manifest is unreadable or names a path outside the folder: an overwrite must never
+    delete by a guess."""
+    manifest = Path(output_dir) / RUN_MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{manifest} is not a run manifest hf-vitseg can read ({error}); delete the previous run "
+                         "yourself or choose another output_dir.") from None
+    for entry in entries:
+        if not isinstance(entry, str) or Path(entry).is_absolute() or ".." in Path(entry).parts or not entry:
+            raise ValueError(f"{manifest} names {entry!r}, outside the folder; delete the previous run yourself "
+                             "or choose another output_dir.")
+    return entries
+
+
+def record_run_files(output_dir, before: dict[str, tuple[int, int]]) -> None:
+    """Add the files under `output_dir` that are new or changed since the snapshot `before` to the run manifest
+    (what the run wrote); entries whose files are gone (rotated checkpoints) are dropped."""
+    output_dir = Path(output_dir)
+    now = snapshot_files(output_dir)
+    written = {path for path, stat in now.items() if before.get(path) != stat}
+    recorded = {path for path in read_run_manifest(output_dir) or [] if path in now}
+    manifest = output_dir / RUN_MANIFEST
+    temporary = manifest.with_name(manifest.name + ".tmp")
+    temporary.write_text(json.dumps({"files": sorted(recorded | written)}, indent=1) + "\n")
+    os.replace(temporary, manifest)  # a run killed mid-write leaves the previous manifest, never half of one
+
+
+class RunManifestCallback(TrainerCallback):
+    """Records each checkpoint Trainer saves in the run manifest of `output_dir` (main process only).
+
+    Args:
+        output_dir: the run's output folder.
+        before: `snapshot_files(output_dir)` taken before the run wrote anything.
+    """
+
+    def __init__(self, output_dir, before: dict[str, tuple[int, int]]):
+        self.output_dir = Path(output_dir)
+        self.before = before
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            record_run_files(self.output_dir, self.before)
+
+
+def _previous_run(output_dir: Path) -> tuple[list[str], bool]:
+    """The top-level names of what a previous run left in `output_dir`, and whether a manifest lists them."""
     if not output_dir.is_dir():
-        return []
-    files = {p for pattern in RUN_FILE_PATTERNS for p in output_dir.glob(pattern) if p.is_file()}
-    return sorted(files) + list_checkpoints(output_dir)
+        return [], False
+    entries = read_run_manifest(output_dir)
+    if entries is not None:
+        names = dict.fromkeys(Path(e).parts[0] for e in entries if (output_dir / e).exists() or (output_dir / e).is_symlink())
+        return list(names), True
+    markers = [name for name in RUN_MARKERS if (output_dir / name).is_file()]
+    return [p.name for p in list_checkpoints(output_dir)] + markers, False
 
 
 def resolve_output_dir(output_dir, resume=False, overwrite_output_dir: bool = False) -> Path | None:
@@ -81,16 +161,28 @@ def resolve_output_dir(output_dir, resume=False, overwrite_output_dir: bool = Fa
                 f"(it needs {CHECKPOINT_COMPLETE_MARKER}). Pass resume=True to take the last complete one."
             )
         return checkpoint
-    existing = _run_files(output_dir)
+    existing, has_manifest = _previous_run(output_dir)
     if existing and not overwrite_output_dir:
-        names = ", ".join(p.name for p in existing[:6]) + (", ..." if len(existing) > 6 else "")
+        names = ", ".join(existing[:6]) + (", ..." if len(existing) > 6 else "")
         last = find_last_checkpoint(output_dir)
         raise FileExistsError(
             f"{output_dir} already holds a training run ({names}). Nothing was changed. Pass resume=True "
             f"(--resume) to continue it{f' from {last.name}' if last else ''}, overwrite_output_dir=True "
             "(--overwrite-output-dir) to delete it and start again, or choose another output_dir."
         )
+    if existing and not has_manifest:
+        raise FileExistsError(_unrecorded_run_message(output_dir, existing))
     return None
+
+
+def _unrecorded_run_message(output_dir: Path, existing: list[str]) -> str:
+    names = ", ".join(existing[:6]) + (", ..." if len(existing) > 6 else "")
+    return (
+        f"{output_dir} holds a saved model or run ({names}) but no {RUN_MANIFEST}, the list of files a run of "
+        "hf-vitseg wrote (runs of earlier versions kept none), so overwrite_output_dir (--overwrite-output-dir) "
+        "cannot tell its files from yours. Nothing was changed. Delete the previous run yourself, or choose "
+        "another output_dir."
+    )
 
 
 def check_checkpoint_matches(checkpoint, model) -> None:
@@ -117,7 +209,27 @@ def check_checkpoint_matches(checkpoint, model) -> None:
 
 
 def clear_run(output_dir) -> None:
-    """Delete a previous run's `checkpoint-*` folders and saved model files (`RUN_FILE_PATTERNS`), nothing else."""
-    for path in _run_files(Path(output_dir)):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-
+    """Delete what a previous run in `output_dir` wrote, as its run manifest lists it, and the folders
+    (checkpoints) that leaves empty; nothing else. A folder holding a run without a manifest is an error."""
+    output_dir = Path(output_dir)
+    entries = read_run_manifest(output_dir)
+    if entries is None:
+        existing, _ = _previous_run(output_dir)
+        if existing:
+            raise FileExistsError(_unrecorded_run_message(output_dir, existing))
+        return
+    root = output_dir.resolve()
+    folders = set()
+    for entry in entries:
+        path = output_dir / entry
+        if not path.parent.resolve().is_relative_to(root):  # a symlinked folder must not lead elsewhere
+            continue
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        folders.update(p for p in Path(entry).parents if p != Path("."))
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        try:
+            (output_dir / folder).rmdir()  # only when empty: a file of the user's keeps its folder
+        except OSError:
+            pass
+    (output_dir / RUN_MANIFEST).unlink()

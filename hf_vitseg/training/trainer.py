@@ -5,15 +5,20 @@ trained model and its metrics out, with progress bars, periodic evaluation with 
 safetensors checkpoints (optimizer, scheduler and RNG state included) and resumption from the last one.
 
 Everything that can be wrong with the inputs is checked before the first step, in this order, and before
-anything on disk is touched: the output folder (another run there is an error unless `resume` or
-`overwrite_output_dir=True`; a checkpoint to resume must hold the same model), the processor against the
+anything on disk is touched: the numeric arguments (finite and in range, before the model is loaded), the
+output folder (another run there is an error unless `resume` or
+`overwrite_output_dir=True`; a checkpoint to resume must hold the same model; the final save must not
+have to replace a file of the user's there), the processor against the
 model (patch size, `ignore_index`), the datasets (empty, masks whose size differs from their image's, mask
 values outside `[0, num_labels)` that are not `ignore_index`), then the crop size (a multiple of the patch
-size). Only then is the model changed (a recipe's freezing or LoRA) and a run to overwrite deleted.
+size), the `TrainingArguments`. Only then is the model changed (a recipe's freezing or LoRA) and a run to
+overwrite deleted: only the files its run manifest lists (`run_dir.RUN_MANIFEST`), never a file of the user's.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,12 +32,21 @@ from ..data.collator import SegmentationCollator
 from ..data.datasets import prepare_datasets
 from ..hub.push import push_checkpoint_to_hub, push_trainer_to_hub, remember_processor
 from ..modeling import ViTSegForSemanticSegmentation, ViTSegImageProcessor
+from ..modeling.saving_vitseg import check_save_target
+from ..unwrap import is_peft_model, unwrap_model
 from . import recipes
-from .loading import load_trainable_model, resolve_processor, unwrap_model, validate
+from .loading import load_trainable_model, resolve_processor, validate
 from .lora import HEAD_WEIGHTS_FILE, save_lora
 from .metrics import compute_segmentation_metrics
 from .optim import param_groups, poly_schedule_with_warmup
-from .run_dir import check_checkpoint_matches, clear_run, resolve_output_dir
+from .run_dir import (
+    RunManifestCallback,
+    check_checkpoint_matches,
+    clear_run,
+    record_run_files,
+    resolve_output_dir,
+    snapshot_files,
+)
 
 
 # -- the Trainer ----------------------------------------------------------------------------------------------------
@@ -78,7 +92,7 @@ class SegmentationTrainer(Trainer):
     #   reloads for a PEFT model: save it beside the adapter as `lora.save_lora` does, and load it back.
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model if model is not None else self.model
-        if hasattr(model, "peft_config"):
+        if is_peft_model(model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)  # the adapter
             _load_lora_head(resume_from_checkpoint, model)
         elif not _load_full_checkpoint(resume_from_checkpoint, model):
@@ -86,14 +100,14 @@ class SegmentationTrainer(Trainer):
 
     def _load_best_model(self):
         checkpoint = self.state.best_model_checkpoint
-        if hasattr(self.model, "peft_config"):
+        if is_peft_model(self.model):
             super()._load_best_model()
             _load_lora_head(checkpoint, self.model)
         elif not _load_full_checkpoint(checkpoint, self.model):
             super()._load_best_model()
 
     def _save(self, output_dir=None, state_dict=None):
-        if not hasattr(self.model, "peft_config"):
+        if not is_peft_model(self.model):
             return super()._save(output_dir, state_dict)
         if self.args.should_save:
             output_dir = output_dir or self.args.output_dir
@@ -118,7 +132,7 @@ def _load_full_checkpoint(checkpoint, model) -> bool:
     `False` for what this does not cover (sharded weights), left to Trainer."""
     if not isinstance(model, ViTSegForSemanticSegmentation) or not (Path(checkpoint) / "model.safetensors").is_file():
         return False
-    saved = type(model).from_pretrained(checkpoint, dtype=model.dtype)
+    saved = load_trainable_model(str(checkpoint))  # checked folder: a truncated file is named
     model.load_state_dict(saved.state_dict(), strict=True)
     return True
 
@@ -128,7 +142,7 @@ def _load_lora_head(checkpoint, model) -> None:
     from safetensors.torch import load_file
 
     head_state = load_file(Path(checkpoint) / HEAD_WEIGHTS_FILE)
-    unexpected = model.get_base_model().load_state_dict(head_state, strict=False).unexpected_keys
+    unexpected = unwrap_model(model).load_state_dict(head_state, strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"{checkpoint} holds head weights of another model: {unexpected[:3]}")
 
@@ -189,8 +203,8 @@ def train(
         resume: `True` continues from the last complete `checkpoint-N` in `output_dir` (model, optimizer,
             scheduler, RNG state and position in the epoch), a path from that checkpoint. The checkpoint must
             hold the same model (head, classes, backbone).
-        overwrite_output_dir: delete a previous run in `output_dir` (its `checkpoint-*` folders and saved
-            model files, nothing else) before training. Without it (or `resume`), a folder that holds a run is
+        overwrite_output_dir: delete a previous run in `output_dir` before training: the files it recorded in
+            its run manifest (`.hf_vitseg_run.json`), nothing else; a run without one is refused. Without it (or `resume`), a folder that holds a run is
             an error and nothing is changed.
         recipe: a `hf_vitseg.training.recipes.Recipe` or its name (`"linear_probe"`, `"full_finetune"`,
             `"lora"`): it freezes the backbone (linear probe) or wraps it in LoRA adapters (lora), and its
@@ -207,6 +221,11 @@ def train(
         `train_runtime`, ...) and, with an `eval_dataset`, the final evaluation's (`eval_mean_iou`,
         `eval_pixel_accuracy`, `eval_mean_accuracy`, `eval_iou_<class>`, `eval_loss`).
     """
+    check_training_arguments(
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr,
+        head_lr=head_lr, layer_decay=layer_decay, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        eval_steps=eval_steps, save_steps=save_steps, logging_steps=logging_steps,
+    )
     output_dir = Path(output_dir)
     set_seed(seed)  # a head initialised while loading the model is seeded too
     model = load_trainable_model(model_or_path)
@@ -218,6 +237,8 @@ def train(
     checkpoint = resolve_output_dir(output_dir, resume, overwrite_output_dir)
     if checkpoint is not None:
         check_checkpoint_matches(checkpoint, model)
+    if not is_peft_model(model) and (recipe is None or recipe.lora is None):  # LoRA saves with save_lora
+        check_save_target(model, output_dir)  # the final save_pretrained must not be refused after training
     processor = resolve_processor(processor, model, model_or_path)
     config = unwrap_model(model).config
     for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
@@ -228,10 +249,6 @@ def train(
     train_dataset, eval_dataset = prepare_datasets(
         train_dataset, eval_dataset, processor, hyper["crop_size"], **{"seed": seed, **(augment or {})}
     )
-    model = apply_recipe(recipe, model)  # changes the model: only once every check has passed
-    if overwrite_output_dir and int(os.environ.get("RANK", "0")) == 0:  # one process deletes (torchrun)
-        clear_run(output_dir)
-
     args = TrainingArguments(**{
         "output_dir": str(output_dir),
         "num_train_epochs": 3 if epochs is None else epochs,
@@ -256,6 +273,10 @@ def train(
         "label_names": ["labels"],
         **training_args,
     })
+    model = apply_recipe(recipe, model)  # changes the model: only once every check has passed
+    if overwrite_output_dir and int(os.environ.get("RANK", "0")) == 0:  # one process deletes (torchrun)
+        clear_run(output_dir)
+    before = snapshot_files(output_dir)  # what the run writes is what is new afterwards: its manifest
     trainer = SegmentationTrainer(
         model=model,
         args=args,
@@ -264,7 +285,7 @@ def train(
         data_collator=SegmentationCollator(pad_multiple=unwrap_model(model).size_divisor, ignore_index=config.ignore_index),
         processing_class=processor,
         compute_metrics=compute_segmentation_metrics(config.num_labels, config.ignore_index, config.id2label),
-        callbacks=[AugmentationEpochCallback(train_dataset), *(callbacks or [])],
+        callbacks=[AugmentationEpochCallback(train_dataset), RunManifestCallback(output_dir, before), *(callbacks or [])],
         head_lr=hyper["head_lr"],
         layer_decay=hyper["layer_decay"],
     )
@@ -277,6 +298,8 @@ def train(
     (Path(output_dir) / "training_args.json").write_text(trainer.args.to_json_string())
     trainer.save_state()
     trainer.save_metrics("all", metrics)
+    if trainer.is_world_process_zero():
+        record_run_files(output_dir, before)
     return trainer.model, metrics
 
 
@@ -313,11 +336,40 @@ def apply_recipe(recipe, model):
         return model
     if recipe.model_kwargs.get("freeze_backbone"):
         unwrap_model(model).freeze_backbone()
-    if recipe.lora is not None and not hasattr(model, "peft_config"):
+    if recipe.lora is not None and not is_peft_model(model):
         from .lora import apply_lora
 
         model = apply_lora(model, **recipe.lora)
     return model
+
+
+_POSITIVE = ("a number > 0", lambda v: v > 0)
+_COUNT = ("an integer >= 1", lambda v: v >= 1 and v == int(v))
+# Trainer reads a step interval below 1 as a share of the run's steps
+_INTERVAL = ("an integer >= 1 or a share of the run in (0, 1)", lambda v: v > 0 and (v < 1 or v == int(v)))
+# The arguments of `train` that are numbers: what each must be, and the test.
+_ARGUMENT_RULES = {
+    "epochs": _POSITIVE, "max_steps": _COUNT, "batch_size": _COUNT, "eval_batch_size": _COUNT,
+    "lr": _POSITIVE, "head_lr": _POSITIVE, "layer_decay": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "weight_decay": ("a number >= 0", lambda v: v >= 0), "warmup_ratio": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "eval_steps": _INTERVAL, "save_steps": _INTERVAL, "logging_steps": _INTERVAL,
+}
+
+
+def check_training_arguments(**values) -> None:
+    """Raise a `ValueError` naming the first of `train`'s numeric arguments (`lr`, `batch_size`, ...) that is not
+    a finite number in its range; `None` (unset) passes. `train` calls it before anything is loaded or deleted.
+
+    Args:
+        **values: `train`'s numeric arguments by name (the keys of `_ARGUMENT_RULES`).
+    """
+    for name, value in values.items():
+        if value is None:
+            continue
+        expected, rule = _ARGUMENT_RULES[name]
+        is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not (is_number and math.isfinite(value) and rule(value)):
+            raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
 
 def _hyperparameters(recipe, **given) -> dict:
