@@ -493,10 +493,8 @@ def test_collator_pads_to_batch_max_rounded_up():
 
 @pytest.mark.slow
 def test_trainer_resumed_mid_epoch_matches_uninterrupted_run(tmp_path):
-    from conftest import tiny_backbone_config
+    from conftest import tiny_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 
     rng = np.random.default_rng(0)
     dataset = in_memory_dataset(
@@ -509,10 +507,8 @@ def test_trainer_resumed_mid_epoch_matches_uninterrupted_run(tmp_path):
             control.should_training_stop = state.global_step == 4
 
     def train(output_dir, resume_from=None, interrupt=False):
-        torch.manual_seed(0)
         # SAM's ViT: its checkpoint keys round-trip through Trainer's resume as they are.
-        config = ViTSegConfig(backbone_config=tiny_backbone_config("sam"), head="linear", num_labels=3)
-        model = ViTSegForSemanticSegmentation(config)
+        model = tiny_model("linear", "sam")
         train_dataset, _ = prepare_datasets(dataset, None, processor(), crop_size=(32, 32), seed=0)
         args = TrainingArguments(
             str(output_dir),
