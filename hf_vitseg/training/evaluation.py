@@ -31,8 +31,8 @@ def evaluate_model(
         model_or_path: a `ViTSegForSemanticSegmentation` or the folder (Hub id) of a saved one.
         dataset: a `datasets.Dataset` with `image` and `annotation` columns; validated first.
         processor: default `ViTSegImageProcessor.for_model(model, folder)`: the one saved with the model, else
-            one built for it. Metrics are
-            computed on its output grid (labels resized with nearest neighbour when it resizes).
+            one built for it. Metrics are computed on its output grid (labels resized with nearest neighbour
+            when it resizes).
         batch_size: images per forward pass (they are padded to a common size; padding is ignored).
         sliding_window: infer window by window (`hf_vitseg.inference.sliding_window_inference`), as
             DINOv2's linear evaluation does: `crop_size` is then required (the training crop), and
