@@ -75,7 +75,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                      help="continue from the last complete checkpoint in --output-dir (or from CHECKPOINT)")
     run.add_argument("--overwrite-output-dir", action="store_true",
-                     help="delete a previous run in --output-dir (its checkpoints and saved model) first")
+                     help="delete a previous run in --output-dir first: only the files it recorded writing")
     run.add_argument("--epochs", type=positive_float, default=None, help="default 3")
     run.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (wins over --epochs)")
     run.add_argument("--batch-size", type=positive_int, default=8, help="per device")
