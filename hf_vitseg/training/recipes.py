@@ -98,7 +98,7 @@ class Recipe:
         model = ViTSegForSemanticSegmentation.from_pretrained_backbone(
             pretrained_backbone, num_labels=num_labels, **{**self.model_kwargs, **config_overrides}
         )
-        divisor = model.backbone.size_divisor
+        divisor = model.size_divisor
         if self.crop_size % divisor:
             raise ValueError(
                 f"Recipe {self.name!r} was made for patch size {self.patch_size} (crop {self.crop_size}), but this "
