@@ -132,7 +132,8 @@ FRESH_PROCESS = textwrap.dedent(
     segments = segmenter(Image.open(image_path))
     for i, segment in enumerate(segments):
         segment["mask"].save(f"{out}/mask_{i}.png")
-    json.dump({"model": type(segmenter.model).__module__, "labels": [s["label"] for s in segments]},
+    json.dump({"model": type(segmenter.model).__module__, "pipeline": type(segmenter).__name__,
+               "labels": [s["label"] for s in segments]},
               open(f"{out}/result.json", "w"))
     """
 )
@@ -140,7 +141,7 @@ FRESH_PROCESS = textwrap.dedent(
 
 @pytest.mark.slow
 def test_stock_pipeline_on_a_folder_where_hf_vitseg_is_not_installed(model_folder, tmp_path):
-    image = random_image(48, 64)
+    image = random_image(50, 70)  # padded to 56 x 72: exact only through the pipeline_vitseg.py saved with the model
     image.save(tmp_path / "image.png")
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
     process = subprocess.run(
@@ -150,6 +151,7 @@ def test_stock_pipeline_on_a_folder_where_hf_vitseg_is_not_installed(model_folde
     assert process.returncode == 0, process.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["model"].startswith("transformers_modules."), "the folder's own code ran, not hf_vitseg"
+    assert result["pipeline"] == "ViTSegSegmentationPipeline"
     expected = exact_label_map(model_folder, image)
     assert result["labels"] == [ID2LABEL[int(c)] for c in np.unique(expected)]
     for i, class_id in enumerate(np.unique(expected)):
