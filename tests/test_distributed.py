@@ -31,7 +31,8 @@ import torch
 
 from hf_vitseg import BaseHead, register_head
 
-from test_train import make_image_folder, save_tiny_backbone
+from conftest import save_tiny_backbone
+from test_train import make_image_folder
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "accelerate_train.py"
 TIMEOUT_S = 300

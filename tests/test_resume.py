@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import make_image_folder, save_tiny_backbone, tiny_model
+from conftest import save_tiny_backbone, tiny_model
+from test_train import make_image_folder
 
 # 6 images in batches of 2: 3 steps per epoch; checkpoints every 2 steps. The kill comes at step 5, in the
 # middle of the second epoch (steps 4-6), after checkpoint-4 (itself taken after the epoch's first batch).
@@ -59,7 +60,7 @@ def worker(argv: list[str]) -> None:
                 time.sleep(TIMEOUT_S)  # killed here, checkpoint-4 complete on disk, step 5 done in memory only
 
     train(
-        tiny_model(Path(args.backbone)), load_image_folder(args.images, args.masks), output_dir=args.output_dir,
+        tiny_model(backbone=Path(args.backbone)), load_image_folder(args.images, args.masks), output_dir=args.output_dir,
         crop_size=16, max_steps=STEPS, batch_size=2, lr=1e-3, head_lr=1e-2, warmup_ratio=0.25, save_steps=SAVE_STEPS,
         logging_steps=1, seed=7, resume=args.resume, callbacks=[Steps()], use_cpu=True, disable_tqdm=True,
     )
@@ -132,7 +133,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
 
     resumed, reference = _weights(killed_dir), _weights(reference_dir)
     assert resumed.keys() == reference.keys()
-    initial = tiny_model(assets["backbone"]).state_dict()
+    initial = tiny_model(backbone=assets["backbone"]).state_dict()
     assert any(not torch.equal(reference[k], initial[k]) for k in reference if k.startswith("backbone."))
     for name in reference:
         torch.testing.assert_close(resumed[name], reference[name], rtol=0, atol=1e-6, msg=name)

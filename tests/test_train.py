@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, Dinov2Model
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-from hf_vitseg import ViTSegForSemanticSegmentation, ViTSegImageProcessor
+from hf_vitseg import ViTSegImageProcessor
 from hf_vitseg.cli import main as cli_main
 from hf_vitseg.data.datasets import load_image_folder
 from hf_vitseg.training import evaluate_model, train
 from hf_vitseg.training.run_dir import find_last_checkpoint
 
-from conftest import tiny_backbone_config
+from conftest import tiny_model
 
 
 NUM_LABELS = 3
@@ -28,7 +28,7 @@ NUM_LABELS = 3
 CLASS_COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
 
 
-# -- helpers shared with test_resume.py and test_distributed.py ------------------------------------------------
+# -- helpers shared with test_resume.py, test_distributed.py and test_reliability_*.py -------------------------------
 def make_image_folder(root: Path, num_images: int, seed: int = 0, size: int = 32) -> tuple[Path, Path]:
     """`root/images/NNN.png` (RGB) and `root/masks/NNN.png` (class ids 0..2 in 8x8 blocks, the tiny patch)."""
     rng = np.random.default_rng(seed)
@@ -43,20 +43,6 @@ def make_image_folder(root: Path, num_images: int, seed: int = 0, size: int = 32
     return root / "images", root / "masks"
 
 
-def save_tiny_backbone(path: Path) -> Path:
-    """A tiny random DINOv2 (patch 8, 4 layers, width 32) saved like a Hub checkpoint."""
-    torch.manual_seed(0)
-    Dinov2Model(tiny_backbone_config("dinov2")).save_pretrained(path)
-    return path
-
-
-def tiny_model(backbone: Path, head: str = "linear", **config_kwargs) -> ViTSegForSemanticSegmentation:
-    torch.manual_seed(0)
-    return ViTSegForSemanticSegmentation.from_pretrained_backbone(
-        backbone, head=head, num_labels=NUM_LABELS, **config_kwargs
-    )
-
-
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` with its bytes: to show that nothing was changed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -64,10 +50,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 # -- fixtures ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_backbone_dir):
     root = tmp_path_factory.mktemp("assets")
     return {
-        "backbone": save_tiny_backbone(root / "backbone"),
+        "backbone": tiny_backbone_dir,
         "train": make_image_folder(root / "train", 8, seed=0),
         "eval": make_image_folder(root / "eval", 4, seed=1),
     }
@@ -83,8 +69,8 @@ def trained(assets, datasets_, tmp_path_factory):
     """One real run: 6 steps of 4 images (3 epochs), evaluated and checkpointed every 3 steps."""
     output_dir = tmp_path_factory.mktemp("run") / "out"
     model, metrics = train(
-        tiny_model(assets["backbone"]), *datasets_, output_dir=output_dir, crop_size=32, max_steps=6, batch_size=4,
-        lr=1e-3, head_lr=1e-2, eval_steps=3, save_steps=3, logging_steps=1, use_cpu=True,
+        tiny_model(backbone=assets["backbone"]), *datasets_, output_dir=output_dir, crop_size=32, max_steps=6,
+        batch_size=4, lr=1e-3, head_lr=1e-2, eval_steps=3, save_steps=3, logging_steps=1, use_cpu=True,
     )
     return output_dir, model, metrics
 
@@ -148,7 +134,7 @@ def test_overwrite_output_dir_replaces_the_run_and_keeps_other_files(trained, da
     output_dir = tmp_path / "out"
     shutil.copytree(trained[0], output_dir)
     (output_dir / "notes.txt").write_text("my notes")
-    train(tiny_model(assets["backbone"]), datasets_[0], output_dir=output_dir, crop_size=32, max_steps=1,
+    train(tiny_model(backbone=assets["backbone"]), datasets_[0], output_dir=output_dir, crop_size=32, max_steps=1,
           batch_size=4, save_steps=1, overwrite_output_dir=True, use_cpu=True)
     assert [p.name for p in output_dir.glob("checkpoint-*")] == ["checkpoint-1"]
     assert (output_dir / "notes.txt").read_text() == "my notes"
@@ -198,7 +184,7 @@ def test_cli_train_then_evaluate(assets, tmp_path, capsys):
 def test_recipes_linear_probe_freezes_the_backbone_and_lora_checkpoints_its_head(assets, datasets_, tmp_path):
     from safetensors.torch import load_file
 
-    model = tiny_model(assets["backbone"])
+    model = tiny_model(backbone=assets["backbone"])
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
     model, _ = train(model, datasets_[0], output_dir=tmp_path / "probe", recipe="linear_probe", crop_size=32,
@@ -209,15 +195,15 @@ def test_recipes_linear_probe_freezes_the_backbone_and_lora_checkpoints_its_head
 
     # LoRA: checkpoints and the final folder hold the adapter and the fully trained head (save_lora's layout) ...
     lora_dir = tmp_path / "lora"
-    model, _ = train(tiny_model(assets["backbone"]), datasets_[0], output_dir=lora_dir, recipe="lora", crop_size=32,
-                     max_steps=2, batch_size=4, save_steps=2, use_cpu=True)
+    model, _ = train(tiny_model(backbone=assets["backbone"]), datasets_[0], output_dir=lora_dir, recipe="lora",
+                     crop_size=32, max_steps=2, batch_size=4, save_steps=2, use_cpu=True)
     assert hasattr(model, "peft_config")
     for folder in (lora_dir, lora_dir / "checkpoint-2"):
         assert {"adapter_model.safetensors", "head_weights.safetensors", "vitseg_config.json"} <= {p.name for p in folder.iterdir()}
     head = load_file(lora_dir / "head_weights.safetensors")
     assert not all(torch.equal(head[f"head.{k}"], v) for k, v in head_before.items())
     # ... resuming a fresh LoRA model from checkpoint-2 restores that head (Trainer alone would only load the adapter)
-    train(tiny_model(assets["backbone"]), datasets_[0], output_dir=lora_dir, recipe="lora", crop_size=32,
+    train(tiny_model(backbone=assets["backbone"]), datasets_[0], output_dir=lora_dir, recipe="lora", crop_size=32,
           max_steps=2, batch_size=4, save_steps=2, resume=True, use_cpu=True)
     resumed = load_file(lora_dir / "head_weights.safetensors")
     assert all(torch.equal(resumed[k], head[k]) for k in head)
@@ -253,7 +239,7 @@ def test_bad_dataset_is_refused_before_training(case, message, which, assets, da
     train_dataset, eval_dataset = (bad, datasets_[1]) if which == "train_dataset" else (datasets_[0], bad)
     output_dir = tmp_path / "out"
     with pytest.raises(ValueError, match="empty" if case == "empty" else None) as error:
-        train(tiny_model(assets["backbone"]), train_dataset, eval_dataset, output_dir=output_dir, crop_size=32)
+        train(tiny_model(backbone=assets["backbone"]), train_dataset, eval_dataset, output_dir=output_dir, crop_size=32)
     assert str(error.value).startswith(which) and message in str(error.value)
     if case != "empty":
         assert "zz_bad.png" in str(error.value)  # names the sample
@@ -263,7 +249,7 @@ def test_bad_dataset_is_refused_before_training(case, message, which, assets, da
 @pytest.mark.parametrize("crop_size, suggestions", [(30, ["(24, 24)", "(32, 32)"]), ((32, 20), ["(32, 16)", "(32, 24)"])])
 def test_crop_size_not_a_patch_multiple_is_refused(crop_size, suggestions, assets, datasets_, tmp_path):
     with pytest.raises(ValueError, match="not a multiple of .* patch_size 8") as error:
-        train(tiny_model(assets["backbone"]), datasets_[0], output_dir=tmp_path / "out", crop_size=crop_size)
+        train(tiny_model(backbone=assets["backbone"]), datasets_[0], output_dir=tmp_path / "out", crop_size=crop_size)
     assert all(suggestion in str(error.value) for suggestion in suggestions)
     assert not (tmp_path / "out").exists()
 
@@ -277,12 +263,12 @@ def test_crop_size_not_a_patch_multiple_is_refused(crop_size, suggestions, asset
 )
 def test_processor_that_does_not_fit_the_model_is_refused(processor, message, assets, datasets_, tmp_path):
     with pytest.raises(ValueError, match=message):
-        train(tiny_model(assets["backbone"]), datasets_[0], output_dir=tmp_path / "out", processor=processor)
+        train(tiny_model(backbone=assets["backbone"]), datasets_[0], output_dir=tmp_path / "out", processor=processor)
     assert not (tmp_path / "out").exists()
 
 
 def test_output_dir_holding_a_run_is_refused_and_left_alone(assets, datasets_, tmp_path):
-    model, output_dir = tiny_model(assets["backbone"]), tmp_path / "out"
+    model, output_dir = tiny_model(backbone=assets["backbone"]), tmp_path / "out"
     fabricate_run(output_dir, model)
     before = snapshot(output_dir)
     with pytest.raises(FileExistsError) as error:
@@ -306,11 +292,11 @@ def test_output_dir_with_unrelated_files_is_fine_and_a_file_is_not(assets, datas
     assert resolve_output_dir(tmp_path / "out") is None
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError):
-        train(tiny_model(assets["backbone"]), datasets_[0], output_dir=tmp_path / "file")
+        train(tiny_model(backbone=assets["backbone"]), datasets_[0], output_dir=tmp_path / "file")
 
 
 def test_resume_needs_a_complete_checkpoint_of_the_same_model(assets, datasets_, tmp_path):
-    model, output_dir = tiny_model(assets["backbone"]), tmp_path / "out"
+    model, output_dir = tiny_model(backbone=assets["backbone"]), tmp_path / "out"
     with pytest.raises(FileNotFoundError, match="Nothing to resume"):
         train(model, datasets_[0], output_dir=output_dir, resume=True)
 
@@ -322,7 +308,7 @@ def test_resume_needs_a_complete_checkpoint_of_the_same_model(assets, datasets_,
 
     fabricate_run(output_dir, model)
     assert find_last_checkpoint(output_dir).name == "checkpoint-2"  # the incomplete checkpoint-4 is passed over
-    other = tiny_model(assets["backbone"], head="mlp")
+    other = tiny_model("mlp", backbone=assets["backbone"])
     before = snapshot(output_dir)
     with pytest.raises(ValueError, match="holds another model") as error:
         train(other, datasets_[0], output_dir=output_dir, resume=True)
