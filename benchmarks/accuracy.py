@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import statistics
 import sys
@@ -131,18 +130,12 @@ def resolve_backbone(choice: str) -> tuple[str, str]:
 
 
 def ensure_heads(names: list[str] | None) -> list[str]:
-    """The heads to run, importing `hf_vitseg.modeling.head_<name>` for a head whose module exists but is not
-    yet imported by the package (heads being added); an unknown name is an error listing the registered ones."""
+    """The heads to run (default: every registered one); an unknown name is an error listing the registered ones."""
     if names is None:
         return hf_vitseg.list_heads()
     for name in names:
         if name not in hf_vitseg.list_heads():
-            try:
-                importlib.import_module(f"hf_vitseg.modeling.head_{name}")
-            except ModuleNotFoundError:
-                pass
-        if name not in hf_vitseg.list_heads():
-            raise SystemExit(f"Unknown head {name!r}; registered heads: {', '.join(hf_vitseg.list_heads())}.")
+            raise SystemExit(f"--heads: unknown head {name!r}; registered heads: {', '.join(hf_vitseg.list_heads())}.")
     return list(names)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import statistics
 import time
 
@@ -66,12 +65,6 @@ def load_data(num_images: int, size: int):
     if num_images > len(train_x):
         raise SystemExit(f"--num-images at most {len(train_x)} (tiles of the left half).")
     return train_x[:num_images], train_y[:num_images], test_x, test_y
-
-
-def ensure_head(name: str) -> None:
-    """Heads whose file exists but that heads.py does not import yet register on import."""
-    if name not in list_heads():
-        importlib.import_module(f"hf_vitseg.modeling.head_{name}")
 
 
 @torch.no_grad()
@@ -168,7 +161,8 @@ def main() -> None:
 
     rows = []
     for head in args.heads.split(","):
-        ensure_head(head)
+        if head not in list_heads():
+            raise SystemExit(f"--heads: unknown head {head!r}; registered heads: {', '.join(list_heads())}.")
         torch.manual_seed(args.seed)
         model = ViTSegForSemanticSegmentation.from_pretrained_backbone(backbone, head=head, num_labels=2,
                                                                        freeze_backbone=True)

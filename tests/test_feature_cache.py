@@ -8,16 +8,27 @@ import pytest
 import torch
 from conftest import tiny_backbone_config
 
-from hf_vitseg import BaseHead, ViTSegConfig, ViTSegForSemanticSegmentation, register_head
+from hf_vitseg import (
+    BaseHead,
+    ViTSegConfig,
+    ViTSegForSemanticSegmentation,
+    register_head,
+)
 from hf_vitseg.modeling.head_base import HEAD_REGISTRY
-from hf_vitseg.training.feature_cache import CachedBackboneModel, FeatureCache, hflip_view, train_head_on_cache
+from hf_vitseg.training.feature_cache import (
+    CachedBackboneModel,
+    FeatureCache,
+    hflip_view,
+    train_head_on_cache,
+)
 
 
 class ImageHead(BaseHead):
     """Adds a learnt projection of the image to a 1x1 classifier: a head that reads `pixel_values`."""
 
-    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, dropout=0.0, in_index=None,
-                 input_transform=None):
+    uses_pixel_values = True
+
+    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, dropout=0.0, in_index=None):
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=in_channels[-1],
                          dropout=dropout, in_index=-1 if in_index is None else in_index, input_transform=None)
         self.image_proj = torch.nn.Conv2d(3, num_labels, 1)
@@ -134,7 +145,7 @@ def test_training_on_cache_equals_training_on_recomputed_features(config):
         torch.testing.assert_close(trained[key], recomputed[key], rtol=0, atol=1e-5, msg=key)
 
 
-def test_pixel_values_kept_only_for_heads_that_read_them(image_head):
+def test_pixel_values_kept_exactly_when_the_head_declares_it(image_head):
     model = make_model(head=image_head)
     data = make_data(n=3)
     cache = FeatureCache.build(model, data, batch_size=2)
@@ -144,7 +155,25 @@ def test_pixel_values_kept_only_for_heads_that_read_them(image_head):
         expected = model(pixel_values=stacked(data, "pixel_values")).logits
         got = CachedBackboneModel(model, cache)(**cache.batch([0, 1, 2])).logits
     torch.testing.assert_close(got, expected)
-    assert FeatureCache.build(model, data, keep_pixel_values=False).pixel_values is None
+    without = FeatureCache.build(model, data, keep_pixel_values=False)
+    assert without.pixel_values is None
+    with pytest.raises(ValueError, match="reads the image .*carry no pixel_values"):
+        CachedBackboneModel(model, without)(**without.batch([0, 1]))
+    # unet reads the image through its stem, and only then
+    pyramid = {"head": "unet", "backbone_out_indices": [1, 2, 3, 4]}
+    unet = make_model(**pyramid, head_kwargs={"decoder_channels": [8, 8, 8, 8], "stem_channels": [4]})
+    assert FeatureCache.build(unet, data).pixel_values is not None
+    stemless = make_model(**pyramid, head_kwargs={"decoder_channels": [8, 8, 8], "stem_channels": []})
+    assert not stemless.head.uses_pixel_values and FeatureCache.build(stemless, data).pixel_values is None
+
+
+def test_building_runs_the_backbone_only():
+    """No probe: the head never runs while the cache is built, and the backbone is not patched."""
+    model = make_model(head="conv", head_kwargs={"channels": 8})
+    calls = []
+    model.head.register_forward_hook(lambda *args: calls.append(1))
+    FeatureCache.build(model, make_data(n=2))
+    assert calls == [] and "forward" not in vars(model.backbone)
 
 
 def test_fixed_views():

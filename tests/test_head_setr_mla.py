@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hf_vitseg.modeling.head_setr  # noqa: F401  registers setr_pup and setr_mla
+import hf_vitseg.modeling.head_setr_mla  # noqa: F401  registers setr_mla
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 from hf_vitseg.modeling.head_base import BackboneFeatures
-from hf_vitseg.modeling.head_setr import SETRMLAHead
+from hf_vitseg.modeling.head_setr_mla import SETRMLAHead
 
 from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config, train_steps
 

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import FAMILIES, NON_SQUARE, builtin_heads, tiny_backbone_config
 from transformers import AutoModel, AutoModelForSemanticSegmentation
 
 import hf_vitseg
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
-
-from conftest import builtin_heads, FAMILIES, NON_SQUARE, tiny_backbone_config
-
+from hf_vitseg.modeling.losses import segmentation_loss
 
 HEADS = builtin_heads()
 PAIRS = [(h, f) for h in HEADS for f in FAMILIES]
@@ -53,17 +55,105 @@ def batch(size=NON_SQUARE, num_labels=3, b=2, seed=0):
 
 
 @pytest.mark.parametrize("head,family", PAIRS)
-def test_shapes_square_and_non_square(head, family):
+def test_logits_have_exactly_the_size_the_heads_output_stride_says(head, family):
+    """Every head at its defaults: logits `(H / s, W / s)` with `s = head.output_stride(strides it receives)`,
+    square and non-square (h and w swapped would break this)."""
     model = build(head, family, slim=False).eval()
+    in_strides = model.neck.out_strides if model.neck is not None else model.backbone.out_strides
+    stride = model.head.output_stride(in_strides)
     for size in [(64, 64), NON_SQUARE, (96, 64)]:
         x, _ = batch(size)
         with torch.no_grad():
             logits = model(x).logits
-        assert logits.shape[:2] == (2, 3)
-        h, w = logits.shape[-2:]
-        # the natural output keeps the input's aspect ratio: h/w swapped would break this
-        assert h * size[1] == w * size[0], (size, logits.shape)
-        assert h <= size[0] and w <= size[1] or head in ("setr_pup",)
+        expected = (size[0] / stride, size[1] / stride)
+        assert all(e == int(e) for e in expected), (stride, size)
+        assert logits.shape == (2, 3, int(expected[0]), int(expected[1])), (stride, size)
+
+
+# The stride every head's logits have on the tiny patch-8 ViTs and SAM (neck levels at 2, 4, 8, 16) and on
+# Swin (stages at 4, 8, 16, 32), with default arguments: what each module docstring promises.
+NATURAL_STRIDES = {
+    "linear": (8, 32), "mlp": (8, 32), "conv": (4, 16), "setr_pup": (0.5, 2), "setr_mla": (2, 8),
+    "unet": (2, 2), "segformer": (2, 4), "dpt": (1, 2), "upernet": (2, 4), "segmenter": (8, 32), "atm": (8, 32),
+}
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_output_stride_is_what_the_docstrings_promise(head):
+    for family, expected in zip(["dinov2", "swin"], NATURAL_STRIDES[head]):
+        model = build(head, family, slim=False)
+        in_strides = model.neck.out_strides if model.neck is not None else model.backbone.out_strides
+        assert model.head.output_stride(in_strides) == expected, family
+
+
+def test_forward_is_the_backbone_then_decode_with_the_auxiliary_loss():
+    model = build("conv", "dinov2", backbone_out_indices=[2, 4], auxiliary_loss_weight=0.4,
+                  auxiliary_channels=8).eval()
+    x, y = batch()
+    with torch.no_grad():
+        out = model(x, labels=y)
+        features = model.backbone(x)
+        decoded = model.decode(features, labels=y)
+        head_loss = segmentation_loss(decoded.logits, y, model.config)
+        as_tuple = model.decode(features, labels=y, return_dict=False)
+    assert torch.equal(out.logits, decoded.logits) and torch.equal(out.loss, decoded.loss)
+    assert decoded.loss > head_loss  # the auxiliary head's loss is in it
+    assert torch.equal(as_tuple[0], decoded.loss) and torch.equal(as_tuple[1], decoded.logits)
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", ["dinov2", "swin"])
+def test_heads_read_the_image_and_prefix_tokens_only_as_declared(head, family):
+    """`uses_pixel_values` / `uses_prefix_tokens` false: the logits do not change without them (the feature
+    cache drops the image on that word); `uses_pixel_values` true: the image matters and its absence is an error."""
+    model = build(head, family).eval()
+    x, _ = batch()
+    with torch.no_grad():
+        features = model.backbone(x)
+        logits = model.decode(features).logits
+        if model.head.uses_pixel_values:
+            with pytest.raises(ValueError, match="reads the image"):
+                model.decode(dataclasses.replace(features, pixel_values=None))
+            assert not torch.equal(model.decode(dataclasses.replace(features, pixel_values=-x)).logits, logits)
+        else:
+            assert torch.equal(model.decode(dataclasses.replace(features, pixel_values=None)).logits, logits)
+        if not model.head.uses_prefix_tokens:
+            assert torch.equal(model.decode(dataclasses.replace(features, prefix_tokens=None)).logits, logits)
+    assert model.head.uses_pixel_values == (head == "unet")
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_documents_and_types_its_constructor(head):
+    cls = hf_vitseg.get_head_class(head)
+    doc = inspect.getdoc(cls)
+    assert doc and "Args:" in doc, f"{cls.__name__} has no Args docstring"
+    for name, parameter in list(inspect.signature(cls.__init__).parameters.items())[1:]:
+        assert parameter.annotation is not inspect.Parameter.empty, f"{cls.__name__}({name}) is untyped"
+        assert re.search(rf"\b{name}\b", doc), f"{cls.__name__}'s docstring does not describe {name}"
+    # benchmark figures live in benchmarks/README.md and README.md, not in head docstrings
+    module_doc = sys.modules[cls.__module__].__doc__ or ""
+    assert not re.search(r"\d\.\d+x\b", module_doc + doc), f"{cls.__module__} quotes a measured ratio"
+
+
+def test_heads_with_one_input_transform_do_not_accept_the_argument():
+    fixed = {"setr_mla", "unet", "segformer", "dpt", "upernet", "atm"}
+    for head in HEADS:
+        assert ("input_transform" in hf_vitseg.get_head_class(head).init_kwargs()) == (head not in fixed), head
+    with pytest.raises(ValueError, match=r"head_kwargs \['input_transform'\] are not arguments of head 'upernet'"):
+        ViTSegConfig(backbone_config=tiny_backbone_config("swin"), head="upernet",
+                     head_kwargs={"input_transform": "resize_concat"})
+
+
+def test_presets_are_named_the_same_way_in_every_head():
+    with_presets = [h for h in HEADS if "preset" in hf_vitseg.get_head_class(h).init_kwargs()]
+    assert sorted(with_presets) == ["dpt", "setr_mla", "setr_pup", "upernet"]
+    for head in with_presets:
+        cls = hf_vitseg.get_head_class(head)
+        assert inspect.signature(cls.__init__).parameters["preset"].default == "default"
+        paper = cls([32] * 4, [4, 8, 16, 32], num_labels=2, num_prefix_tokens=0, preset="paper")
+        assert sum(p.numel() for p in paper.parameters()) > 0
+        with pytest.raises(ValueError, match=rf"^{head}: unknown preset 'huge'; choose from \[.*'default'.*'paper'"):
+            cls([32] * 4, [4, 8, 16, 32], num_labels=2, preset="huge")
 
 
 @pytest.mark.parametrize("head,family", PAIRS)
@@ -177,7 +267,7 @@ CUSTOM_HEAD_MODULE = textwrap.dedent(
     '''
     """A user's own head, in the user's own module."""
     import torch
-    from hf_vitseg import BaseHead, register_head
+    from hf_vitseg import BackboneFeatures, BaseHead, register_head
 
 
     @register_head("my_center_surround")
@@ -190,7 +280,7 @@ CUSTOM_HEAD_MODULE = textwrap.dedent(
                              dropout=dropout, in_index=in_index, input_transform=input_transform)
             self.proj = torch.nn.Conv2d(self.selected_channels, channels, 3, padding=1)
 
-        def forward(self, features):
+        def forward(self, features: BackboneFeatures):
             x = self.select_inputs(features.feature_maps)
             return self.classify(torch.relu(self.proj(x)))
     '''
@@ -215,6 +305,7 @@ def test_user_registered_head_trains_saves_and_loads_through_remote_code(tmp_pat
     torch.save(x, folder / "x.pt")
     saved = (folder / "vitseg_user_my_heads.py").read_text()
     assert "from .head_base import BaseHead, register_head" in saved and "hf_vitseg" not in saved
+    assert "from .features import BackboneFeatures" in saved
     # in this process (head registered)...
     reloaded = ViTSegForSemanticSegmentation.from_pretrained(folder).eval()
     with torch.no_grad():
@@ -241,24 +332,29 @@ VIT_FAMILIES = ["vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit"]
 @pytest.mark.parametrize("family", VIT_FAMILIES)
 def test_adapter_taps_equal_the_hf_models_own_hidden_states_on_non_square_input(family):
     """Taps are the HF model's hidden states, final-normed, split into prefix tokens and a true (h, w) grid."""
-    model = build("linear", family, backbone_out_indices=[1, 3, 4]).eval()
+    model = build("linear", family, backbone_out_indices=[0, 1, 3, 4]).eval()
     hf = model.backbone.model
     x, _ = batch(NON_SQUARE)
     with torch.no_grad():
         features = model.backbone(x)
-        kwargs = {"interpolate_pos_encoding": True} if family in ("vit", "deit") else {}
+        kwargs = {"interpolate_pos_encoding": True} if model.backbone.family.interpolates_with_kwarg else {}
         reference = hf(x, output_hidden_states=True, **kwargs)
     norm = model.backbone.final_norm
     prefix = model.config.num_prefix_tokens
-    assert prefix == {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 3, "dinov3_vit": 3}[family]
+    assert prefix == {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 3, "dinov3_vit": 3, "clip": 1,
+                      "siglip": 0, "beit": 1}[family]
     h, w = NON_SQUARE[0] // 8, NON_SQUARE[1] // 8
-    for tap, layer in enumerate([1, 3, 4]):
+    for tap, layer in enumerate([0, 1, 3, 4]):
         tokens = norm(reference.hidden_states[layer])
         expected_map = tokens[:, prefix:].reshape(2, h, w, -1).permute(0, 3, 1, 2)
         assert features.feature_maps[tap].shape == (2, 32, h, w)
         torch.testing.assert_close(features.feature_maps[tap], expected_map, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(features.prefix_tokens[tap], tokens[:, :prefix], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(features.feature_maps[-1], reference.last_hidden_state[:, prefix:].reshape(
+        if prefix:
+            torch.testing.assert_close(features.prefix_tokens[tap], tokens[:, :prefix], rtol=1e-5, atol=1e-5)
+    assert prefix or features.prefix_tokens is None
+    # CLIP applies its final norm to the pooled CLS only, not to last_hidden_state
+    last = norm(reference.last_hidden_state) if family == "clip" else reference.last_hidden_state
+    torch.testing.assert_close(features.feature_maps[-1], last[:, prefix:].reshape(
         2, h, w, -1).permute(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
 
 
@@ -361,8 +457,9 @@ def test_backbone_config_survives_save_as_the_right_class(tmp_path):
 def test_sdpa_by_default_and_attentions_with_eager(family, tmp_path):
     model = build("linear", family)
     assert model.backbone.model.config._attn_implementation == "sdpa"
-    with pytest.raises(ValueError, match="attn_implementation='eager'"):
-        model(batch()[0], output_attentions=True)
+    # under SDPA, attentions are recorded with eager for that call (tests/test_backbones.py checks the warning)
+    assert len(model(batch()[0], output_attentions=True).attentions) == 4
+    assert model.backbone.model.config._attn_implementation == "sdpa"
     model.save_pretrained(tmp_path)
     eager = ViTSegForSemanticSegmentation.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert eager.backbone.model.config._attn_implementation == "eager"

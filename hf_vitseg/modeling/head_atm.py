@@ -11,8 +11,8 @@ similarity logits `Q K^T / sqrt(d_head)`, averaged over heads, are the layer's m
 Two choices for training with plain pixel cross-entropy (the paper trains with a set-prediction loss):
 - `class_prior`, a learnable `(Q, num_labels + 1)` bias on the class scores, starts with query q predicting
   class q (probability ~0.88): the paper's class tokens stand one per class. Without it every query starts
-  predicting every class alike and the masks get little class-specific gradient (tiny random ViT, 10
-  classes, 30 AdamW steps: loss 2.3 -> 0.8 with it, -> 1.5 without).
+  predicting every class alike, the masks get little class-specific gradient and the loss falls far more
+  slowly.
 - the class queries start at unit variance (like `nn.Embedding`), not 0.02: small queries are swamped by
   what the layers add to them and end up identical, with identical masks.
 
@@ -32,36 +32,38 @@ ViT/SAM, the deepest selected stage's stride on Swin (32 by default).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 
+from .attention_layers import TransformerLayer
 from .head_base import BackboneFeatures, BaseHead, register_head
-from .head_segmenter import TransformerLayer
 
 
 @register_head("atm")
 class ATMHead(BaseHead):
     """SegViT's ATM decoder; see the module docstring.
 
-    Args (besides `BaseHead`'s):
+    Args:
+        in_channels, in_strides, num_labels, num_prefix_tokens: the incoming maps, as `BaseHead` (the model
+            fills them in).
         d_model: width of the queries and projected tokens.
         num_heads: attention heads; must divide `d_model`.
         mlp_ratio: hidden width of each layer's MLP, as a multiple of `d_model`.
         dropout: dropout inside the ATM layers.
+        in_index: which taps to read (default: all), shallow to deep; one ATM layer each.
     """
 
     num_default_taps = 3
 
-    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, d_model: int = 256,
-                 num_heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0, in_index=None,
-                 input_transform="multiple_select"):
-        if input_transform != "multiple_select":
-            raise ValueError("atm reads every selected map in turn: input_transform must be 'multiple_select'.")
+    def __init__(self, in_channels: list[int], in_strides: list[float], num_labels: int, num_prefix_tokens: int = 0,
+                 d_model: int = 256, num_heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 in_index: int | list[int] | None = None):
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=None, dropout=0.0,
-                         in_index=in_index, input_transform=input_transform)
+                         in_index=in_index, input_transform="multiple_select")
         self.input_projections = nn.ModuleList([
             nn.Sequential(nn.Linear(c, d_model), nn.LayerNorm(d_model)) for c in self.selected_channels
         ])
@@ -81,6 +83,10 @@ class ATMHead(BaseHead):
         # log(K) + 2 on the diagonal: p(class q | query q) = e^2 / (e^2 + 1) ~ 0.88 whatever K
         diagonal = torch.eye(self.num_labels, self.num_labels + 1) * (math.log(self.num_labels) + 2.0)
         init.copy_(self.class_prior, diagonal)
+
+    def output_stride(self, in_strides: Sequence[float]) -> float:
+        """The last (deepest) selected map's stride: the last ATM layer's masks are on its grid."""
+        return self.select_strides(in_strides)[-1]
 
     def forward_layers(self, features: BackboneFeatures) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per ATM layer, shallow to deep: class logits `(B, Q, num_labels + 1)` and mask logits `(B, Q, h_i, w_i)`

@@ -1,6 +1,6 @@
 """The head registry and `BaseHead`, the base class every segmentation head derives from.
 
-A head consumes a `BackboneFeatures` (see `backbone_adapter.py`) and returns logits
+A head consumes a `BackboneFeatures` (see `features.py`; re-exported here, where user heads import it) and returns logits
 `(B, num_labels, h', w')` at its natural resolution. `BaseHead` owns what every head shares,
 in the manner of mmsegmentation's `BaseDecodeHead`:
 
@@ -15,14 +15,21 @@ So a head file holds only what is distinctive about that head.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .features import BackboneFeatures
 
-HEAD_REGISTRY: dict[str, type["BaseHead"]] = {}
+__all__ = [
+    "HEAD_REGISTRY", "BackboneFeatures", "BaseHead", "ConvNormAct", "get_head_class", "list_heads", "register_head",
+    "resize", "resolve_preset",
+]
+
+
+HEAD_REGISTRY: dict[str, type[BaseHead]] = {}
 
 
 def register_head(name: str, override: bool = False):
@@ -61,40 +68,14 @@ def list_heads() -> list[str]:
     return sorted(HEAD_REGISTRY)
 
 
-def get_head_class(name: str) -> type["BaseHead"]:
+def get_head_class(name: str) -> type[BaseHead]:
+    """The head class registered under `name`; a clear error listing the registered names otherwise."""
     if name not in HEAD_REGISTRY:
         raise ValueError(
             f"Unknown head {name!r}. Registered heads: {', '.join(list_heads())}. "
             "A head of your own must be registered with @hf_vitseg.register_head(name) before the config is built."
         )
     return HEAD_REGISTRY[name]
-
-
-@dataclass
-class BackboneFeatures:
-    """What the backbone adapter hands to a neck or head.
-
-    Attributes:
-        feature_maps: one `(B, C_i, h_i, w_i)` map per tapped layer (or per pyramid level after a neck).
-        strides: the stride of each map with respect to `pixel_values`.
-        prefix_tokens: for ViT families, one `(B, P, C_i)` tensor per tap holding the prefix tokens
-            (CLS first, then distillation or register tokens); `None` where the backbone has none
-            (SAM, hierarchical backbones).
-        pixel_values: the input image `(B, 3, H, W)`, for heads with an image stem (U-Net).
-        hidden_states / attentions: what the backbone recorded when asked to (model outputs).
-    """
-
-    feature_maps: list[torch.Tensor]
-    strides: list[int]
-    prefix_tokens: list[torch.Tensor] | None = None
-    pixel_values: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-
-    @property
-    def grid_hw(self) -> tuple[int, int]:
-        """The (h, w) grid of the first feature map."""
-        return tuple(self.feature_maps[0].shape[-2:])
 
 
 def resize(x: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
@@ -117,20 +98,43 @@ class ConvNormAct(nn.Sequential):
         )
 
 
+def resolve_preset(head_name: str, presets: dict, preset: str):
+    """`presets[preset]`, or a clear error naming the choices. Every head with presets offers `"default"` (what
+    it builds when nothing is said) and `"paper"` (the widths of the paper or of the reference code)."""
+    if preset not in presets:
+        raise ValueError(f"{head_name}: unknown preset {preset!r}; choose from {sorted(presets)}.")
+    return presets[preset]
+
+
 class BaseHead(nn.Module):
-    """Base class of every segmentation head.
+    """Base class of every segmentation head, and the contract between a head and the rest of hf-vitseg.
 
-    Subclasses set the class attributes below, build their layers in `__init__` (calling
-    `super().__init__(...)` first) and implement `forward(features) -> logits`.
+    Subclasses set the class attributes below (each has a default here), build their layers in `__init__`
+    (calling `super().__init__(...)` first, or once their widths are known) and implement
+    `forward(features) -> logits`. A head whose input mode is fixed passes it to `super().__init__`
+    (`input_transform="multiple_select"`) rather than accepting an argument it would reject.
 
-    Class attributes:
-        head_name: set by `@register_head`.
+    Class attributes (the head contract; the model, config, feature cache and ONNX export read them):
+        head_name: the registry name, set by `@register_head`.
         num_default_taps: how many evenly spaced backbone layers the head taps when the config gives
             no `backbone_out_indices` (1 = the last layer).
         wants_pyramid: the head expects a multi-scale pyramid (strides 4, 8, 16, 32); on a single-stride
             ViT the model puts a pyramid neck in front of it.
-        uses_prefix_tokens: the head reads `features.prefix_tokens` (it then cannot follow backbones
-            without prefix tokens unless it handles `None`).
+        uses_prefix_tokens: the head reads `features.prefix_tokens` (CLS, distillation, register tokens).
+        prefix_tokens_optional: with `uses_prefix_tokens`, the head also works without them (SAM, hierarchical
+            backbones); otherwise `check_backbone` refuses such backbones at config construction.
+        uses_pixel_values: the head reads `features.pixel_values`, the image (`unet`'s stem). The feature cache
+            stores the images exactly when this is true. A head may set it per instance in `__init__` when it
+            depends on its arguments (`unet` without a stem reads no image).
+        onnx_exportable: `hf_vitseg.export.export_onnx` can export a model with this head; when false, export
+            stops before trying and shows `onnx_export_reason`.
+        onnx_dynamic_size: the export can keep height and width symbolic; when false only a fixed-size export
+            (`dynamic=False`) is allowed.
+        onnx_export_reason: the sentence shown when `onnx_exportable` or `onnx_dynamic_size` is false.
+
+    Methods a head may override: `output_stride` (when its output is not at the first selected map's
+    stride), `reset_extra_parameters` (when it owns parameters directly), `check_backbone` (when it cannot
+    follow some backbones).
 
     Args:
         in_channels: channels of each incoming feature map.
@@ -150,11 +154,16 @@ class BaseHead(nn.Module):
     num_default_taps: int = 1
     wants_pyramid: bool = False
     uses_prefix_tokens: bool = False
+    prefix_tokens_optional: bool = False
+    uses_pixel_values: bool = False
+    onnx_exportable: bool = True
+    onnx_dynamic_size: bool = True
+    onnx_export_reason: str = ""
 
     def __init__(
         self,
         in_channels: list[int],
-        in_strides: list[int],
+        in_strides: list[float],
         num_labels: int,
         num_prefix_tokens: int = 0,
         channels: int | None = 256,
@@ -189,48 +198,75 @@ class BaseHead(nn.Module):
             self.selected_channels = in_channels[in_index]
         else:
             self.selected_channels = [in_channels[i] for i in indices]
-        self.selected_strides = [in_strides[i] for i in indices]
+        self.selected_strides = self.select_strides(in_strides)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         if channels is not None:
             self.build_classifier(channels)
 
     def build_classifier(self, channels: int) -> None:
+        """The final 1x1 classifier `channels -> num_labels` that `classify` applies."""
         self.channels = channels
         self.classifier = nn.Conv2d(channels, self.num_labels, kernel_size=1)
 
     @classmethod
     def init_kwargs(cls) -> set[str]:
-        """Every keyword the head's constructor accepts from `head_kwargs` (its own and BaseHead's)."""
+        """Every keyword the head's constructor accepts from `head_kwargs`.
+
+        The most derived `__init__`'s own arguments; a base class's only where a constructor passes `**kwargs`
+        on (a head that fixes `input_transform` does not accept it)."""
         names = set()
         for klass in cls.__mro__:
-            if klass is nn.Module or not issubclass(klass, BaseHead):
+            if klass is nn.Module or not issubclass(klass, BaseHead) or "__init__" not in vars(klass):
                 continue
-            for name, p in inspect.signature(klass.__init__).parameters.items():
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                    names.add(name)
+            parameters = inspect.signature(klass.__init__).parameters.values()
+            names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+                break
         return names - {"self", "in_channels", "in_strides", "num_labels", "num_prefix_tokens"}
 
     @classmethod
     def check_backbone(cls, is_hierarchical: bool, num_prefix_tokens: int, head_kwargs: dict | None = None) -> None:
         """Raise a clear error, at config construction, if this head (with these `head_kwargs`) cannot follow
-        such a backbone. Heads override it."""
-        if cls.uses_prefix_tokens and num_prefix_tokens == 0 and not getattr(cls, "prefix_tokens_optional", False):
+        such a backbone. The default refuses backbones without prefix tokens to heads that need them."""
+        if cls.uses_prefix_tokens and num_prefix_tokens == 0 and not cls.prefix_tokens_optional:
             raise ValueError(f"Head {cls.head_name!r} needs prefix (CLS) tokens, which this backbone does not have.")
+
+    def _indices(self) -> list[int]:
+        return [self.in_index] if isinstance(self.in_index, int) else list(self.in_index)
+
+    def select_strides(self, in_strides: Sequence[float]) -> list[float]:
+        """The strides of the maps named by `in_index`, out of the strides of every incoming map."""
+        return [in_strides[i] for i in self._indices()]
 
     def select_inputs(self, feature_maps: list[torch.Tensor]):
         """Take and combine the maps named by `in_index`, per `input_transform`."""
         if self.input_transform is None:
             return feature_maps[self.in_index]
-        indices = [self.in_index] if isinstance(self.in_index, int) else self.in_index
-        selected = [feature_maps[i] for i in indices]
+        selected = [feature_maps[i] for i in self._indices()]
         if self.input_transform == "resize_concat":
             size = selected[0].shape[-2:]
             return torch.cat([resize(x, size) for x in selected], dim=1)
         return selected
+
+    def output_stride(self, in_strides: Sequence[float]) -> float:
+        """The stride of this head's logits with respect to `pixel_values`, given the strides of the maps it
+        receives (`in_strides`, one per incoming map, before `in_index`): an input of height H gives logits of
+        height `H / output_stride` (for H a multiple of the model's `size_divisor`).
+
+        A float: DINOv2's patch 14 puts pyramid levels at stride 3.5, and a head may upsample past the input
+        (`setr_pup` on a patch-8 backbone: 0.5). The default: the first selected map's stride (heads that
+        classify at the finest selected map's resolution)."""
+        return self.select_strides(in_strides)[0]
+
+    def reset_extra_parameters(self, std: float) -> None:
+        """Initialise the parameters the head owns directly (`nn.Parameter` attributes such as class
+        embeddings), which the model's `_init_weights` does not reach; convolutions, linears and norms are
+        initialised there. Called with `config.initializer_range`; the default does nothing."""
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Dropout, then the 1x1 classifier: (B, channels, h, w) -> (B, num_labels, h, w)."""
         return self.classifier(self.dropout(x))
 
     def forward(self, features: BackboneFeatures) -> torch.Tensor:  # pragma: no cover - abstract
+        """`features` (after the neck, if any) -> logits `(B, num_labels, h', w')` at the head's natural stride."""
         raise NotImplementedError

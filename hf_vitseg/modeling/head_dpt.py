@@ -30,20 +30,25 @@ Deliberate differences from transformers, outputs otherwise equal (tests/test_he
 - the coarsest fusion block has no unused first residual unit.
 
 Widths: `preset="paper"` is DPT-Base's (reassemble 96, 192, 384, 768 = C/8 .. C of ViT-B's C = 768; fusion
-256). The default halves every width, the same proportions for a ViT-S-sized backbone (C = 384). On DINOv2-S/14
-at 518x518 (CPU, `benchmarks/heads.py`) the whole model costs, relative to the backbone alone: default 2.3x the
-GFLOPs, 1.5x the forward time, 1.8x the training step; paper 5.7x, 2.1x, 2.5x (the flop counter misses the
-backbone's attention, which is much of its time).
+256). The default halves every width, the same proportions for a ViT-S-sized backbone (C = 384).
+`benchmarks/README.md` has the measured costs of both.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .head_base import BackboneFeatures, BaseHead, ConvNormAct, register_head
-
+from .head_base import (
+    BackboneFeatures,
+    BaseHead,
+    ConvNormAct,
+    register_head,
+    resolve_preset,
+)
 
 DPT_PRESETS = {
     "default": {"reassemble_channels": (48, 96, 192, 384), "fusion_channels": 128},
@@ -105,7 +110,9 @@ class FusionBlock(nn.Module):
 class DPTHead(BaseHead):
     """DPT reassembly + fusion + segmentation head, see the module docstring.
 
-    Args (besides `BaseHead`'s):
+    Args:
+        in_channels, in_strides, num_labels, num_prefix_tokens: the incoming maps, as `BaseHead` (the model
+            fills them in).
         preset: `"default"` or `"paper"` (DPT-Base widths); `reassemble_channels` / `fusion_channels`
             override it.
         reassemble_channels: width of each level after the 1x1 projection, finest first.
@@ -115,25 +122,24 @@ class DPTHead(BaseHead):
         reassemble_factors: resampling factor of each level for single-stride backbones (strides p/4 .. 2p).
         fusion_batch_norm: BatchNorm in the residual conv units, as in DPT's segmentation model
             (transformers' `use_batch_norm_in_fusion_residual`).
+        dropout: dropout before the classifier.
+        in_index: which taps to read (default: all); each is one level (or one tap for every level).
     """
 
     num_default_taps = 4
     uses_prefix_tokens = True
     prefix_tokens_optional = True
 
-    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, preset: str = "default",
-                 reassemble_channels: list[int] | None = None, fusion_channels: int | None = None,
-                 readout: str | None = None, reassemble_factors: list[float] = (4, 2, 1, 0.5),
-                 fusion_batch_norm: bool = True, dropout: float = 0.1, in_index=None,
-                 input_transform="multiple_select"):
-        if preset not in DPT_PRESETS:
-            raise ValueError(f"dpt: unknown preset {preset!r}; choose from {sorted(DPT_PRESETS)}.")
-        reassemble_channels = list(reassemble_channels or DPT_PRESETS[preset]["reassemble_channels"])
-        fusion_channels = fusion_channels or DPT_PRESETS[preset]["fusion_channels"]
-        if input_transform != "multiple_select":
-            raise ValueError("dpt: input_transform must be 'multiple_select' (each tap is one level).")
+    def __init__(self, in_channels: list[int], in_strides: list[float], num_labels: int, num_prefix_tokens: int = 0,
+                 preset: str = "default", reassemble_channels: list[int] | None = None,
+                 fusion_channels: int | None = None, readout: str | None = None,
+                 reassemble_factors: Sequence[float] = (4, 2, 1, 0.5), fusion_batch_norm: bool = True,
+                 dropout: float = 0.1, in_index: int | list[int] | None = None):
+        widths = resolve_preset("dpt", DPT_PRESETS, preset)
+        reassemble_channels = list(reassemble_channels or widths["reassemble_channels"])
+        fusion_channels = fusion_channels or widths["fusion_channels"]
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=fusion_channels,
-                         dropout=dropout, in_index=in_index, input_transform=input_transform)
+                         dropout=dropout, in_index=in_index, input_transform="multiple_select")
         self.readout = self.resolve_readout(readout, num_prefix_tokens)
         num_levels = len(reassemble_channels)
         taps = len(self.selected_channels)
@@ -150,6 +156,7 @@ class DPTHead(BaseHead):
                 f"dpt: reassemble_factors {list(reassemble_factors)} needs one factor per level ({num_levels})."
             )
         factors = list(reassemble_factors) if single_stride else [1] * num_levels
+        self.reassemble_factors = factors
 
         if self.readout == "project":
             self.readout_projects = nn.ModuleList(
@@ -179,6 +186,10 @@ class DPTHead(BaseHead):
                 "have; use readout='ignore' (or leave it unset)."
             )
         return readout
+
+    def output_stride(self, in_strides: Sequence[float]) -> float:
+        """Half the finest level's stride: the finest fusion block upsamples x2."""
+        return self.select_strides(in_strides)[0] / self.reassemble_factors[0] / 2
 
     @classmethod
     def check_backbone(cls, is_hierarchical: bool, num_prefix_tokens: int, head_kwargs: dict | None = None) -> None:

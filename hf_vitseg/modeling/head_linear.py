@@ -20,12 +20,25 @@ from .head_base import BackboneFeatures, BaseHead, register_head
 
 @register_head("linear")
 class LinearHead(BaseHead):
+    """BatchNorm and a 1x1 classifier on the patch tokens; see the module docstring.
+
+    Args:
+        in_channels, in_strides, num_labels, num_prefix_tokens: the incoming maps, as `BaseHead` (the model
+            fills them in).
+        use_cls_token: concatenate each tap's CLS token, broadcast over the grid, to its patch tokens (needs a
+            backbone with a CLS token).
+        dropout: dropout before the classifier (none in DINOv2's protocol).
+        in_index: which taps to read (default: all).
+        input_transform: how to combine several taps; the default `"resize_concat"` concatenates them.
+    """
+
     num_default_taps = 1
     uses_prefix_tokens = True
     prefix_tokens_optional = True
 
-    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, use_cls_token: bool = False,
-                 dropout: float = 0.0, in_index=None, input_transform="resize_concat"):
+    def __init__(self, in_channels: list[int], in_strides: list[float], num_labels: int, num_prefix_tokens: int = 0,
+                 use_cls_token: bool = False, dropout: float = 0.0, in_index: int | list[int] | None = None,
+                 input_transform: str | None = "resize_concat"):
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=None, dropout=dropout,
                          in_index=in_index, input_transform=input_transform)
         if use_cls_token and num_prefix_tokens == 0:

@@ -16,10 +16,24 @@ from .head_base import BackboneFeatures, BaseHead, ConvNormAct, register_head
 
 @register_head("mlp")
 class MLPHead(BaseHead):
+    """SETR-naive: 1x1 conv-BN-ReLU blocks and a 1x1 classifier per token; see the module docstring.
+
+    Args:
+        in_channels, in_strides, num_labels, num_prefix_tokens: the incoming maps, as `BaseHead` (the model
+            fills them in).
+        channels: width of the hidden 1x1 layers.
+        num_layers: number of 1x1 conv-BN-ReLU blocks before the classifier.
+        dropout: dropout before the classifier.
+        in_index: which tap to read (default: the last).
+        input_transform: `None` (one map, the default); `"resize_concat"` / `"multiple_select"` concatenate
+            several taps.
+    """
+
     num_default_taps = 1
 
-    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, channels: int = 256,
-                 num_layers: int = 1, dropout: float = 0.1, in_index=None, input_transform=None):
+    def __init__(self, in_channels: list[int], in_strides: list[float], num_labels: int, num_prefix_tokens: int = 0,
+                 channels: int = 256, num_layers: int = 1, dropout: float = 0.1,
+                 in_index: int | list[int] | None = None, input_transform: str | None = None):
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=channels,
                          dropout=dropout, in_index=in_index, input_transform=input_transform)
         if num_layers < 1:

@@ -30,15 +30,23 @@ from .head_base import BackboneFeatures, BaseHead, ConvNormAct, register_head, r
 
 @register_head("segformer")
 class SegFormerHead(BaseHead):
+    """SegFormer's all-MLP decoder over a pyramid; see the module docstring.
+
+    Args:
+        in_channels, in_strides, num_labels, num_prefix_tokens: the incoming maps, as `BaseHead` (the model
+            fills them in).
+        channels: the common width every level is projected to, and the fuse conv's width (the paper's B0: 256).
+        dropout: dropout before the classifier.
+        in_index: which pyramid levels to read (default: all), finest first.
+    """
+
     num_default_taps = 4
     wants_pyramid = True
 
-    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, channels: int = 256,
-                 dropout: float = 0.1, in_index=None, input_transform="multiple_select"):
-        if input_transform != "multiple_select":
-            raise ValueError(f"segformer head: input_transform must be 'multiple_select', got {input_transform!r}.")
+    def __init__(self, in_channels: list[int], in_strides: list[float], num_labels: int, num_prefix_tokens: int = 0,
+                 channels: int = 256, dropout: float = 0.1, in_index: int | list[int] | None = None):
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=channels,
-                         dropout=dropout, in_index=in_index, input_transform=input_transform)
+                         dropout=dropout, in_index=in_index, input_transform="multiple_select")
         levels = self.selected_channels
         self.projections = nn.ModuleList([nn.Conv2d(c, channels, kernel_size=1) for c in levels])
         self.fuse = ConvNormAct(len(levels) * channels, channels, kernel_size=1)  # input: coarsest level first

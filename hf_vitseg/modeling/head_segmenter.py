@@ -8,7 +8,7 @@ their scalar products, `(B, h*w, num_labels)`, followed by a LayerNorm over the 
 computation matches the authors' code and mmsegmentation's `SegmenterMaskTransformerHead` (whose fused qkv
 projection splits into `q_proj`, `k_proj`, `v_proj` here).
 
-`TransformerLayer`, the pre-norm layer used here, also serves `atm` (with cross-attention).
+The pre-norm `TransformerLayer` (in `attention_layers.py`) also serves `atm`, with cross-attention.
 
 Input contract: one map `(B, C, h, w)` (the last tap by default: on ViT/SAM the patch tokens at stride p, on
 Swin the last stage). Output: `(B, num_labels, h, w)`, stride p (the selected map's stride).
@@ -16,8 +16,8 @@ Swin the last stage). Output: `(B, num_labels, h, w)`, stride p (the selected ma
 
 One deliberate difference, for two classes only: a LayerNorm over two values maps every pixel to
 `±(1, -1)` (the sign of the difference of its two scores) times its weight, so its gradient vanishes almost
-everywhere; a binary Segmenter so built never leaves its initial prediction (measured: foreground IoU 0.0 on
-the nuclei benchmark, loss stuck at 0.56). With `num_labels <= 2` (`mask_norm=None`, the default), the cosine
+everywhere; a binary Segmenter so built never leaves its initial prediction (`benchmarks/README.md` has the
+measurement on the nuclei benchmark). With `num_labels <= 2` (`mask_norm=None`, the default), the cosine
 scores are instead multiplied by a learned temperature (initially 10, as a log-parametrised scalar
 `logit_scale`) plus a per-class bias. `mask_norm=True` / `False` forces either form.
 """
@@ -31,75 +31,17 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 
+from .attention_layers import TransformerLayer
 from .head_base import BackboneFeatures, BaseHead, register_head
-
-
-class MultiHeadAttention(nn.Module):
-    """Multi-head attention of `x` to `context` with `q_proj`, `k_proj`, `v_proj`, `o_proj` projections.
-
-    Runs through `F.scaled_dot_product_attention`, or explicitly when the logits are asked for (`atm` turns
-    them into masks)."""
-
-    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0):
-        super().__init__()
-        if d_model % num_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}.")
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.o_proj = nn.Linear(d_model, d_model)
-
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, n, d) -> (B, heads, n, d_head)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, return_logits: bool = False):
-        """x (B, n, d), context (B, m, d) -> (B, n, d), and the logits (B, heads, n, m) or None."""
-        q = self._split_heads(self.q_proj(x))
-        k, v = self._split_heads(self.k_proj(context)), self._split_heads(self.v_proj(context))
-        logits = None
-        if return_logits:
-            logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-            out = F.dropout(logits.softmax(dim=-1), self.dropout, self.training) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.o_proj(out.transpose(1, 2).flatten(2)), logits
-
-
-class TransformerLayer(nn.Module):
-    """A pre-norm transformer layer: self-attention, optional cross-attention to a `context`, GELU MLP.
-
-    `forward(x, context=None) -> (x, cross-attention logits or None)`."""
-
-    def __init__(self, d_model: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 cross_attention: bool = False):
-        super().__init__()
-        self.self_attn_norm = nn.LayerNorm(d_model)
-        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
-        self.cross_attn_norm = nn.LayerNorm(d_model) if cross_attention else None
-        self.cross_attn = MultiHeadAttention(d_model, num_heads, dropout) if cross_attention else None
-        self.mlp_norm = nn.LayerNorm(d_model)
-        hidden = int(mlp_ratio * d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_model))
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None):
-        h = self.self_attn_norm(x)
-        x = x + self.dropout(self.self_attn(h, h)[0])
-        logits = None
-        if self.cross_attn is not None:
-            update, logits = self.cross_attn(self.cross_attn_norm(x), context, return_logits=True)
-            x = x + self.dropout(update)
-        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
-        return x, logits
 
 
 @register_head("segmenter")
 class SegmenterHead(BaseHead):
     """Segmenter's mask transformer; see the module docstring.
 
-    Args (besides `BaseHead`'s):
+    Args:
+        in_channels, in_strides, num_labels, num_prefix_tokens: the incoming maps, as `BaseHead` (the model
+            fills them in).
         d_model: width of the mask transformer (default: the input width).
         num_layers: transformer layers over [patch tokens; class embeddings] (the paper uses 2).
         num_heads: attention heads (default: `d_model // 64`, at least 1); must divide `d_model`.
@@ -107,13 +49,16 @@ class SegmenterHead(BaseHead):
         dropout: dropout inside the transformer layers (attention and MLP).
         mask_norm: LayerNorm over the classes' scores (the paper's); `None` = only when `num_labels > 2`,
             else a learned temperature and bias (see the module docstring).
+        in_index: which tap to read (default: the last).
+        input_transform: `None` (one map, the default) or `"resize_concat"` (several taps concatenated).
     """
 
     num_default_taps = 1
 
-    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, d_model: int | None = None,
-                 num_layers: int = 2, num_heads: int | None = None, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 mask_norm: bool | None = None, in_index=None, input_transform=None):
+    def __init__(self, in_channels: list[int], in_strides: list[float], num_labels: int, num_prefix_tokens: int = 0,
+                 d_model: int | None = None, num_layers: int = 2, num_heads: int | None = None,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, mask_norm: bool | None = None,
+                 in_index: int | list[int] | None = None, input_transform: str | None = None):
         if input_transform == "multiple_select":
             raise ValueError("segmenter reads one map: input_transform must be None or 'resize_concat'.")
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=None, dropout=0.0,

@@ -18,14 +18,13 @@ stride-4 map); a stage works at the largest map of its group and resizes the oth
 Input contract: a pyramid `(B, C_i, h_i, w_i)` at strides about 4, 8, 16, 32, and the image.
 Output: `(B, num_labels, ceil(H/2), ceil(W/2))`, stride 2 with the default 2-level stem (stride 4 without
 a stem: `stem_channels=()`). `decoder_channels` gives one width per stage, coarsest first; with fewer
-stages (fewer taps) the last (finest) entries are used. On DINOv2-S/14 at 518x518 (CPU, `benchmarks/heads.py`)
-the model with the default widths (neck included) costs 1.9x the backbone's GFLOPs, 1.4x its forward time and
-1.7x its training step.
+stages (fewer taps) the last (finest) entries are used. `benchmarks/README.md` has the measured costs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -35,19 +34,33 @@ from .head_base import BackboneFeatures, BaseHead, ConvNormAct, register_head, r
 
 @register_head("unet")
 class UNetHead(BaseHead):
+    """A U-Net decoder over the pyramid, with skips from a convolutional stem on the image; see the module
+    docstring.
+
+    Args:
+        in_channels, in_strides, num_labels, num_prefix_tokens: the incoming maps, as `BaseHead` (the model
+            fills them in).
+        decoder_channels: the width of each decoder stage, coarsest first; with fewer stages the last
+            (finest) entries are used.
+        stem_channels: the width of each stem block on the image (one stride-2 block per entry); `()` for no
+            stem, which then reads no image.
+        dropout: dropout before the classifier.
+        in_index: which pyramid levels to read (default: all); each is one skip, the deepest the start.
+    """
+
     num_default_taps = 4
     wants_pyramid = True
+    uses_pixel_values = True  # the stem; False per instance without one
 
-    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0,
-                 decoder_channels: list[int] = (256, 128, 64, 32), stem_channels: list[int] = (32, 64),
-                 dropout: float = 0.1, in_index=None, input_transform="multiple_select"):
-        if input_transform != "multiple_select":
-            raise ValueError("unet: input_transform must be 'multiple_select' (each level is one skip).")
+    def __init__(self, in_channels: list[int], in_strides: list[float], num_labels: int, num_prefix_tokens: int = 0,
+                 decoder_channels: Sequence[int] = (256, 128, 64, 32), stem_channels: Sequence[int] = (32, 64),
+                 dropout: float = 0.1, in_index: int | list[int] | None = None):
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=None, dropout=dropout,
-                         in_index=in_index, input_transform=input_transform)
+                         in_index=in_index, input_transform="multiple_select")
         channels, strides = self.selected_channels, self.selected_strides
         if len(channels) < 2 and not stem_channels:
             raise ValueError("unet: needs at least two pyramid levels or an image stem to have skips.")
+        self.uses_pixel_values = bool(stem_channels)
         self.deepest = max(range(len(strides)), key=lambda i: strides[i])
         stem_in = [3] + list(stem_channels)
         self.stem = nn.ModuleList([
@@ -75,6 +88,13 @@ class UNetHead(BaseHead):
             self.stages.append(nn.Sequential(ConvNormAct(previous + skip_channels, width), ConvNormAct(width, width)))
             previous = width
         self.build_classifier(previous)
+
+    def output_stride(self, in_strides: Sequence[float]) -> float:
+        """The finest skip's stride: the last stage works at the largest map of the finest group."""
+        strides = self.select_strides(in_strides)
+        deepest = max(range(len(strides)), key=lambda i: strides[i])
+        levels = [s for i, s in enumerate(strides) if i != deepest]
+        return min(levels + [2 ** (j + 1) for j in range(len(self.stem))])
 
     def forward(self, features: BackboneFeatures) -> torch.Tensor:
         levels = self.select_inputs(features.feature_maps)

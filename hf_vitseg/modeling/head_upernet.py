@@ -16,9 +16,9 @@ level's resolution (stride p/4 on a ViT, 4 on Swin).
 
 Widths: `channels` (every conv's output width) defaults to 256 (`preset="default"`). transformers'
 `UperNetConfig.hidden_size` and mmsegmentation use 512: `preset="paper"` (or `channels=512`) builds exactly those
-layer shapes (`hf_vitseg.convert` imports transformers' weights), at about 4x the cost of the fusion conv, which
-dominates at stride p/4: on a DINOv2-S/14 at 518x518 the whole model then costs about 6x the backbone's forward
-time, against 2.5x with the default (`benchmarks/heads.py`). `channels` overrides the preset.
+layer shapes (`hf_vitseg.convert` imports transformers' weights), at four times the multiply-adds of the fusion
+conv, which dominates at stride p/4 (`benchmarks/README.md` has the measured costs). `channels` overrides the
+preset.
 transformers' UperNet has no dropout before the classifier, mmsegmentation's has 0.1 (the default here).
 
 The pyramid pooling is `AdaptiveAvgPool2dAsMatmul`, adaptive average pooling written as products with
@@ -36,7 +36,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .head_base import BackboneFeatures, BaseHead, ConvNormAct, register_head, resize
+from .head_base import (
+    BackboneFeatures,
+    BaseHead,
+    ConvNormAct,
+    register_head,
+    resize,
+    resolve_preset,
+)
 
 
 def _pooling_matrix(length, scale: int, like: torch.Tensor) -> torch.Tensor:
@@ -87,19 +94,28 @@ UPERNET_PRESETS = {"default": 256, "paper": 512}
 
 @register_head("upernet")
 class UperNetHead(BaseHead):
+    """UPerNet: pyramid pooling on the coarsest level, an FPN, fusion at the finest; see the module docstring.
+
+    Args:
+        in_channels, in_strides, num_labels, num_prefix_tokens: the incoming maps, as `BaseHead` (the model
+            fills them in).
+        preset: `"default"` (256 channels) or `"paper"` (512, transformers' and mmsegmentation's width);
+            `channels` overrides it.
+        channels: the output width of every conv.
+        pool_scales: the grids of the pyramid pooling module.
+        dropout: dropout before the classifier (mmsegmentation's 0.1; transformers has none).
+        in_index: which pyramid levels to read (default: all), finest first.
+    """
+
     num_default_taps = 4
     wants_pyramid = True
 
-    def __init__(self, in_channels, in_strides, num_labels, num_prefix_tokens=0, channels: int | None = None,
-                 pool_scales: tuple[int, ...] = (1, 2, 3, 6), dropout: float = 0.1, in_index=None,
-                 input_transform="multiple_select", preset: str = "default"):
-        if input_transform != "multiple_select":
-            raise ValueError(f"upernet head: input_transform must be 'multiple_select', got {input_transform!r}.")
-        if preset not in UPERNET_PRESETS:
-            raise ValueError(f"upernet: unknown preset {preset!r}; choose from {sorted(UPERNET_PRESETS)}.")
-        channels = int(channels or UPERNET_PRESETS[preset])
+    def __init__(self, in_channels: list[int], in_strides: list[float], num_labels: int, num_prefix_tokens: int = 0,
+                 preset: str = "default", channels: int | None = None, pool_scales: tuple[int, ...] = (1, 2, 3, 6),
+                 dropout: float = 0.1, in_index: int | list[int] | None = None):
+        channels = int(channels or resolve_preset("upernet", UPERNET_PRESETS, preset))
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=channels,
-                         dropout=dropout, in_index=in_index, input_transform=input_transform)
+                         dropout=dropout, in_index=in_index, input_transform="multiple_select")
         levels = self.selected_channels
         self.pool_scales = tuple(pool_scales)
         self.ppm = nn.ModuleList([

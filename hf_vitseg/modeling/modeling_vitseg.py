@@ -1,11 +1,12 @@
 """`ViTSegForSemanticSegmentation`: any HF vision backbone + any registered segmentation head.
 
-The whole data flow is in `forward`:
+The whole data flow is in `forward` and `decode`:
 
-    pixel_values (B, 3, H, W)                       H, W multiples of the patch size (the processor pads)
-      -> BackboneAdapter: taps -> BackboneFeatures   maps (B, C, H/p, W/p) + prefix tokens
-      -> head: logits (B, num_labels, h', w')        at the head's natural resolution (documented per head)
-      -> loss: logits upsampled to the label size, cross-entropy with ignore_index
+    pixel_values (B, 3, H, W)                       H, W multiples of `size_divisor` (the processor pads)
+      -> BackboneAdapter: taps -> BackboneFeatures   maps (B, C, H/p, W/p) + prefix tokens     (forward)
+      -> neck, for heads that want a pyramid         strides p/4, p/2, p, 2p                   (decode from here)
+      -> head: logits (B, num_labels, h', w')        at the head's natural stride, `head.output_stride(...)`
+      -> loss: logits upsampled to the label size, cross-entropy with ignore_index (+ auxiliary head)
 
 This file and its sibling imports travel with every saved checkpoint (remote code), so they import only
 torch and transformers.
@@ -14,10 +15,6 @@ torch and transformers.
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import sys
-import inspect
 from pathlib import Path
 
 import torch
@@ -27,10 +24,12 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .backbone_adapter import BackboneAdapter
 from .configuration_vitseg import ViTSegConfig
+from .features import BackboneFeatures
 from .head_base import BaseHead, ConvNormAct, get_head_class
 from .losses import segmentation_loss
 from .neck import PyramidNeck
 from .saving_vitseg import save_folder_safely
+from .user_heads import save_user_head_source as _save_user_head_source
 
 
 class ViTSegPreTrainedModel(PreTrainedModel):
@@ -48,7 +47,7 @@ class ViTSegPreTrainedModel(PreTrainedModel):
         """Heads: normal(initializer_range) for convs and linears, unit/zero norms (transformers' defaults);
         parameters a head owns directly are initialised by the head's `reset_extra_parameters`."""
         super()._init_weights(module)
-        if isinstance(module, BaseHead) and hasattr(module, "reset_extra_parameters"):
+        if isinstance(module, BaseHead):
             module.reset_extra_parameters(std=self.config.initializer_range)
 
 
@@ -139,6 +138,34 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
                 features = self.backbone(pixel_values, output_hidden_states, output_attentions)
         else:
             features = self.backbone(pixel_values, output_hidden_states, output_attentions)
+        return self.decode(features, labels=labels, return_dict=return_dict)
+
+    def decode(
+        self, features: BackboneFeatures, labels: torch.Tensor | None = None, return_dict: bool | None = None
+    ) -> SemanticSegmenterOutput | tuple:
+        """The model after the backbone: neck, head, auxiliary head and loss, on given backbone features.
+
+        `forward` is `self.decode(self.backbone(pixel_values), labels)`; features computed once and kept (the
+        frozen-backbone `FeatureCache`) decode through the very same code.
+
+        Args:
+            features: what `self.backbone(pixel_values)` returns: one map per tap, the prefix tokens, and the
+                image (`features.pixel_values`), which is needed only when `self.head.uses_pixel_values`.
+            labels: class ids `(batch_size, height, width)` in `[0, num_labels)` or `config.ignore_index`, at any
+                resolution; with them the output holds the loss (plus the auxiliary head's, when configured).
+            return_dict: a `SemanticSegmenterOutput` (default: `config.return_dict`) or a tuple.
+
+        Returns:
+            `SemanticSegmenterOutput(loss, logits, hidden_states, attentions)`, logits `(B, num_labels, h', w')` at
+            the head's natural stride (`self.head.output_stride`), hidden states and attentions as the backbone
+            recorded them.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if features.pixel_values is None and self.head.uses_pixel_values:
+            raise ValueError(
+                f"Head {self.config.head!r} reads the image (uses_pixel_values), but these features carry no "
+                "pixel_values; keep the images with the features (FeatureCache keeps them for such heads)."
+            )
         taps = features
         if self.neck is not None:
             features = self.neck(features)  # 4 levels at strides p/4, p/2, p, 2p
@@ -284,56 +311,3 @@ def _load_backbone_state_dict(name_or_path, config: ViTSegConfig, backbone_kwarg
         # SamModel: the vision encoder lives under `vision_encoder.` in both, the rest is dropped
         state = {k: v for k, v in state.items() if k.startswith("vision_encoder.")}
     return state
-
-
-# Names that user head modules may import from hf_vitseg, and the flat file that defines them.
-_FLAT_HOMES = {
-    "BaseHead": "head_base", "BackboneFeatures": "head_base", "register_head": "head_base",
-    "list_heads": "head_base", "get_head_class": "head_base", "ConvNormAct": "head_base", "resize": "head_base",
-}
-
-
-def _save_user_head_source(head_cls: type, directory: Path) -> None:
-    module = sys.modules.get(head_cls.__module__)
-    ours = __name__.rsplit(".", 1)[0]
-    if head_cls.__module__.startswith(ours + ".") or module is None:
-        return
-    try:
-        source_file = inspect.getsourcefile(module)
-    except TypeError:
-        source_file = None
-    if head_cls.__module__ == "__main__" or source_file is None:
-        import warnings
-
-        warnings.warn(
-            f"Head {head_cls.__qualname__} is defined in {head_cls.__module__!r}, not in a module file; it is not "
-            "saved with the checkpoint, so loading with trust_remote_code=True where it is not registered fails. "
-            "Define custom heads in a module file."
-        )
-        return
-    flat_name = "vitseg_user_" + head_cls.__module__.replace(".", "_")
-    text = Path(source_file).read_text()
-
-    def rewrite(match: re.Match) -> str:
-        module_path, names = match.group(1), match.group(2)
-        if module_path.startswith("hf_vitseg.modeling."):
-            return f"from .{module_path.rsplit('.', 1)[1]} import {names}"
-        by_home: dict[str, list[str]] = {}
-        for name in [n.strip() for n in names.strip("()").split(",") if n.strip()]:
-            home = _FLAT_HOMES.get(name.split(" as ")[0].strip())
-            if home is None:
-                raise ValueError(
-                    f"{source_file} imports {name!r} from {module_path}, which cannot travel with the checkpoint. "
-                    f"Custom head modules may import {sorted(_FLAT_HOMES)} from hf_vitseg."
-                )
-            by_home.setdefault(home, []).append(name)
-        return "\n".join(f"from .{home} import {', '.join(n)}" for home, n in by_home.items())
-
-    text = re.sub(r"^from\s+(hf_vitseg[\w.]*)\s+import\s+(\([^)]*\)|[^\n]+)", rewrite, text, flags=re.MULTILINE)
-    (directory / f"{flat_name}.py").write_text(text)
-    config_file = directory / "configuration_vitseg.py"
-    line = f"from .{flat_name} import *  # noqa: F401,F403  user head saved by hf-vitseg\n"
-    content = config_file.read_text()
-    if line not in content:
-        config_file.write_text(content + "\n\n" + line)
-    shutil.copymode(config_file, directory / f"{flat_name}.py")

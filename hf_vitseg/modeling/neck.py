@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .head_base import BackboneFeatures
+from .features import BackboneFeatures
 
 
 class PyramidNeck(nn.Module):

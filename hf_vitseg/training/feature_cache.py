@@ -5,7 +5,8 @@ head the very same backbone features; computing them again is wasted work, usual
 (a ViT-S/14 forward at 518x518 is ~45 G multiply-adds per image, a linear head's ~1 M). `FeatureCache.build` runs the
 backbone over a dataset once and keeps what the backbone adapter hands to the neck and head
 (`BackboneFeatures`: one map per tap, the prefix tokens, and the image only for heads that read it);
-`CachedBackboneModel` runs the rest of the model (neck, head, loss, auxiliary head) on those features.
+`CachedBackboneModel` runs the rest of the model on those features: `model.decode` (neck, head, auxiliary
+head, loss), the same code `model.forward` runs after the backbone.
 
 ```python
 model = ViTSegForSemanticSegmentation.from_pretrained_backbone(path, head="linear", num_labels=2,
@@ -35,9 +36,6 @@ lives in CPU memory by default (`storage_device`) and batches move to the model'
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import inspect
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..modeling import BackboneFeatures
+from ..unwrap import is_peft_model
 
 __all__ = ["CachedBackboneModel", "FeatureCache", "hflip_view", "train_head_on_cache"]
 
@@ -71,8 +70,10 @@ def _backbone_signature(model: nn.Module) -> dict:
     }
 
 
-def _vitseg_model(model: nn.Module) -> nn.Module:
-    if hasattr(model, "peft_config"):
+def _cacheable_model(model: nn.Module) -> nn.Module:
+    """`model` itself, refused when PEFT wraps it: unlike `unwrap_model`, a feature cache must not look inside,
+    because adapters train the backbone whose features it would keep."""
+    if is_peft_model(model):
         raise ValueError("A feature cache needs a frozen backbone; this model carries PEFT adapters that train it.")
     if not (hasattr(model, "backbone") and hasattr(model, "head") and hasattr(model.backbone, "out_channels")):
         raise TypeError(f"Expected a ViTSegForSemanticSegmentation, got {type(model).__name__}.")
@@ -86,46 +87,6 @@ def _check_frozen(model: nn.Module) -> None:
             f"A feature cache needs a frozen backbone, but {len(trainable)} backbone parameters train "
             f"(e.g. {trainable[0]}). Call model.freeze_backbone() or build the model with freeze_backbone=True."
         )
-
-
-def _forward_takes_backbone_features(model: nn.Module) -> bool:
-    return "backbone_features" in inspect.signature(model.forward).parameters
-
-
-@contextlib.contextmanager
-def _backbone_returns(model: nn.Module, features: BackboneFeatures):
-    """While active, `model.backbone(...)` returns `features` instead of running."""
-    model.backbone.forward = lambda *args, **kwargs: features
-    try:
-        yield
-    finally:
-        del model.backbone.forward
-
-
-def forward_from_features(model: nn.Module, features: BackboneFeatures, labels=None, return_dict=None):
-    """`model`'s forward (neck, head, loss, auxiliary head) on precomputed backbone features."""
-    if _forward_takes_backbone_features(model):
-        return model(pixel_values=features.pixel_values, labels=labels, return_dict=return_dict,
-                     backbone_features=features)
-    # Until ViTSegForSemanticSegmentation.forward takes `backbone_features`, stand in for the backbone.
-    with _backbone_returns(model, features):
-        return model(pixel_values=features.pixel_values, labels=labels, return_dict=return_dict)
-
-
-@torch.no_grad()
-def _head_reads_pixel_values(model: nn.Module, features: BackboneFeatures) -> bool:
-    """Whether the neck / head use the image: their output changes (or they fail) without it."""
-    was_training = model.training
-    model.eval()
-    try:
-        with_image = forward_from_features(model, features, return_dict=True).logits
-        try:
-            without = forward_from_features(model, dataclasses.replace(features, pixel_values=None), return_dict=True)
-        except Exception:
-            return True
-        return not torch.equal(with_image, without.logits)
-    finally:
-        model.train(was_training)
 
 
 def _smallest_label_dtype(labels: torch.Tensor) -> torch.dtype:
@@ -205,20 +166,22 @@ class FeatureCache(Dataset):
             device: where the backbone runs; default the model's device.
             dtype: storage dtype of features and images: `torch.float32` (exact), `torch.float16` or
                 `torch.bfloat16` (half the memory).
-            keep_pixel_values: store the images too: `True`, `False`, or `"auto"`: only if the neck / head
-                read them (probed on the first batch: `unet`'s image stem does).
+            keep_pixel_values: store the images too: `True`, `False`, or `"auto"`: exactly when the head
+                declares that it reads them (`model.head.uses_pixel_values`: `unet`'s image stem).
             views: fixed views of every batch, each a function `(pixel_values, labels) -> (pixel_values,
                 labels)` or `None` for the batch as is (e.g. `[None, hflip_view]`). The cache holds
                 `len(views)` entries per sample: per loader batch, its samples in view 0, then in view 1, ...
             storage_device: where the cache lives (CPU memory by default).
         """
-        model = _vitseg_model(model)
+        model = _cacheable_model(model)
         _check_frozen(model)
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
         if keep_pixel_values not in (True, False, "auto"):
             raise ValueError(f"keep_pixel_values must be True, False or 'auto', got {keep_pixel_values!r}.")
         views = list(views) if views else [None]
+        if keep_pixel_values == "auto":
+            keep_pixel_values = model.head.uses_pixel_values
         device = torch.device(device) if device is not None else next(model.parameters()).device
         loader = data if isinstance(data, DataLoader) else DataLoader(
             data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers
@@ -250,8 +213,6 @@ class FeatureCache(Dataset):
                 for view in views:
                     view_pixels, view_labels = view(pixel_values, batch_labels) if view else (pixel_values, batch_labels)
                     features = model.backbone(view_pixels)
-                    if keep_pixel_values == "auto":
-                        keep_pixel_values = _head_reads_pixel_values(model, features)
                     maps.append([m.to(storage_device, dtype) for m in features.feature_maps])
                     if features.prefix_tokens is not None:
                         prefixes.append([t.to(storage_device, dtype) for t in features.prefix_tokens])
@@ -347,7 +308,7 @@ class FeatureCache(Dataset):
 
     def check_compatible(self, model: nn.Module) -> None:
         """Raise if these features cannot have come from `model`'s backbone configuration."""
-        expected = _backbone_signature(_vitseg_model(model))
+        expected = _backbone_signature(_cacheable_model(model))
         wrong = {k: (self.meta.get(k), v) for k, v in expected.items() if k in self.meta and self.meta[k] != v}
         channels = [m.shape[1] for m in self.feature_maps]
         if channels != expected["out_channels"]:
@@ -405,7 +366,7 @@ class CachedBackboneModel(nn.Module):
 
     def __init__(self, model: nn.Module, cache: FeatureCache | None = None):
         super().__init__()
-        self.model = _vitseg_model(model)
+        self.model = _cacheable_model(model)
         _check_frozen(self.model)
         if cache is not None:
             cache.check_compatible(self.model)
@@ -429,7 +390,7 @@ class CachedBackboneModel(nn.Module):
             prefix_tokens=[t.to(dtype) for t in prefix_tokens] if prefix_tokens is not None else None,
             pixel_values=pixel_values.to(dtype) if pixel_values is not None else None,
         )
-        return forward_from_features(self.model, features, labels=labels, return_dict=return_dict)
+        return self.model.decode(features, labels=labels, return_dict=return_dict)
 
 
 def train_head_on_cache(
