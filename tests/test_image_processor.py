@@ -285,9 +285,10 @@ def test_do_convert_rgb_false_is_honoured(image, what):
         ViTSegImageProcessor()(image, do_convert_rgb=False)
     assert ViTSegImageProcessor(patch_size=8)(image)["pixel_values"].shape == (1, 3, 8, 8)  # converted by default
     rgb = random_rgb(8, 8)
-    for image in (rgb, Image.fromarray(rgb)):
-        converted = ViTSegImageProcessor(patch_size=8)(image)["pixel_values"]
-        assert torch.equal(ViTSegImageProcessor(patch_size=8, do_convert_rgb=False)(image)["pixel_values"], converted)
+    for rgb_image in (rgb, Image.fromarray(rgb)):
+        converted = ViTSegImageProcessor(patch_size=8)(rgb_image)["pixel_values"]
+        unconverted = ViTSegImageProcessor(patch_size=8, do_convert_rgb=False)(rgb_image)["pixel_values"]
+        assert torch.equal(unconverted, converted)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ def test_crop_size_must_be_a_patch_multiple():
 
 def test_size_divisor_is_read_from_the_model():
     model = PatchConvModel().eval()
-    with pytest.raises(ValueError, match="PatchConvModel has no `size_divisor`.*pass patch_size="):
+    with pytest.raises(TypeError, match="PatchConvModel has no `size_divisor`.*pass patch_size="):
         sliding_window_inference(model, images(1, 56, 56), crop_size=28, stride=14)
     model.size_divisor = PATCH  # ViTSegForSemanticSegmentation's property: the one place that says it
     with pytest.raises(ValueError, match="multiple of the model's size divisor 14"):

@@ -38,7 +38,7 @@ def resolve_size_divisor(model: torch.nn.Module, patch_size: int | None) -> int:
         return patch_size
     divisor = getattr(model, "size_divisor", None)
     if not isinstance(divisor, int):
-        raise ValueError(
+        raise TypeError(
             f"{type(model).__name__} has no `size_divisor` (what input sizes must be multiples of); pass patch_size=."
         )
     return divisor
