@@ -112,6 +112,21 @@ def test_vitseg_pipeline_cuts_the_padding_away_exactly(model_folder):
         segmenter(image, subtask="panoptic")
 
 
+class _ProcessorWithoutBoxes(ViTSegImageProcessor):
+    """What a processor saved by an older hf-vitseg returns: `input_sizes` only."""
+
+    def preprocess(self, images, segmentation_maps=None, **kwargs):
+        outputs = super().preprocess(images, segmentation_maps, **kwargs)
+        outputs.pop("input_boxes", None)
+        return outputs
+
+
+def test_vitseg_pipeline_with_a_processor_that_returns_input_sizes_only(model_folder):
+    image = random_image(50, 70)  # padded to 56 x 72
+    segmenter = segmentation_pipeline(str(model_folder), image_processor=_ProcessorWithoutBoxes(patch_size=PATCH))
+    np.testing.assert_array_equal(segments_to_map(segmenter(image), ID2LABEL), exact_label_map(model_folder, image))
+
+
 def test_vitseg_pipeline_names_an_undecodable_file(model_folder, tmp_path):
     bad = tmp_path / "not_an_image.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")

@@ -65,20 +65,21 @@ class ViTSegSegmentationPipeline(ImageSegmentationPipeline):
             name = source if isinstance(source, str) else type(source).__name__
             raise ValueError(f"Cannot decode image {name!r}: {error}") from error
         inputs = self.image_processor(images=[image], return_tensors="pt", return_input_sizes=True)
-        inputs.pop("input_sizes")
-        input_boxes = inputs.pop("input_boxes")
+        input_sizes = inputs.pop("input_sizes")
+        # A processor saved by an older hf-vitseg returns input_sizes only (padding, no centre-crop geometry).
+        geometry = {"input_boxes": inputs.pop("input_boxes")} if "input_boxes" in inputs else {"input_sizes": input_sizes}
         inputs = inputs.to(self.dtype)
         inputs["target_size"] = [(image.height, image.width)]
-        inputs["input_boxes"] = input_boxes
+        inputs["geometry"] = geometry
         return inputs
 
     def _forward(self, model_inputs):
         target_size = model_inputs.pop("target_size")
-        input_boxes = model_inputs.pop("input_boxes")
+        geometry = model_inputs.pop("geometry")
         padded_size = tuple(model_inputs["pixel_values"].shape[-2:])
         model_outputs = self.model(**model_inputs)
         model_outputs["target_size"] = target_size
-        model_outputs["input_boxes"] = input_boxes
+        model_outputs["geometry"] = geometry
         model_outputs["padded_size"] = padded_size
         return model_outputs
 
@@ -88,8 +89,8 @@ class ViTSegSegmentationPipeline(ImageSegmentationPipeline):
         label_map = self.image_processor.post_process_semantic_segmentation(
             model_outputs,
             target_sizes=model_outputs["target_size"],
-            input_boxes=model_outputs["input_boxes"],
             padded_size=model_outputs["padded_size"],
+            **model_outputs["geometry"],
         )[0].numpy()
         id2label = self.model.config.id2label
         annotation = []
