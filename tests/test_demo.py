@@ -8,27 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_backbone_config
 from PIL import Image
-from transformers import AutoModel
 
 from hf_vitseg.cli import main
 
 
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_dinov2")
-    torch.manual_seed(0)
-    AutoModel.from_config(tiny_backbone_config("dinov2")).save_pretrained(folder)
-    return folder
-
-
-def test_demo_trains_evaluates_saves_and_draws(tiny_backbone, tmp_path, capsys):
+def test_demo_trains_evaluates_saves_and_draws(tiny_backbone_dir, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--backbone", str(tiny_backbone), "--steps", "20", "--tile", "64", "--scale", "0.5",
+    assert main(["demo", "--backbone", str(tiny_backbone_dir), "--steps", "20", "--tile", "64", "--scale", "0.5",
                  "--layers", "last", "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["backbone"] == str(tiny_backbone)
+    assert metrics["backbone"] == str(tiny_backbone_dir)
     assert 0.0 <= metrics["test_foreground_iou"] <= 1.0 and 0.0 <= metrics["test_mean_iou"] <= 1.0
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "preprocessor_config.json").exists()
     figure = Image.open(out / "prediction.png")
@@ -53,6 +43,26 @@ def test_demo_backbone_that_does_not_exist_is_one_line_naming_the_flag(tmp_path,
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--head", "nope"], "--head"), (["--layers", "0,x"], "--layers"), (["--intensity-views", "1,nan"],
+                                                                        "--intensity-views"),
+    (["--steps", "0"], "--steps"), (["--scale", "-2"], "--scale"),
+])
+def test_demo_bad_arguments_are_one_line_naming_the_flag_before_anything_loads(args, flag, tmp_path, capsys,
+                                                                                monkeypatch):
+    from hf_vitseg.demo import assets
+
+    monkeypatch.setattr(assets, "get_dinov2_small", lambda *a, **k: pytest.fail("resolved before the check"))
+    try:
+        status = main(["demo", *args, "--output-dir", str(tmp_path / "demo")])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    assert status in (1, 2)
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and flag in error and "Traceback" not in error
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_and_benchmarks_share_one_nuclei_split(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
     from benchmarks import data as bench_data
@@ -62,12 +72,12 @@ def test_demo_and_benchmarks_share_one_nuclei_split(monkeypatch):
         assert getattr(bench_data, name) is getattr(nuclei, name), name
 
 
-def test_demo_refuses_to_overwrite_a_previous_run(tiny_backbone, tmp_path):
+def test_demo_refuses_to_overwrite_a_previous_run(tiny_backbone_dir, tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(SystemExit, match="--overwrite"):
-        main(["demo", "--backbone", str(tiny_backbone), "--steps", "1", "--output-dir", str(out)])
+        main(["demo", "--backbone", str(tiny_backbone_dir), "--steps", "1", "--output-dir", str(out)])
     assert (out / "precious.txt").read_text() == "keep me"
 
 
