@@ -334,7 +334,8 @@ class ViTSegImageProcessor(PilBackend):
             if not convert and image.mode != "RGB":
                 raise ValueError(
                     f"do_convert_rgb=False: the image is a PIL image in mode {image.mode!r}, but the model takes RGB. "
-                    "Pass do_convert_rgb=True (the default) to convert it, or convert it yourself (image.convert('RGB'))."
+                    "Pass do_convert_rgb=True (the default) to convert it, or convert it yourself "
+                    "(image.convert('RGB'))."
                 )
             array = _pil_image_to_array(image)
             layout = ChannelDimension.LAST
@@ -405,7 +406,9 @@ class ViTSegImageProcessor(PilBackend):
             rows, cols = slice(top, top + height), slice(left, left + width)
             return image[:, rows, cols], None if seg_map is None else seg_map[rows, cols]
         step_y, step_x = in_hw[0] / out_hw[0], in_hw[1] / out_hw[1]
-        box = None if window is None else (left * step_x, top * step_y, (left + width) * step_x, (top + height) * step_y)
+        box = None
+        if window is not None:
+            box = (left * step_x, top * step_y, (left + width) * step_x, (top + height) * step_y)
         image = np.stack(
             [
                 np.asarray(Image.fromarray(channel).resize((width, height), resample=resample, box=box))
@@ -552,7 +555,10 @@ class ViTSegImageProcessor(PilBackend):
 
         input_sizes = np.array([image.shape[1:] for image in processed_images], dtype=np.int64)
         target_hw = self.padded_size(input_sizes.tolist(), patch_size, pad_to_size)
-        padded = [self.pad_sample(image, m, target_hw, ignore_index) for image, m in zip(processed_images, processed_maps)]
+        padded = [
+            self.pad_sample(image, seg_map, target_hw, ignore_index)
+            for image, seg_map in zip(processed_images, processed_maps)
+        ]
         data = {"pixel_values": np.stack([image for image, _ in padded])}
         if segmentation_maps is not None:
             data["labels"] = np.stack([seg_map for _, seg_map in padded])
@@ -626,7 +632,8 @@ class ViTSegImageProcessor(PilBackend):
         """
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
         batch_size, _, logits_h, logits_w = logits.shape
-        for name, values in (("target_sizes", target_sizes), ("input_sizes", input_sizes), ("input_boxes", input_boxes)):
+        given = {"target_sizes": target_sizes, "input_sizes": input_sizes, "input_boxes": input_boxes}
+        for name, values in given.items():
             if values is not None and len(values) != batch_size:
                 raise ValueError(f"Got {len(values)} {name} for a batch of {batch_size} logits; pass one per image.")
         if input_boxes is not None and input_sizes is not None:
@@ -810,7 +817,8 @@ def _check_channel_statistic(name: str, value) -> np.ndarray:
             f"for all channels, got {values.size}: {list(np.asarray(value).ravel())}."
         )
     if not np.all(np.isfinite(values)) or (name == "image_std" and np.any(values <= 0)):
-        raise ValueError(f"`{name}` must hold finite values{' above 0' if name == 'image_std' else ''}, got {list(values)}.")
+        above = " above 0" if name == "image_std" else ""
+        raise ValueError(f"`{name}` must hold finite values{above}, got {list(values)}.")
     return values.astype(np.float32)
 
 

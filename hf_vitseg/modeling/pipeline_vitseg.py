@@ -67,7 +67,10 @@ class ViTSegSegmentationPipeline(ImageSegmentationPipeline):
         inputs = self.image_processor(images=[image], return_tensors="pt", return_input_sizes=True)
         input_sizes = inputs.pop("input_sizes")
         # A processor saved by an older hf-vitseg returns input_sizes only (padding, no centre-crop geometry).
-        geometry = {"input_boxes": inputs.pop("input_boxes")} if "input_boxes" in inputs else {"input_sizes": input_sizes}
+        if "input_boxes" in inputs:
+            geometry = {"input_boxes": inputs.pop("input_boxes")}
+        else:
+            geometry = {"input_sizes": input_sizes}
         inputs = inputs.to(self.dtype)
         inputs["target_size"] = [(image.height, image.width)]
         inputs["geometry"] = geometry
