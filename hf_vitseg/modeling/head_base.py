@@ -1,8 +1,8 @@
 """The head registry and `BaseHead`, the base class every segmentation head derives from.
 
-A head consumes a `BackboneFeatures` (see `features.py`; re-exported here, where user heads import it) and returns logits
-`(B, num_labels, h', w')` at its natural resolution. `BaseHead` owns what every head shares,
-in the manner of mmsegmentation's `BaseDecodeHead`:
+A head consumes a `BackboneFeatures` (see `features.py`; re-exported here, where user heads import it) and
+returns logits `(B, num_labels, h', w')` at its natural stride (`BaseHead.output_stride`). `BaseHead` owns what
+every head shares, in the manner of mmsegmentation's `BaseDecodeHead`:
 
 - which of the tapped feature maps to take (`in_index`) and how to combine them
   (`input_transform`: `None` = one map, `"resize_concat"` = upsample all to the finest and

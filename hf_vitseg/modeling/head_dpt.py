@@ -30,8 +30,8 @@ Deliberate differences from transformers, outputs otherwise equal (tests/test_he
 - the coarsest fusion block has no unused first residual unit.
 
 Widths: `preset="paper"` is DPT-Base's (reassemble 96, 192, 384, 768 = C/8 .. C of ViT-B's C = 768; fusion
-256). The default halves every width, the same proportions for a ViT-S-sized backbone (C = 384).
-`benchmarks/README.md` has the measured costs of both.
+256). The default halves every width, the same proportions for a ViT-S-sized backbone (C = 384). The
+README's "Speed of every head" table (`benchmarks/heads.py`) has the measured costs of both.
 """
 
 from __future__ import annotations

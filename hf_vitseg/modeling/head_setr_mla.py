@@ -15,7 +15,8 @@ hierarchical backbones, where the top-down sum is resized to each finer map (as 
 `(B, num_labels, up_scale * h, up_scale * w)` with `(h, w)` the coarsest selected grid: stride p/4 on a ViT
 (the paper then upsamples x4 more to the image, which the loss and post-processing do here), 8 on Swin.
 The paper's widths (`mla_channels=256`, `stream_channels=128`; 4.6M parameters on a 384-wide ViT) are the
-default; `preset="light"` halves them (`benchmarks/README.md` has the measured costs).
+default; `preset="light"` halves them. The README's "Speed of every head" table (`benchmarks/heads.py`) has
+the measured costs.
 """
 
 from __future__ import annotations

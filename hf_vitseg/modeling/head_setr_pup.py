@@ -7,8 +7,8 @@ bilinear x2), x16 in all, then the classifier.
 Input contract: one single-stride map `(B, C, h, w)` (the last tap). Output: `(B, num_labels, 16h, 16w)`
 (stride p/16: about the input resolution for p = 16).
 The paper uses 256 channels at every stage (`preset="paper"`); at DINOv2's native 518x518 that costs several
-times the backbone, so the default halves the width at each stage (256, 128, 64, 32); `benchmarks/README.md`
-has the measured costs.
+times the backbone, so the default halves the width at each stage (256, 128, 64, 32). The README's "Speed of
+every head" table (`benchmarks/heads.py`) has the measured costs.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ stride-4 map); a stage works at the largest map of its group and resizes the oth
 Input contract: a pyramid `(B, C_i, h_i, w_i)` at strides about 4, 8, 16, 32, and the image.
 Output: `(B, num_labels, ceil(H/2), ceil(W/2))`, stride 2 with the default 2-level stem (stride 4 without
 a stem: `stem_channels=()`). `decoder_channels` gives one width per stage, coarsest first; with fewer
-stages (fewer taps) the last (finest) entries are used. `benchmarks/README.md` has the measured costs.
+stages (fewer taps) the last (finest) entries are used. The README's "Speed of every head" table
+(`benchmarks/heads.py`) has the measured costs.
 """
 
 from __future__ import annotations

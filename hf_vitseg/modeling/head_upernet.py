@@ -17,8 +17,8 @@ level's resolution (stride p/4 on a ViT, 4 on Swin).
 Widths: `channels` (every conv's output width) defaults to 256 (`preset="default"`). transformers'
 `UperNetConfig.hidden_size` and mmsegmentation use 512: `preset="paper"` (or `channels=512`) builds exactly those
 layer shapes (`hf_vitseg.convert` imports transformers' weights), at four times the multiply-adds of the fusion
-conv, which dominates at stride p/4 (`benchmarks/README.md` has the measured costs). `channels` overrides the
-preset.
+conv, which dominates at stride p/4 (the README's "Speed of every head" table has the measured costs).
+`channels` overrides the preset.
 transformers' UperNet has no dropout before the classifier, mmsegmentation's has 0.1 (the default here).
 
 The pyramid pooling is `AdaptiveAvgPool2dAsMatmul`, adaptive average pooling written as products with
