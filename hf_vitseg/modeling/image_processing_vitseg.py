@@ -204,7 +204,7 @@ class ViTSegImageProcessor(PilBackend):
 
         Returns:
             `BatchFeature` with `pixel_values` `(B, 3, H, W)` float32, `labels` `(B, H, W)` int64 when maps are
-            given, and `input_sizes` `(B, 2)` int64 when `return_input_sizes=True`.
+            given, and `input_sizes` `(B, 2)` and `input_boxes` `(B, 4)` int64 when `return_input_sizes=True`.
         """
         kwargs.setdefault("return_tensors", "pt")
         return super().preprocess(images, segmentation_maps, **kwargs)
@@ -257,8 +257,8 @@ class ViTSegImageProcessor(PilBackend):
                 `model.config.ignore_index`, and `model.config.backbone_name_or_path`, the pretrained backbone.
             folder (`str` or `os.PathLike`, *optional*):
                 A saved model folder or Hub repo id. When it holds `preprocessor_config.json`, that processor is
-                loaded (with a warning when it is missing from a local folder, as predictions then depend on
-                defaults rather than on the processor the model was trained with).
+                loaded; a local folder without one gets a warning, as predictions then depend on defaults rather
+                than on the processor the model was trained with.
 
         A built processor pads to `model.size_divisor`, labels padding with the model's `ignore_index`, and
         normalises with the mean and std of the backbone's own image processor when
