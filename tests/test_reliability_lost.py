@@ -23,23 +23,25 @@ from hf_vitseg.modeling.saving_vitseg import SAVED_FILES_MANIFEST
 from hf_vitseg.training import train
 from hf_vitseg.training.run_dir import RUN_MANIFEST
 
-from conftest import tiny_backbone_config
-from test_train import make_image_folder, save_tiny_backbone, snapshot, tiny_model
+from conftest import save_tiny_backbone, tiny_backbone_config, tiny_model
+from test_train import make_image_folder, snapshot
 
 
 # -- item 6: train --overwrite-output-dir ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_assets(tmp_path_factory):
-    """A tiny backbone, a training dataset and one finished run (2 steps, a checkpoint at each)."""
+    """A tiny backbone, a training dataset, one finished run (2 steps, a checkpoint at each) and the dataset's
+    image and mask folders."""
     from hf_vitseg.data.datasets import load_image_folder
 
     root = tmp_path_factory.mktemp("lost")
     backbone = save_tiny_backbone(root / "backbone")
-    dataset = load_image_folder(*make_image_folder(root / "data", 4))
+    folders = make_image_folder(root / "data", 4)
+    dataset = load_image_folder(*folders)
     run = root / "run"
-    train(tiny_model(backbone), dataset, output_dir=run, crop_size=32, max_steps=2, batch_size=4, save_steps=1,
+    train(tiny_model(backbone=backbone), dataset, output_dir=run, crop_size=32, max_steps=2, batch_size=4, save_steps=1,
           use_cpu=True)
-    return backbone, dataset, run
+    return backbone, dataset, run, folders
 
 
 def copy_run(run_assets, tmp_path) -> Path:
@@ -59,25 +61,42 @@ def test_a_run_records_what_it_wrote(run_assets):
 @pytest.mark.parametrize("bad", [{"lr": math.nan}, {"batch_size": 0}, {"epochs": -1}],
                          ids=["lr-nan", "batch_size-0", "epochs-minus-1"])
 def test_bad_argument_with_overwrite_deletes_nothing(run_assets, tmp_path, bad):
-    backbone, dataset, _ = run_assets
+    backbone, dataset, *_ = run_assets
     output_dir = copy_run(run_assets, tmp_path)
     before = snapshot(output_dir)
     with pytest.raises(ValueError) as error:
-        train(tiny_model(backbone), dataset, output_dir=output_dir, crop_size=32, overwrite_output_dir=True,
+        train(tiny_model(backbone=backbone), dataset, output_dir=output_dir, crop_size=32, overwrite_output_dir=True,
               use_cpu=True, **bad)
     assert snapshot(output_dir) == before
     assert str(error.value).startswith(f"{next(iter(bad))} must be")
 
 
+@pytest.mark.parametrize("flag", [["--lr", "nan"], ["--batch-size", "0"], ["--epochs", "-1"]], ids=lambda f: f[0])
+def test_cli_bad_argument_with_overwrite_deletes_nothing(run_assets, tmp_path, capsys, flag):
+    backbone, _, _, (images, masks) = run_assets
+    output_dir = copy_run(run_assets, tmp_path)
+    before = snapshot(output_dir)
+    command = ["train", "--backbone", str(backbone), "--num-labels", "3", "--train-images", str(images),
+               "--train-masks", str(masks), "--crop-size", "32", "--max-steps", "1", "--cpu", "--output-dir",
+               str(output_dir), "--overwrite-output-dir", *flag]
+    try:
+        code = main(command)
+    except SystemExit as exit:  # argparse rejects the value
+        code = exit.code
+    assert code != 0
+    assert snapshot(output_dir) == before
+    assert flag[0] in capsys.readouterr().err
+
+
 def test_overwrite_deletes_only_what_the_run_wrote(run_assets, tmp_path):
-    backbone, dataset, _ = run_assets
+    backbone, dataset, *_ = run_assets
     output_dir = copy_run(run_assets, tmp_path)
     # files of the user's: names the old patterns matched, and one inside a checkpoint folder of the run
     mine = {"experiment_results.json": b'{"mine": 1}', "pretrained_backup.safetensors": b"weights of mine",
             "checkpoint-2/important.csv": b"a,b\n1,2\n"}
     for name, content in mine.items():
         (output_dir / name).write_bytes(content)
-    train(tiny_model(backbone), dataset, output_dir=output_dir, crop_size=32, max_steps=1, batch_size=4,
+    train(tiny_model(backbone=backbone), dataset, output_dir=output_dir, crop_size=32, max_steps=1, batch_size=4,
           save_steps=1, overwrite_output_dir=True, use_cpu=True)
     for name, content in mine.items():
         assert (output_dir / name).read_bytes() == content
@@ -88,24 +107,24 @@ def test_overwrite_deletes_only_what_the_run_wrote(run_assets, tmp_path):
 
 
 def test_overwrite_refuses_a_run_it_cannot_tell_from_user_files(run_assets, tmp_path):
-    backbone, dataset, _ = run_assets
+    backbone, dataset, *_ = run_assets
     output_dir = copy_run(run_assets, tmp_path)
     (output_dir / RUN_MANIFEST).unlink(missing_ok=True)  # a run of an earlier hf-vitseg, which kept no manifest
     before = snapshot(output_dir)
     with pytest.raises(FileExistsError, match=RUN_MANIFEST) as error:
-        train(tiny_model(backbone), dataset, output_dir=output_dir, crop_size=32, max_steps=1,
+        train(tiny_model(backbone=backbone), dataset, output_dir=output_dir, crop_size=32, max_steps=1,
               overwrite_output_dir=True, use_cpu=True)
     assert "Nothing was changed" in str(error.value) and "checkpoint-1" in str(error.value)
     assert snapshot(output_dir) == before
 
 
 def test_train_checks_before_training_that_its_final_save_replaces_no_user_file(run_assets, tmp_path):
-    backbone, dataset, _ = run_assets
+    backbone, dataset, *_ = run_assets
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     (output_dir / "heads.py").write_text("# my heads")
     with pytest.raises(FileExistsError, match="would replace heads.py"):
-        train(tiny_model(backbone), dataset, output_dir=output_dir, crop_size=32, max_steps=1, use_cpu=True)
+        train(tiny_model(backbone=backbone), dataset, output_dir=output_dir, crop_size=32, max_steps=1, use_cpu=True)
     assert [p.name for p in output_dir.iterdir()] == ["heads.py"], "refused before the first step"
 
 
@@ -186,6 +205,14 @@ def test_a_save_that_fails_midway_leaves_the_previous_model(tmp_path, monkeypatc
     assert loaded.config.num_labels == 3
     for key, value in first.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+def test_save_pretrained_push_to_hub_uploads_after_the_save(tmp_path, monkeypatch):
+    model, pushed = tiny_segmentation_model(), []
+    monkeypatch.setattr(type(model), "push_to_hub", lambda self, repo_id, **kwargs: pushed.append((repo_id, kwargs)))
+    model.save_pretrained(tmp_path / "model", push_to_hub=True, repo_id="me/cells", commit_message="first")
+    assert pushed == [("me/cells", {"token": None, "commit_message": "first"})]
+    assert (tmp_path / "model" / "model.safetensors").is_file() and no_staging_left(tmp_path / "model")
 
 
 # -- item 8: predict --out -----------------------------------------------------------------------------------------
