@@ -16,7 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import data as bench_data  # noqa: E402
-from conftest import tiny_backbone_config  # noqa: E402
 
 
 def synthetic_nuclei(size: int = 64, seed: int = 0):
@@ -29,16 +28,6 @@ def synthetic_nuclei(size: int = 64, seed: int = 0):
         mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
     image = np.where(mask, 3000, 500) + rng.integers(0, 200, (size, size))
     return image.astype(np.uint16), mask
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory):
-    from transformers import Dinov2Model
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_dinov2")
-    Dinov2Model(tiny_backbone_config("dinov2")).save_pretrained(folder)
-    return folder
 
 
 # ------------------------------------------------------------------------------------------------ the split
@@ -158,25 +147,25 @@ def test_quokka_case_from_given_arrays():
 # ------------------------------------------------------------------------------------------------ accuracy.py
 
 
-def test_cached_test_windows_give_the_models_own_predictions(tiny_backbone):
+def test_cached_test_windows_give_the_models_own_predictions(tiny_backbone_dir):
     from benchmarks import accuracy
 
-    model = accuracy.build_model(str(tiny_backbone), "unet", [1, 2, 3, 4], seed=0).eval()
+    model = accuracy.build_model(str(tiny_backbone_dir), "unet", [1, 2, 3, 4], seed=0).eval()
     pixels = torch.randn(3, 48, 40)
-    windows = accuracy.TestWindows(str(tiny_backbone), [1, 2, 3, 4], pixels, crop=24)
+    windows = accuracy.TestWindows(str(tiny_backbone_dir), [1, 2, 3, 4], pixels, crop=24)
     direct = accuracy.predict(model, pixels, 24, 8)
     cached = accuracy.predict(windows.model_for(model, [1, 2, 3, 4]), pixels, 24, 8)
     np.testing.assert_array_equal(direct, cached)
 
 
-def test_logistic_probe_as_a_linear_head_reproduces_the_fitted_logits(tiny_backbone):
+def test_logistic_probe_as_a_linear_head_reproduces_the_fitted_logits(tiny_backbone_dir):
     from benchmarks import accuracy
 
     torch.manual_seed(0)
     pixels = torch.randn(4, 3, 16, 16)
     labels = (torch.rand(4, 16, 16) > 0.5).long()
-    taps = accuracy.backbone_taps(str(tiny_backbone), [3, 4], pixels)
-    model = accuracy.probe_model(str(tiny_backbone), [3, 4], taps, labels, patch_size=8, max_iter=20).eval()
+    taps = accuracy.backbone_taps(str(tiny_backbone_dir), [3, 4], pixels)
+    model = accuracy.probe_model(str(tiny_backbone_dir), [3, 4], taps, labels, patch_size=8, max_iter=20).eval()
     features = torch.cat([taps[3][0], taps[4][0]], dim=1)
     tokens = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
     fraction = torch.nn.functional.avg_pool2d(labels[:, None].float(), 8)[:, 0]
@@ -199,11 +188,11 @@ def test_batch_order_is_seeded_epoch_by_epoch():
 
 
 @pytest.mark.slow
-def test_accuracy_quick_and_plots_end_to_end(tiny_backbone, tmp_path):
+def test_accuracy_quick_and_plots_end_to_end(tiny_backbone_dir, tmp_path):
     from benchmarks import accuracy, plots
 
     out = tmp_path / "quick.json"
-    results = accuracy.main(["--quick", "--backbone", str(tiny_backbone), "--heads", "linear", "unet",
+    results = accuracy.main(["--quick", "--backbone", str(tiny_backbone_dir), "--heads", "linear", "unet",
                              "--scale", "1", "--finetune-top", "1", "--json", str(out)])
     rows = {r["name"]: r for r in results["scales"]["1"]["rows"]}
     best = max(("linear", "unet"), key=lambda name: rows[name]["fg_iou_mean"])  # --finetune-top 1 takes it
@@ -218,7 +207,7 @@ def test_accuracy_quick_and_plots_end_to_end(tiny_backbone, tmp_path):
     with np.load(out.with_suffix(".npz")) as npz:
         assert npz["1|linear"].shape == npz["1|truth"].shape == (96, 48)
     with pytest.raises(SystemExit, match="exists"):  # results are not overwritten unless asked
-        accuracy.main(["--quick", "--backbone", str(tiny_backbone), "--heads", "linear", "--json", str(out)])
+        accuracy.main(["--quick", "--backbone", str(tiny_backbone_dir), "--heads", "linear", "--json", str(out)])
 
     written = plots.main([str(out), "--out-dir", str(tmp_path / "png")])
     names = sorted(p.name for p in written)
@@ -227,13 +216,13 @@ def test_accuracy_quick_and_plots_end_to_end(tiny_backbone, tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 500_000
 
 
-def test_accuracy_rejects_an_unknown_head_and_a_bad_crop(tiny_backbone):
+def test_accuracy_rejects_an_unknown_head_and_a_bad_crop(tiny_backbone_dir):
     from benchmarks import accuracy
 
     with pytest.raises(SystemExit, match="Unknown head 'nope'"):
-        accuracy.main(["--quick", "--backbone", str(tiny_backbone), "--heads", "nope"])
+        accuracy.main(["--quick", "--backbone", str(tiny_backbone_dir), "--heads", "nope"])
     with pytest.raises(SystemExit, match="multiple of the patch size 8"):
-        accuracy.main(["--backbone", str(tiny_backbone), "--heads", "linear", "--crop", "30"])
+        accuracy.main(["--backbone", str(tiny_backbone_dir), "--heads", "linear", "--crop", "30"])
 
 
 # ------------------------------------------------------------------------------------------------ ade20k_linear.py
@@ -265,13 +254,13 @@ def tiny_scene_parse(folder: Path, num_train: int = 4, num_eval: int = 2) -> Pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["linear", "ms"])
-def test_ade20k_linear_end_to_end_on_a_tiny_local_dataset(tiny_backbone, tmp_path, mode):
+def test_ade20k_linear_end_to_end_on_a_tiny_local_dataset(tiny_backbone_dir, tmp_path, mode):
     from benchmarks import ade20k_linear
 
     dataset = tiny_scene_parse(tmp_path / "ade")
     out = tmp_path / "run"
     result = ade20k_linear.main([
-        "--dataset", str(dataset), "--backbone", str(tiny_backbone), "--mode", mode, "--max-steps", "2",
+        "--dataset", str(dataset), "--backbone", str(tiny_backbone_dir), "--mode", mode, "--max-steps", "2",
         "--batch-size", "2", "--crop", "32", "--short-side", "32", "--stride", "21", "--num-workers", "0",
         "--ms-ratios", "1.0", "1.5", "--output-dir", str(out),
     ])

@@ -23,7 +23,6 @@ pytest.importorskip("ipykernel", reason="ipykernel is a dev dependency: pip inst
 import torch  # noqa: E402
 from huggingface_hub import ModelCard  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import Dinov2Model  # noqa: E402
 
 from conftest import tiny_backbone_config  # noqa: E402
 
@@ -66,15 +65,6 @@ def run_notebook(name: str, tmp_path: Path, monkeypatch, params: dict[str, str])
     return workdir
 
 
-@pytest.fixture
-def tiny_backbone(tmp_path) -> Path:
-    """A tiny random `Dinov2Model` (patch 8, 4 layers) saved as a plain HF model folder."""
-    torch.manual_seed(0)
-    folder = tmp_path / "tiny_dinov2"
-    Dinov2Model(tiny_backbone_config("dinov2")).save_pretrained(folder)
-    return folder
-
-
 # -- the notebooks themselves -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "finetune_with_trainer.ipynb", "publish_to_hub.ipynb"])
 def test_notebook_is_stored_clean(name):
@@ -93,11 +83,11 @@ def test_notebook_is_stored_clean(name):
 
 # -- execution on tiny settings -----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_quickstart(tmp_path, monkeypatch, tiny_backbone):
+def test_quickstart(tmp_path, monkeypatch, tiny_backbone_dir):
     workdir = run_notebook(
         "quickstart.ipynb", tmp_path, monkeypatch,
         {
-            "HF_VITSEG_NB_BACKBONE": str(tiny_backbone),
+            "HF_VITSEG_NB_BACKBONE": str(tiny_backbone_dir),
             "HF_VITSEG_NB_SAMPLE_SIZE": "128",
             "HF_VITSEG_NB_SCALE": "1",
             "HF_VITSEG_NB_TILE": "32",
@@ -107,7 +97,7 @@ def test_quickstart(tmp_path, monkeypatch, tiny_backbone):
         },
     )
     results = json.loads((workdir / "out" / "results.json").read_text())
-    assert results["backbone"] == str(tiny_backbone)
+    assert results["backbone"] == str(tiny_backbone_dir)
     # the sample's 128x128 corner, right half, at scale 1
     assert results["test_image_shape"] == [128, 64]
     assert results["prediction_shape"] == [128, 64], "the label map has the image's size, padding cut away"
@@ -122,11 +112,11 @@ def test_quickstart(tmp_path, monkeypatch, tiny_backbone):
 
 
 @pytest.mark.slow
-def test_finetune_with_trainer(tmp_path, monkeypatch, tiny_backbone):
+def test_finetune_with_trainer(tmp_path, monkeypatch, tiny_backbone_dir):
     workdir = run_notebook(
         "finetune_with_trainer.ipynb", tmp_path, monkeypatch,
         {
-            "HF_VITSEG_NB_BACKBONE": str(tiny_backbone),
+            "HF_VITSEG_NB_BACKBONE": str(tiny_backbone_dir),
             "HF_VITSEG_NB_SAMPLE_SIZE": "128",
             "HF_VITSEG_NB_SCALE": "1",
             "HF_VITSEG_NB_TILE": "32",
@@ -165,13 +155,13 @@ def test_finetune_with_trainer(tmp_path, monkeypatch, tiny_backbone):
 
 
 @pytest.fixture
-def saved_model(tmp_path, tiny_backbone) -> Path:
+def saved_model(tmp_path, tiny_backbone_dir) -> Path:
     """A model folder as the fine-tuning notebook leaves it (model, processor, eval results), tiny."""
     from hf_vitseg import ViTSegForSemanticSegmentation, ViTSegImageProcessor
 
     torch.manual_seed(0)
     model = ViTSegForSemanticSegmentation.from_pretrained_backbone(
-        tiny_backbone, head="linear", id2label={0: "background", 1: "nucleus"}
+        tiny_backbone_dir, head="linear", id2label={0: "background", 1: "nucleus"}
     )
     folder = tmp_path / "saved_model"
     model.save_pretrained(folder)
