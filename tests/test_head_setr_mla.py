@@ -1,25 +1,17 @@
-"""`setr_mla` (SETR multi-level feature aggregation) on every backbone family, and its top-down aggregation."""
+"""`setr_mla` (SETR multi-level feature aggregation): its widths, presets and top-down aggregation. Shapes,
+training and save/load on every backbone family: the common suite in test_modeling.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import NON_SQUARE, tiny_model
 
 import hf_vitseg.modeling.head_setr_mla  # noqa: F401  registers setr_mla
-from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
-from hf_vitseg.modeling.head_base import BackboneFeatures
+from hf_vitseg.modeling.features import BackboneFeatures
 from hf_vitseg.modeling.head_setr_mla import SETRMLAHead
 
-from conftest import FAMILIES, NON_SQUARE, tiny_backbone_config, train_steps
-
 SMALL = {"mla_channels": 16, "stream_channels": 8}  # the paper's widths are tested below; these keep training fast
-
-
-def build(family, **head_kwargs):
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head="setr_mla", num_labels=3,
-                          head_kwargs=head_kwargs)
-    return ViTSegForSemanticSegmentation(config)
 
 
 def batch(size=NON_SQUARE, num_labels=3):
@@ -29,27 +21,18 @@ def batch(size=NON_SQUARE, num_labels=3):
     return x, torch.nn.functional.interpolate(blocks.float(), size=size, mode="nearest")[:, 0].long()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_trains_on_every_family_at_its_natural_stride(family):
-    model = build(family, **SMALL).train()
-    assert len(model.config.backbone_out_indices) == 4
-    x, y = batch()
-    losses, out = train_steps(model, x, y, steps=10, lr=3e-3)
-    # x4 from the coarsest selected map: stride p/4 = 2 on the patch-8 ViTs, 32/4 = 8 on Swin's pyramid
-    stride = 8 if family == "swin" else 2
-    assert out.logits.shape == (2, 3, NON_SQUARE[0] // stride, NON_SQUARE[1] // stride)
-    assert losses[-1] < losses[0] - 0.1, losses
-
-
 def test_paper_widths_by_default_and_overrides():
-    head = build("dinov2").head
+    model = tiny_model("setr_mla")
+    assert len(model.config.backbone_out_indices) == 4
+    head = model.head
     assert head.projections[0][0].out_channels == 256 and head.streams[0][-1][0].out_channels == 128
     assert head.classifier.in_channels == 4 * 128
-    light = build("dinov2", preset="light", stream_channels=24).head
+    light = tiny_model("setr_mla", head_kwargs={"preset": "light", "stream_channels": 24}).head
     assert light.projections[0][0].out_channels == 128 and light.classifier.in_channels == 4 * 24
-    assert build("dinov2", up_scale=2, **SMALL).eval()(batch()[0]).logits.shape[-2:] == (16, 24)
+    model = tiny_model("setr_mla", head_kwargs={"up_scale": 2, **SMALL}).eval()
+    assert model(batch()[0]).logits.shape[-2:] == (16, 24)
     with pytest.raises(ValueError, match="unknown preset"):
-        build("dinov2", preset="huge")
+        tiny_model("setr_mla", head_kwargs={"preset": "huge"})
 
 
 def test_aggregation_is_top_down():
