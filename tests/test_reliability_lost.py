@@ -128,6 +128,16 @@ def test_train_checks_before_training_that_its_final_save_replaces_no_user_file(
     assert [p.name for p in output_dir.iterdir()] == ["heads.py"], "refused before the first step"
 
 
+def test_train_checks_before_training_that_it_replaces_no_result_file_of_the_user(run_assets, tmp_path):
+    backbone, dataset, *_ = run_assets
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "all_results.json").write_text('{"mine": 1}')
+    with pytest.raises(FileExistsError, match="all_results.json"):
+        train(tiny_model(backbone=backbone), dataset, output_dir=output_dir, crop_size=32, max_steps=1, use_cpu=True)
+    assert [p.name for p in output_dir.iterdir()] == ["all_results.json"], "refused before the first step"
+
+
 # -- item 7: save_pretrained ---------------------------------------------------------------------------------------
 def tiny_segmentation_model(num_labels: int = 3, seed: int = 0) -> ViTSegForSemanticSegmentation:
     torch.manual_seed(seed)

@@ -27,6 +27,12 @@ RUN_MARKERS = (
     "config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json", VITSEG_CONFIG_FILE,
     "trainer_state.json",
 )
+# What `train` writes into the output folder beside the model (whose own save checks its files): Trainer's state
+# and results, the recipe for the model card, the image processor.
+RUN_OUTPUT_FILES = (
+    "trainer_state.json", "training_args.bin", "training_args.json", "all_results.json", "train_results.json",
+    "eval_results.json", "preprocessor_config.json", "image_processing_vitseg.py",
+)
 # What Trainer writes last into a checkpoint: a checkpoint folder without it was cut short (killed mid-save).
 CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"
 
@@ -183,6 +189,19 @@ def _unrecorded_run_message(output_dir: Path, existing: list[str]) -> str:
         "cannot tell its files from yours. Nothing was changed. Delete the previous run yourself, or choose "
         "another output_dir."
     )
+
+
+def check_run_outputs(output_dir) -> None:
+    """Raise `FileExistsError`, before training, when a file `train` writes at the end (`RUN_OUTPUT_FILES`) is
+    in `output_dir` and no run recorded writing it: it is the user's, and the run would replace it."""
+    output_dir = Path(output_dir)
+    recorded = set(read_run_manifest(output_dir) or [])
+    foreign = [name for name in RUN_OUTPUT_FILES if (output_dir / name).exists() and name not in recorded]
+    if foreign:
+        raise FileExistsError(
+            f"{output_dir} holds {', '.join(foreign)}, which a training run writes at its end and which no run "
+            "recorded writing. Nothing was changed. Move them away, or choose another output_dir."
+        )
 
 
 def check_checkpoint_matches(checkpoint, model) -> None:

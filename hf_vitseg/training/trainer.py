@@ -42,6 +42,7 @@ from .optim import param_groups, poly_schedule_with_warmup
 from .run_dir import (
     RunManifestCallback,
     check_checkpoint_matches,
+    check_run_outputs,
     clear_run,
     record_run_files,
     resolve_output_dir,
@@ -239,6 +240,7 @@ def train(
         check_checkpoint_matches(checkpoint, model)
     if not is_peft_model(model) and (recipe is None or recipe.lora is None):  # LoRA saves with save_lora
         check_save_target(model, output_dir)  # the final save_pretrained must not be refused after training
+    check_run_outputs(output_dir)
     processor = resolve_processor(processor, model, model_or_path)
     config = unwrap_model(model).config
     for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
