@@ -49,7 +49,12 @@ from hf_vitseg.data.collator import SegmentationCollator
 from hf_vitseg.training.loading import resolve_processor, unwrap_model, validate
 from hf_vitseg.training.metrics import ConfusionMatrix, preprocess_logits_for_metrics
 from hf_vitseg.training.optim import param_groups, poly_schedule_with_warmup
-from hf_vitseg.training.run_dir import clear_run, record_run_files, resolve_output_dir, snapshot_files
+from hf_vitseg.training.run_dir import (
+    clear_run,
+    record_run_files,
+    resolve_output_dir,
+    snapshot_files,
+)
 
 
 def default_accelerator(**accelerator_kwargs):
