@@ -152,7 +152,7 @@ class FeatureCache(Dataset):
         collate_fn: Callable | None = None,
         num_workers: int = 0,
         storage_device: torch.device | str = "cpu",
-    ) -> "FeatureCache":
+    ) -> FeatureCache:
         """Run the frozen backbone of `model` over `data` once and store its features.
 
         Args:
@@ -336,13 +336,13 @@ class FeatureCache(Dataset):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "FeatureCache":
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> FeatureCache:
         """Read a cache written by `save` (safetensors: no code is executed)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  a safe_open handle has keys() but no __iter__
         if "strides" not in metadata:
             raise ValueError(f"{path} is not a feature cache written by FeatureCache.save (no 'strides' metadata).")
 
