@@ -101,6 +101,9 @@ def test_for_model_loads_the_saved_processor_and_checks_it(tmp_path):
     ViTSegImageProcessor(patch_size=8, ignore_index=0).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"ignore_index=0, but the model ignores 255"):
         ViTSegImageProcessor.for_model(model, folder=tmp_path)
+    # inference has no segmentation maps, so another ignore_index does not matter there
+    assert ViTSegImageProcessor.for_model(model, folder=tmp_path, check_labels=False).ignore_index == 0
+    assert load_image_processor(tmp_path, model).ignore_index == 0
     ViTImageProcessor().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="holds a ViTImageProcessor .*, not a ViTSegImageProcessor"):
         ViTSegImageProcessor.for_model(model, folder=tmp_path)

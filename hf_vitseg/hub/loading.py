@@ -107,9 +107,10 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | 
 
 
 def load_image_processor(name_or_path: str | os.PathLike, model=None):
-    """The image processor for the model saved at `name_or_path`: `ViTSegImageProcessor.for_model(model,
-    folder=name_or_path)`, i.e. the processor saved beside it, else one built for the model (its size divisor,
-    `ignore_index` and the backbone's mean and std), with a warning.
+    """The image processor for inference with the model saved at `name_or_path`: `ViTSegImageProcessor.for_model(
+    model, folder=name_or_path, check_labels=False)`, i.e. the processor saved beside it, else one built for the
+    model (its size divisor, `ignore_index` and the backbone's mean and std), with a warning. Its `ignore_index`
+    is not checked: it labels padding in segmentation maps, which inference has none of.
 
     Args:
         name_or_path: the model's folder or Hub repo id.
@@ -119,4 +120,4 @@ def load_image_processor(name_or_path: str | os.PathLike, model=None):
 
     if model is None:
         model = load_model(name_or_path)
-    return ViTSegImageProcessor.for_model(model, folder=name_or_path)
+    return ViTSegImageProcessor.for_model(model, folder=name_or_path, check_labels=False)

@@ -235,7 +235,7 @@ def _model_processor(model):
         return processor
     source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if source and (Path(source) / "preprocessor_config.json").is_file():
-        return ViTSegImageProcessor.for_model(model, folder=source)
+        return ViTSegImageProcessor.for_model(model, folder=source, check_labels=False)
     return None
 
 

@@ -243,7 +243,9 @@ class ViTSegImageProcessor(PilBackend):
     # ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def for_model(cls, model, folder: str | os.PathLike | None = None) -> "ViTSegImageProcessor":
+    def for_model(
+        cls, model, folder: str | os.PathLike | None = None, check_labels: bool = True
+    ) -> "ViTSegImageProcessor":
         r"""
         The image processor for `model`: the one saved in `folder`, else one built for the model; checked against
         the model either way (see `check_model`).
@@ -259,6 +261,9 @@ class ViTSegImageProcessor(PilBackend):
                 A saved model folder or Hub repo id. When it holds `preprocessor_config.json`, that processor is
                 loaded; a local folder without one gets a warning, as predictions then depend on defaults rather
                 than on the processor the model was trained with.
+            check_labels (`bool`, *optional*, defaults to `True`):
+                Also require the processor's `ignore_index` to be the model's. It only labels the padding of
+                segmentation maps, so inference, which has none, passes `False`.
 
         A built processor pads to `model.size_divisor`, labels padding with the model's `ignore_index`, and
         normalises with the mean and std of the backbone's own image processor when
@@ -290,7 +295,7 @@ class ViTSegImageProcessor(PilBackend):
             kwargs = {"patch_size": int(model.size_divisor), "ignore_index": int(config.ignore_index)}
             kwargs.update(_backbone_statistics(getattr(config, "backbone_name_or_path", None)))
             processor = cls(**kwargs)
-        processor.check_model(model)
+        processor.check_model(model, check_labels=check_labels)
         return processor
 
     @classmethod
@@ -304,9 +309,10 @@ class ViTSegImageProcessor(PilBackend):
             )
         return cls.from_pretrained(folder)
 
-    def check_model(self, model) -> None:
+    def check_model(self, model, check_labels: bool = True) -> None:
         """Raise a `ValueError` saying what to change if this processor does not fit `model`: it must pad to a
-        multiple of `model.size_divisor` and label padding with `model.config.ignore_index`."""
+        multiple of `model.size_divisor` and (with `check_labels`, for training and evaluation) label padding with
+        `model.config.ignore_index`."""
         divisor = getattr(model, "size_divisor", None)
         if isinstance(divisor, int) and self.patch_size % divisor:
             raise ValueError(
@@ -314,7 +320,7 @@ class ViTSegImageProcessor(PilBackend):
                 f"{divisor}: set processor.patch_size = {divisor} (or a multiple of it)."
             )
         model_ignore = getattr(getattr(model, "config", None), "ignore_index", self.ignore_index)
-        if self.ignore_index != model_ignore:
+        if check_labels and self.ignore_index != model_ignore:
             raise ValueError(
                 f"The image processor pads labels with ignore_index={self.ignore_index}, but the model ignores "
                 f"{model_ignore}: make them agree (processor.ignore_index = model.config.ignore_index)."
