@@ -194,8 +194,8 @@ def test_predict_writes_label_maps_and_overlays(model_folder, images, tmp_path, 
             expected = exact_label_map(model_folder, image)
             size = image.size
         np.testing.assert_array_equal(np.array(labels), expected)
-        overlay = Image.open(out / f"{path.stem}_overlay.png")
-        assert overlay.mode == "RGB" and overlay.width == size[0] and overlay.height > size[1], "legend strip below"
+        with Image.open(out / f"{path.stem}_overlay.png") as overlay:
+            assert overlay.mode == "RGB" and overlay.width == size[0] and overlay.height > size[1], "legend strip below"
     assert "field_labels.png" in capsys.readouterr().out
 
 

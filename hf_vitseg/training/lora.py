@@ -199,7 +199,9 @@ def save_lora(
         )
     for config in model.peft_config.values():
         config.base_model_name_or_path = str(source)
-    model.save_pretrained(folder, safe_serialization=True)
+    # A ViT has no token vocabulary to resize; peft's "auto" would look for the base's config.json at the recorded
+    # path, relative to the current folder, then on the Hub, and warn when it finds neither.
+    model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
     save_file(_head_state_dict(vitseg), str(folder / HEAD_WEIGHTS_FILE), metadata={"format": "pt"})
     vitseg.config.to_json_file(folder / VITSEG_CONFIG_FILE)
     return folder
