@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_backbone_config
+from conftest import save_tiny_backbone, tiny_backbone_config
 from PIL import Image
-from test_train import make_image_folder, save_tiny_backbone
+from test_train import make_image_folder
 
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation, ViTSegImageProcessor
 from hf_vitseg.cli import main
@@ -401,10 +401,20 @@ def test_train_on_cpu_warns_nothing_about_pin_memory(env, tmp_path, capsys, monk
     assert "pin_memory" not in err
 
 
-def test_readme_names_the_file_a_custom_head_save_writes():
+def test_readme_names_the_file_a_custom_head_save_writes(tmp_path, monkeypatch):
+    import importlib
+    import re
+
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme[readme.index("## Your own head"):].split("\n## ", 1)[0]
-    assert "vitseg_user_my_heads.py" in section
+    (tmp_path / "my_heads.py").write_text(re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("my_heads")  # the README's own head, registered as "my_head"
+    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="my_head", num_labels=2)
+    ViTSegForSemanticSegmentation(config).save_pretrained(tmp_path / "saved")
+    written = sorted(p.name for p in (tmp_path / "saved").glob("*my_heads*.py"))
+    assert written == ["vitseg_user_my_heads.py"]
+    assert f"`{written[0]}`" in section  # the README names the file the save wrote
 
 
 def test_notebook_output_folders_are_git_ignored():
