@@ -241,8 +241,13 @@ def test_argument_errors_come_before_the_model_loads(env, tmp_path, capsys, monk
 
     monkeypatch.setattr("hf_vitseg.training.loading.load_trainable_model", refuse)
     monkeypatch.setattr("hf_vitseg.hub.loading.load_model", refuse)
+    monkeypatch.setattr(ViTSegForSemanticSegmentation, "from_pretrained_backbone", refuse)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    missing = tmp_path / "missing"
     for command in (evaluate_command(env, "--crop-size", "16"), evaluate_command(env, "--device", "cuda"),
+                    evaluate_command(env)[:4] + [missing, "--masks", env["masks"]],
+                    train_command(env, tmp_path / "o")[:5] + ["--train-images", missing, "--train-masks", env["masks"],
+                                                              "--output-dir", tmp_path / "o"],
                     ["predict", env["images"] / "000.png", "--model", env["model"], "--out", tmp_path / "p",
                      "--stride", "8"]):
         status, _, err = cli(command, capsys)

@@ -61,12 +61,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--crop-size and --stride need --sliding-window.")
         device = check_device(args.device)
         check_model_folder(source, "--model")
+        dataset = load_dataset_from_args(args, args.images, args.masks, args.split, "")
         with loading("--model", source):
             model = load_trainable_model(source)
         processor = resolve_processor(None, model, source)
         if args.reduce_labels:
             processor.do_reduce_labels = True
-        dataset = load_dataset_from_args(args, args.images, args.masks, args.split, "")
         metrics = evaluate_model(
             model, dataset, processor=processor, batch_size=args.batch_size, sliding_window=args.sliding_window,
             crop_size=crop_size, stride=stride, blend=args.blend, device=device,

@@ -25,6 +25,7 @@ from .args import (
     check_model_folder,
     fraction,
     json_object,
+    load_dataset_from_args,
     loading,
     model_source,
     non_negative_float,
@@ -123,7 +124,6 @@ def _train_from_args(args: argparse.Namespace) -> dict:
     from ..training import recipes
     from ..training.loading import load_trainable_model, resolve_processor
     from ..training.trainer import train
-    from .evaluate import load_dataset_from_args
 
     # every argument is checked before the model loads
     source_flag = "--backbone" if args.backbone else "--model"
@@ -143,6 +143,11 @@ def _train_from_args(args: argparse.Namespace) -> dict:
         label_kwargs = {}
     else:
         label_kwargs = _label_kwargs(args)
+    # the data too (folders, pairing, --binary-masks): they do not depend on the model
+    train_dataset = load_dataset_from_args(args, args.train_images, args.train_masks, args.train_split, "train")
+    eval_dataset = None
+    if args.eval_images or args.eval_masks or (args.dataset and args.eval_split):
+        eval_dataset = load_dataset_from_args(args, args.eval_images, args.eval_masks, args.eval_split, "eval")
 
     set_seed(args.seed)  # the fresh head's initialisation
     if args.backbone:
@@ -179,11 +184,6 @@ def _train_from_args(args: argparse.Namespace) -> dict:
     processor = resolve_processor(None, model, model_path)
     if args.reduce_labels:
         processor.do_reduce_labels = True
-
-    train_dataset = load_dataset_from_args(args, args.train_images, args.train_masks, args.train_split, "train")
-    eval_dataset = None
-    if args.eval_images or args.eval_masks or (args.dataset and args.eval_split):
-        eval_dataset = load_dataset_from_args(args, args.eval_images, args.eval_masks, args.eval_split, "eval")
 
     training_args = {"dataloader_num_workers": args.num_workers, "use_cpu": args.cpu, "bf16": args.bf16,
                      # pinned memory only helps copies to a GPU; without one torch warns on every dataloader
