@@ -21,8 +21,8 @@ def test_demo_trains_evaluates_saves_and_draws(tiny_backbone_dir, tmp_path, caps
     assert metrics["backbone"] == str(tiny_backbone_dir)
     assert 0.0 <= metrics["test_foreground_iou"] <= 1.0 and 0.0 <= metrics["test_mean_iou"] <= 1.0
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "preprocessor_config.json").exists()
-    figure = Image.open(out / "prediction.png")
-    assert figure.width > 3 * 128  # three panels side by side
+    with Image.open(out / "prediction.png") as figure:
+        assert figure.width > 3 * 128  # three panels side by side
     captured = capsys.readouterr()
     printed = captured.out
     assert "backbone: " in printed and "test_foreground_iou" in printed
