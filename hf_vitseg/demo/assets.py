@@ -763,7 +763,9 @@ def verify_against_onnx(
     session = ort.InferenceSession(ref.SerializeToString(), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     out_names = [o.name for o in session.get_outputs()]
-    hidden_names = sorted((n for n in out_names if n.startswith("hidden_state_")), key=lambda n: int(n.rsplit("_", 1)[1]))
+    hidden_names = sorted(
+        (n for n in out_names if n.startswith("hidden_state_")), key=lambda n: int(n.rsplit("_", 1)[1])
+    )
 
     model = Dinov2Model.from_pretrained(str(model_dir)).eval()
     gen = torch.Generator().manual_seed(seed)
