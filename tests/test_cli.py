@@ -43,3 +43,17 @@ def test_the_console_script_lists_exactly_the_commands_and_imports_no_torch_for_
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert "hf_vitseg.cli" in imported
     assert not {m for m in imported if m == "torch" or m.startswith("torch.")}, "hf-vitseg --help imported torch"
+
+
+
+def test_a_command_help_imports_no_torch_either():
+    # As the console script runs it (its path in argv[0]), with the modules it loaded printed afterwards.
+    probe = (
+        f"import sys; sys.argv = [{str(CONSOLE_SCRIPT)!r}, 'train', '--help']\n"
+        "from hf_vitseg.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+        "print(sorted(m for m in sys.modules if m in ('torch', 'hf_vitseg.cli.train')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: hf-vitseg train"), result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "['hf_vitseg.cli.train']"

@@ -22,7 +22,8 @@ report["after_import"] = heavy()
 from transformers import AutoConfig, AutoModelForSemanticSegmentation
 config = AutoConfig.for_model("vitseg")
 report["auto_config"] = type(config) is hf_vitseg.ViTSegConfig
-report["auto_model"] = AutoModelForSemanticSegmentation._model_mapping[type(config)] is hf_vitseg.ViTSegForSemanticSegmentation
+model_class = AutoModelForSemanticSegmentation._model_mapping[type(config)]
+report["auto_model"] = model_class is hf_vitseg.ViTSegForSemanticSegmentation
 report["auto_classes_for_remote_code"] = [
     hf_vitseg.ViTSegConfig._auto_class, hf_vitseg.ViTSegForSemanticSegmentation._auto_class,
     hf_vitseg.ViTSegImageProcessor._auto_class,
