@@ -19,3 +19,15 @@ ViTSegConfig.register_for_auto_class()
 ViTSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 AutoImageProcessor.register(ViTSegConfig, image_processor_classes={"pil": ViTSegImageProcessor}, exist_ok=True)
 ViTSegImageProcessor.register_for_auto_class()
+
+__all__ = [
+    "BackboneFeatures",
+    "BaseHead",
+    "ViTSegConfig",
+    "ViTSegForSemanticSegmentation",
+    "ViTSegImageProcessor",
+    "ViTSegPreTrainedModel",
+    "get_head_class",
+    "list_heads",
+    "register_head",
+]
