@@ -68,3 +68,5 @@ def test_public_names_stay_importable():
     for name in hf_vitseg.__all__:
         assert getattr(hf_vitseg, name) is not None, name
     assert set(hf_vitseg.__all__) <= set(dir(hf_vitseg))
+    # the lazy package lists the names without importing the model; the two lists must agree
+    assert set(hf_vitseg.__all__) - {"__version__"} == set(hf_vitseg.modeling.__all__)
