@@ -92,6 +92,10 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         coarsest stride for hierarchical backbones. The one place that says it; the processor pads to it."""
         return self.backbone.size_divisor
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The backbone's patch embedding module (transformers' convention for the input embedding layer)."""
+        return self.backbone.get_input_embeddings()
+
     # -- freezing ---------------------------------------------------------------------------------------------
     def freeze_backbone(self, freeze: bool = True) -> None:
         """No gradients into the backbone and backbone kept in eval mode (see `train`)."""
@@ -113,7 +117,7 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -123,9 +127,12 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
             Normalised images; height and width multiples of `self.backbone.size_divisor`.
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             Class ids in `[0, num_labels)` or `config.ignore_index`, at any resolution (usually the input's).
-        output_hidden_states / output_attentions (`bool`, *optional*):
-            Return the backbone's hidden states (as far as it ran) / attention probabilities (needs
-            `attn_implementation="eager"`).
+        output_hidden_states (`bool`, `int` or `list[int]`, *optional*):
+            Return the backbone's hidden states: `True` for all as far as it ran, or indices (0 = embeddings,
+            negative from the end, as in transformers 5) for only those.
+        output_attentions (`bool`, *optional*):
+            Return the backbone's attention probabilities; under SDPA/flash attention the backbone runs with eager
+            attention for that call (warned once).
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -302,12 +309,13 @@ def _load_backbone_state_dict(name_or_path, config: ViTSegConfig, backbone_kwarg
     """The backbone's weights as the adapter's `model` names them, from a base or task checkpoint."""
     source = AutoModel.from_pretrained(str(name_or_path), **backbone_kwargs)
     state = source.state_dict()
-    if config.backbone_kind == "hierarchical":
+    if config.backbone_family.kind == "hierarchical":
         # AutoBackbone nests the base model under its prefix (`swin.`); AutoBackbone.from_pretrained itself
         # cannot open local folders in transformers 5.24, so the base model is loaded and renamed
         prefix = getattr(source, "base_model_prefix", "")
         state = {f"{prefix}.{k}": v for k, v in state.items()}
-    elif config.backbone_kind == "sam" and type(source).__name__ != "SamVisionModel":
-        # SamModel: the vision encoder lives under `vision_encoder.` in both, the rest is dropped
-        state = {k: v for k, v in state.items() if k.startswith("vision_encoder.")}
+    # a multi-tower checkpoint (CLIPModel, SiglipModel) keeps the vision tower under a prefix; the caller keeps
+    # only the keys the backbone has, so the other towers are dropped
+    for prefix in config.backbone_family.checkpoint_prefixes:
+        state.update({k[len(prefix):]: v for k, v in list(state.items()) if k.startswith(prefix)})
     return state
