@@ -65,7 +65,8 @@ def worker(argv: list[str]) -> None:
 
     out, rank = Path(args.out), accelerator.process_index
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, out / f"rank{rank}.safetensors")
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, out / f"rank{rank}.safetensors")
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
     info = {"num_processes": accelerator.num_processes, "backend": backend, "metrics": metrics}
     (out / f"rank{rank}.json").write_text(json.dumps(info))
@@ -107,7 +108,8 @@ def test_two_gloo_processes_agree_and_match_one_process_with_the_global_batch(tm
     ]
     two, one = tmp_path / "two", tmp_path / "one"
     _run([
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         __file__, "--out", str(two), "--batch-size", "2", "--output-dir", str(two / "model"), *common,
     ])

@@ -62,7 +62,9 @@ def test_layer_decay_lr_ratios(family):
         else:
             assert group["name"].startswith("head.") and group["lr"] == 5e-3
     # consecutive layers differ by exactly one factor of `decay`
-    lrs = {int(g["name"].split("_")[1].split(".")[0]): g["lr"] for g in groups if g["name"].startswith("backbone.layer_")}
+    lrs = {
+        int(g["name"].split("_")[1].split(".")[0]): g["lr"] for g in groups if g["name"].startswith("backbone.layer_")
+    }
     for k in lrs:
         if k + 1 in lrs:
             assert lrs[k] / lrs[k + 1] == pytest.approx(decay, rel=1e-12)
@@ -74,7 +76,9 @@ def test_no_decay_set_dinov2():
     by_name = group_of(groups)
     # written out independently of the implementation's rules
     # (the auxiliary head's BatchNorm is `auxiliary_head.0.1`: ConvNormAct = conv, norm, act)
-    no_decay_markers = ("bias", "norm", "position_embeddings", "cls_token", "mask_token", "lambda1", "auxiliary_head.0.1.")
+    no_decay_markers = (
+        "bias", "norm", "position_embeddings", "cls_token", "mask_token", "lambda1", "auxiliary_head.0.1.",
+    )
     for name, param in model.named_parameters():
         if not param.requires_grad:  # the mask token, layers past the deepest tap: never used, not trainable
             assert name not in by_name

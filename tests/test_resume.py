@@ -60,7 +60,8 @@ def worker(argv: list[str]) -> None:
                 time.sleep(TIMEOUT_S)  # killed here, checkpoint-4 complete on disk, step 5 done in memory only
 
     train(
-        tiny_model(backbone=Path(args.backbone)), load_image_folder(args.images, args.masks), output_dir=args.output_dir,
+        tiny_model(backbone=Path(args.backbone)), load_image_folder(args.images, args.masks),
+        output_dir=args.output_dir,
         crop_size=16, max_steps=STEPS, batch_size=2, lr=1e-3, head_lr=1e-2, warmup_ratio=0.25, save_steps=SAVE_STEPS,
         logging_steps=1, seed=7, resume=args.resume, callbacks=[Steps()], use_cpu=True, disable_tqdm=True,
     )

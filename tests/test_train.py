@@ -111,7 +111,8 @@ def test_training_learns_evaluates_checkpoints_and_saves_a_loadable_folder(train
     assert find_last_checkpoint(output_dir).name == "checkpoint-6"
 
     # The final folder: weights equal to the returned model's, loadable through the Auto classes with remote code.
-    assert {"modeling_vitseg.py", "configuration_vitseg.py", "image_processing_vitseg.py"} <= {p.name for p in output_dir.iterdir()}
+    saved = {p.name for p in output_dir.iterdir()}
+    assert {"modeling_vitseg.py", "configuration_vitseg.py", "image_processing_vitseg.py"} <= saved
     loaded = AutoModelForSemanticSegmentation.from_pretrained(output_dir, trust_remote_code=True).state_dict()
     assert loaded.keys() == model.state_dict().keys()
     for name, value in model.state_dict().items():
@@ -199,7 +200,8 @@ def test_recipes_linear_probe_freezes_the_backbone_and_lora_checkpoints_its_head
                      crop_size=32, max_steps=2, batch_size=4, save_steps=2, use_cpu=True)
     assert hasattr(model, "peft_config")
     for folder in (lora_dir, lora_dir / "checkpoint-2"):
-        assert {"adapter_model.safetensors", "head_weights.safetensors", "vitseg_config.json"} <= {p.name for p in folder.iterdir()}
+        saved = {p.name for p in folder.iterdir()}
+        assert {"adapter_model.safetensors", "head_weights.safetensors", "vitseg_config.json"} <= saved
     head = load_file(lora_dir / "head_weights.safetensors")
     assert not all(torch.equal(head[f"head.{k}"], v) for k, v in head_before.items())
     # ... resuming a fresh LoRA model from checkpoint-2 restores that head (Trainer alone would only load the adapter)
@@ -246,7 +248,9 @@ def test_bad_dataset_is_refused_before_training(case, message, which, assets, da
     assert not output_dir.exists()
 
 
-@pytest.mark.parametrize("crop_size, suggestions", [(30, ["(24, 24)", "(32, 32)"]), ((32, 20), ["(32, 16)", "(32, 24)"])])
+@pytest.mark.parametrize(
+    "crop_size, suggestions", [(30, ["(24, 24)", "(32, 32)"]), ((32, 20), ["(32, 16)", "(32, 24)"])]
+)
 def test_crop_size_not_a_patch_multiple_is_refused(crop_size, suggestions, assets, datasets_, tmp_path):
     with pytest.raises(ValueError, match="not a multiple of .* patch_size 8") as error:
         train(tiny_model(backbone=assets["backbone"]), datasets_[0], output_dir=tmp_path / "out", crop_size=crop_size)
