@@ -49,9 +49,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks.data` when run as a script
 
-from benchmarks.data import foreground_iou, nuclei_split, otsu_threshold, patch_grid_ceiling  # noqa: E402
-
 import hf_vitseg  # noqa: E402
+from benchmarks.data import foreground_iou, nuclei_split, otsu_threshold, patch_grid_ceiling  # noqa: E402
 from hf_vitseg import ViTSegForSemanticSegmentation, ViTSegImageProcessor  # noqa: E402
 
 ID2LABEL = {0: "background", 1: "nucleus"}
@@ -573,7 +572,9 @@ def finetune_rows(args, backbone, heads, views, test_pixels, truth, patch_size, 
             name, runs = f"{head} + {label}", []
             try:
                 for seed in range(args.finetune_seeds):
-                    model, seconds, curve, trainable = train_finetuned(backbone, head, layers, seed, views, args, method)
+                    model, seconds, curve, trainable = train_finetuned(
+                        backbone, head, layers, seed, views, args, method
+                    )
                     prediction = predict(model, test_pixels, args.crop, patch_size)
                     runs.append({"seed": seed, **score(prediction, truth), "train_seconds": seconds,
                                  "seconds_per_step": seconds / args.finetune_steps, "loss_curve": curve,

@@ -28,7 +28,8 @@ This needs the Hugging Face Hub (weights and the ~1 GB dataset) and a GPU: 40k i
     python benchmarks/ade20k_linear.py --backbone facebook/dinov2-base --mode ms --output-dir runs/vitb14_ms
     # any local copy in scene_parse_150 format (a `save_to_disk` folder or a `load_dataset`-able folder with
     # `image` and `annotation` columns, splits `train` and `validation`), a few iterations:
-    python benchmarks/ade20k_linear.py --dataset path/to/ade --backbone path/to/backbone --max-steps 10 --output-dir /tmp/ade
+    python benchmarks/ade20k_linear.py --dataset path/to/ade --backbone path/to/backbone --max-steps 10 \\
+        --output-dir /tmp/ade
 
 Differences from the mmsegmentation pipeline, all small: metrics are computed on the processor's resized
 grid rather than the original label resolution; mmseg's crop re-draws a crop in which one class covers more
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=1500, help="of the 40k schedule; scaled with --max-steps")
-    parser.add_argument("--crop", type=int, default=512, help="training crop and window (rounded up to a patch multiple)")
+    parser.add_argument("--crop", type=int, default=512,
+                        help="training crop and window (rounded up to a patch multiple)")
     parser.add_argument("--short-side", type=int, default=512, help="images are resized to this short side")
     parser.add_argument("--stride", type=int, default=341, help="sliding-window stride at evaluation")
     parser.add_argument("--ms-ratios", type=float, nargs="+", default=list(MS_RATIOS),

@@ -43,7 +43,8 @@ TILE = 128
 
 
 def tiles(image: np.ndarray, mask: np.ndarray, stride: int, size: int):
-    """All `TILE` x `TILE` tiles at `stride`, as normalised 3-channel `(N, 3, size, size)` and labels `(N, size, size)`."""
+    """All `TILE` x `TILE` tiles at `stride`, as normalised 3-channel `(N, 3, size, size)` and labels
+    `(N, size, size)`."""
     h, w = image.shape
     boxes = [(y, x) for y in range(0, h - TILE + 1, stride) for x in range(0, w - TILE + 1, stride)]
     pixels = torch.stack([torch.from_numpy(image[y : y + TILE, x : x + TILE]) for y, x in boxes])[:, None]
@@ -197,7 +198,8 @@ def main() -> None:
         scores = [f"{m['mean_iou']:.4f} / {m['foreground_iou']:.4f}"
                   for m in (r["metrics_recompute"], r["metrics_cache"], r["metrics_other_order"])]
         print(f"| {r['head']} | {pair(r['recompute'])} | {pair(r['cache_first'])} ({pair(r['build'])}) "
-              f"| {pair(r['cache'])} | {speedup[0]:.1f}x / {speedup[1]:.1f}x | {r['cache_mb']:.1f} | {' | '.join(scores)} |")
+              f"| {pair(r['cache'])} | {speedup[0]:.1f}x / {speedup[1]:.1f}x | {r['cache_mb']:.1f} "
+              f"| {' | '.join(scores)} |")
 
 
 if __name__ == "__main__":

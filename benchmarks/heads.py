@@ -33,7 +33,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import hf_vitseg
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 
-
 PAPER_PRESET_HEADS = ("setr_pup", "dpt", "upernet")
 
 
@@ -221,7 +220,8 @@ def main(argv=None):
     rows = []
     print(f"backbone: DINOv2-S/14 ({args.backbone} weights), input {args.size}x{args.size}, batch 1, fp32, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    header = f"{'head':<28}{'params M':>9}{'GFLOPs':>9}{'fwd x':>8}{'train x':>9}" + (f"{'mem x':>8}" if args.memory else "")
+    header = f"{'head':<28}{'params M':>9}{'GFLOPs':>9}{'fwd x':>8}{'train x':>9}"
+    header += f"{'mem x':>8}" if args.memory else ""
     print(header)
     for spec in specs:
         model = model_from_spec(spec)
@@ -252,7 +252,8 @@ def main(argv=None):
         rows.append(row)
         print(f"{row['head']:<28}{row['head_params_m']:>9}{row['gflops']:>9}{row['forward_ratio']:>8}"
               f"{row['train_step_ratio']:>9}" + (f"{row['memory_ratio']:>8}" if args.memory else ""), flush=True)
-    print(f"backbone alone: {ref_flops:.1f} GFLOPs" + (f", peak training-step memory {ref_mem:.0f} MB" if ref_mem else ""))
+    memory = f", peak training-step memory {ref_mem:.0f} MB" if ref_mem else ""
+    print(f"backbone alone: {ref_flops:.1f} GFLOPs{memory}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -31,7 +31,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 CROP, STRIDE, PATCH = 518, 345, 14
 
 
@@ -106,7 +105,8 @@ def run_in_subprocess(size: int, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=4096, help="side of the large square image")
-    parser.add_argument("--single", type=int, default=CROP, help="side of the single-window image (one 518 window: 512 rounded up to patch 14)")
+    parser.add_argument("--single", type=int, default=CROP,
+                        help="side of the single-window image (one 518 window: 512 rounded up to patch 14)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--num-labels", type=int, default=19)
     parser.add_argument("--layers", type=int, default=2)
@@ -123,7 +123,8 @@ def main() -> None:
         f"sliding_window_inference, window {CROP}, stride {STRIDE}, blend {args.blend}, {args.num_labels} labels, "
         f"DINOv2 hidden 384 / 6 heads / {args.layers} layers + 1x1 conv, CPU; median of {args.runs} fresh processes"
     )
-    header = f"{'image':>11} | {'windows':>7} | {'peak (MiB)':>10} | {'output (MiB)':>12} | {'working (MiB)':>13} | {'time (s)':>8}"
+    header = (f"{'image':>11} | {'windows':>7} | {'peak (MiB)':>10} | {'output (MiB)':>12} | {'working (MiB)':>13} "
+              f"| {'time (s)':>8}")
     print(header)
     print("-" * len(header))
     working = {}
@@ -139,7 +140,8 @@ def main() -> None:
             f"{working[size]:>13.1f} | {median['seconds']:>8.2f}"
         )
     print(f"peak ratio (large / single window):            {peak[args.size] / peak[args.single]:.2f}x")
-    print(f"working-memory ratio (peak minus the output):   {working[args.size] / working[args.single]:.2f}x  (goal < 2x)")
+    ratio = working[args.size] / working[args.single]
+    print(f"working-memory ratio (peak minus the output):   {ratio:.2f}x  (goal < 2x)")
 
 
 if __name__ == "__main__":

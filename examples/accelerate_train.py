@@ -66,7 +66,9 @@ def default_accelerator(**accelerator_kwargs):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    handlers = [*accelerator_kwargs.pop("kwargs_handlers", []), DistributedDataParallelKwargs(find_unused_parameters=True)]
+    handlers = [
+        *accelerator_kwargs.pop("kwargs_handlers", []), DistributedDataParallelKwargs(find_unused_parameters=True),
+    ]
     return Accelerator(kwargs_handlers=handlers, **accelerator_kwargs)
 
 
@@ -175,7 +177,9 @@ def train_with_accelerate(
                 window_losses.clear()
                 progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if eval_dataset is not None and (step == total_steps or (eval_steps and step % eval_steps == 0)):
-                metrics.update(evaluate_with_accelerate(model, eval_dataset, accelerator, collator, eval_batch_size or batch_size))
+                metrics.update(evaluate_with_accelerate(
+                    model, eval_dataset, accelerator, collator, eval_batch_size or batch_size
+                ))
                 accelerator.print(f"step {step}: eval mean IoU {metrics['eval_mean_iou']:.4f}")
             if step == total_steps:
                 break
