@@ -98,7 +98,11 @@ def load_peer_head_weights(vitseg_model: nn.Module, peer_model: nn.Module) -> nn
 
     Raises `ValueError` naming every mismatch (head type, pool scales, missing keys, shapes). Returns `vitseg_model`.
     """
-    from transformers import DPTForSemanticSegmentation, SegformerForSemanticSegmentation, UperNetForSemanticSegmentation
+    from transformers import (
+        DPTForSemanticSegmentation,
+        SegformerForSemanticSegmentation,
+        UperNetForSemanticSegmentation,
+    )
 
     if isinstance(peer_model, DPTForSemanticSegmentation):
         _load_dpt_peer_weights(vitseg_model, peer_model)

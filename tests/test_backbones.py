@@ -56,7 +56,8 @@ def test_every_record_names_parts_the_built_model_has(family):
         assert path.rsplit(".", 1)[-1] not in dict(adapter.model.named_modules()), path
     projections = adapter.attention_projection_names()
     # every layer (block) has each projection once: LoRA adapts all of them
-    num_blocks = sum(len(stage.blocks) for stage in adapter.layers) if record.kind == "hierarchical" else len(adapter.layers)
+    hierarchical = record.kind == "hierarchical"
+    num_blocks = sum(len(stage.blocks) for stage in adapter.layers) if hierarchical else len(adapter.layers)
     assert len(projections) == num_blocks * len(record.attention_projections), projections
     assert {n.rsplit(".", 1)[-1] for n in projections} == set(record.attention_projections)
     assert record.source_name and record.citation and record.paper_url.startswith("https://")

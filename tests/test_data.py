@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from hf_vitseg.data.augment import AugmentationEpochCallback, SegmentationTransform, set_augmentation_epoch
+from hf_vitseg.data.collator import SegmentationCollator
 from hf_vitseg.data.datasets import (
     load_hf_dataset,
     load_image_folder,
@@ -16,8 +17,6 @@ from hf_vitseg.data.datasets import (
     validate_dataset,
 )
 from hf_vitseg.modeling.image_processing_vitseg import ViTSegImageProcessor
-from hf_vitseg.data.collator import SegmentationCollator
-
 
 PATCH = 8
 

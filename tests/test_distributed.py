@@ -28,11 +28,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from hf_vitseg import BaseHead, register_head
-
 from conftest import save_tiny_backbone
 from test_train import make_image_folder
+
+from hf_vitseg import BaseHead, register_head
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "accelerate_train.py"
 TIMEOUT_S = 300

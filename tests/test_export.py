@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import builtin_heads, tiny_model
 from torch import nn
 
-import hf_vitseg
 from hf_vitseg import ViTSegForSemanticSegmentation
 from hf_vitseg.export import OnnxExportError, check_exportable, export_onnx
-
-from conftest import builtin_heads, tiny_model
-
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX tests need the onnx extra: pip install hf-vitseg[onnx]")
 

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model
+from test_head_setr_mla import batch
 
 import hf_vitseg.modeling.head_atm  # noqa: F401  registers atm
 from hf_vitseg.modeling.head_atm import ATMHead
-
-from conftest import tiny_model
-from test_head_setr_mla import batch
 
 
 def test_logits_are_the_log_of_the_papers_combination_of_the_last_layer():

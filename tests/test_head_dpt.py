@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import NON_SQUARE, tiny_model
 from torch.nn import functional as F
 from transformers import DPTConfig, DPTForSemanticSegmentation
 
@@ -12,9 +13,6 @@ import hf_vitseg.modeling.head_dpt  # noqa: F401  registers "dpt" until heads.py
 from hf_vitseg.convert import convert_dpt_neck_and_head, dpt_head_kwargs, load_peer_head_weights
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_dpt import DPTHead
-
-from conftest import NON_SQUARE, tiny_model
-
 
 SMALL = {"reassemble_channels": [8, 8, 16, 16], "fusion_channels": 16}
 

@@ -3,17 +3,16 @@ training and save/load on every backbone family: the common suite in test_modeli
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import (
     SegformerConfig,
     SegformerForSemanticSegmentation,
 )
 
 import hf_vitseg.modeling.head_segformer  # noqa: F401  registers "segformer" until heads.py imports it
-from conftest import tiny_model
 from hf_vitseg.convert import convert_segformer_decode_head, load_peer_head_weights
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_segformer import SegFormerHead
-
 
 LEVEL_CHANNELS = [8, 16, 24, 32]
 # Sizes that are not powers of two of each other, as DINOv2's 37x37 grid gives (148, 74, 37, 18).

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import hf_vitseg.modeling.head_segmenter  # noqa: F401  registers segmenter
-
 from conftest import tiny_model, train_steps
 from test_head_setr_mla import batch
+
+import hf_vitseg.modeling.head_segmenter  # noqa: F401  registers segmenter
 
 
 def test_masks_are_cosine_similarities_normed_over_classes():

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import NON_SQUARE, tiny_model
 
 import hf_vitseg.modeling.head_unet  # noqa: F401  registers "unet" until heads.py imports it
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_unet import UNetHead
-
-from conftest import NON_SQUARE, tiny_model
-
 
 SMALL = {"decoder_channels": [32, 32, 16, 16], "stem_channels": [8, 16]}
 

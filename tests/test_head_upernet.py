@@ -3,6 +3,7 @@ training and save/load on every backbone family: the common suite in test_modeli
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import (
     ConvNextConfig,
     UperNetConfig,
@@ -10,11 +11,9 @@ from transformers import (
 )
 
 import hf_vitseg.modeling.head_upernet  # noqa: F401  registers "upernet" until heads.py imports it
-from conftest import tiny_model
 from hf_vitseg.convert import convert_upernet_decode_head, load_peer_head_weights
 from hf_vitseg.modeling.head_base import BackboneFeatures
 from hf_vitseg.modeling.head_upernet import UperNetHead
-
 
 LEVEL_CHANNELS = [8, 16, 24, 32]
 # Sizes that are not powers of two of each other, as DINOv2's 37x37 grid gives (148, 74, 37, 18).

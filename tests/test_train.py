@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
@@ -19,9 +20,6 @@ from hf_vitseg.cli import main as cli_main
 from hf_vitseg.data.datasets import load_image_folder
 from hf_vitseg.training import evaluate_model, train
 from hf_vitseg.training.run_dir import find_last_checkpoint
-
-from conftest import tiny_model
-
 
 NUM_LABELS = 3
 # One colour per class, so that a class is visible in its patch's pixels and a few steps learn something.

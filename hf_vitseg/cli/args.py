@@ -128,7 +128,8 @@ def add_data_flags(group) -> None:
     """The data flags `train` and `evaluate` share (besides their image / mask folders and splits)."""
     group.add_argument("--mask-suffix", default="", help="what a mask's file name adds to its image's, e.g. _mask")
     group.add_argument("--skip-unmatched", action="store_true",
-                       help="skip images without a mask and masks without an image (with a warning) instead of stopping")
+                       help="skip images without a mask and masks without an image (with a warning) instead of "
+                            "stopping")
     group.add_argument("--dataset", help="Hub id, local dataset or save_to_disk folder (instead of the folders)")
     group.add_argument("--image-column", default="image")
     group.add_argument("--annotation-column", default="annotation")
@@ -161,7 +162,8 @@ def load_dataset_from_args(args, images_dir, masks_dir, split, role: str):
             raise CliError(f"Give {flag}images DIR and {flag}masks DIR (or --dataset NAME).")
         for what, folder in (("images", images_dir), ("masks", masks_dir)):
             if not Path(folder).is_dir():
-                raise CliError(f"{flag}{what} {folder}: {'is a file, not' if Path(folder).exists() else 'no such'} folder.")
+                problem = "is a file, not" if Path(folder).exists() else "no such"
+                raise CliError(f"{flag}{what} {folder}: {problem} folder.")
         dataset = load_image_folder(images_dir, masks_dir, mask_suffix=args.mask_suffix,
                                     on_unmatched="warn" if args.skip_unmatched else "error")
     return binary_masks(dataset) if args.binary_masks else dataset

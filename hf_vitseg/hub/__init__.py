@@ -5,7 +5,6 @@ from .cards import backbone_weights, read_eval_results, read_training_recipe, re
 from .loading import check_model_folder, check_safetensors_file, load_config, load_image_processor, load_model
 from .push import HubUnreachableError, PushResult, check_repo_id, push_to_hub, upload_plan
 
-
 __all__ = [
     "HubUnreachableError",
     "PushResult",

@@ -36,7 +36,6 @@ from typing import Any, Mapping
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-
 CARD_MARKER = "<!-- written by hf-vitseg; sha256 of the text above: {digest} -->"
 _MARKER_PATTERN = re.compile(r"\n<!-- written by hf-vitseg; sha256 of the text above: ([0-9a-f]{64}) -->\s*\Z")
 
@@ -341,10 +340,10 @@ def _head_reference(head: str) -> dict[str, str]:
     """The built-in head's reference, or, for a head of the user's own, its class docstring's first paragraph."""
     if head in HEAD_REFERENCES:
         return HEAD_REFERENCES[head]
-    from ..modeling.head_base import HEAD_REGISTRY
-
     import inspect
     import sys
+
+    from ..modeling.head_base import HEAD_REGISTRY
 
     summary, citation = f"a custom head registered as `{head}`", ""
     head_cls = HEAD_REGISTRY.get(head)

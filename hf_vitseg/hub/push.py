@@ -41,7 +41,6 @@ from huggingface_hub.utils import EntryNotFoundError, HFValidationError, Reposit
 from .cards import card_is_ours_and_unedited, render_model_card
 from .loading import check_safetensors_file
 
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMMIT_MESSAGE = "Upload hf-vitseg model"

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-
 # Sasha Trubetskoy's 20 distinct colours, ordered so that the first few are the most distinct from
 # one another: readable for the small label sets of most fine-tuning tasks.
 DISTINCT_COLORS = np.array(

@@ -178,7 +178,9 @@ def sliding_window_inference(
             "size, or a hierarchical backbone's coarsest stride)."
         )
     if stride_h > crop_h or stride_w > crop_w:
-        raise ValueError(f"stride {(stride_h, stride_w)} larger than crop_size {(crop_h, crop_w)} leaves pixels unseen.")
+        raise ValueError(
+            f"stride {(stride_h, stride_w)} larger than crop_size {(crop_h, crop_w)} leaves pixels unseen."
+        )
     if blend not in ("uniform", "gaussian"):
         raise ValueError(f"blend must be 'uniform' or 'gaussian', got {blend!r}.")
     if batch_size < 1:

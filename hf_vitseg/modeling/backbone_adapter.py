@@ -81,7 +81,9 @@ class BackboneAdapter(nn.Module):
         """The transformer layers the adapter drives (ViT and SAM), or the stages (hierarchical backbones)."""
         layers = get_path(self.model, self.family.layers)
         if layers is None:
-            raise AttributeError(f"The {self.family.name} family record names no layers of {type(self.model).__name__}.")
+            raise AttributeError(
+                f"The {self.family.name} family record names no layers of {type(self.model).__name__}."
+            )
         return layers
 
     @property
@@ -271,7 +273,9 @@ def _selected_hidden_states(output_hidden_states, num_layers: int) -> list[int] 
     total = num_layers + 1
     for i in indices:
         if not isinstance(i, int) or isinstance(i, bool):
-            raise TypeError(f"output_hidden_states must be a bool, an int or a list of ints, got {output_hidden_states!r}.")
+            raise TypeError(
+                f"output_hidden_states must be a bool, an int or a list of ints, got {output_hidden_states!r}."
+            )
         if not -total <= i < total:
             raise ValueError(
                 f"output_hidden_states={output_hidden_states!r} selects hidden state {i!r}, but this backbone has "

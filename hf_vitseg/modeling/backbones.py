@@ -10,11 +10,11 @@ are, how to embed an image and how to build the HF model; the optimizer groups (
 | ViT, DeiT | vit | CLS (+ distillation) | `layers` | `layernorm` | `interpolate_pos_encoding=True` |
 | DINOv2 (+ registers) | vit | CLS (+ registers) | `encoder.layer` | `layernorm` | always interpolates |
 | DINOv3-ViT | vit | CLS + registers | `model.layer` | `norm` | RoPE from `rope_embeddings` |
-| CLIP vision tower | vit | CLS | `encoder.layers` | `post_layernorm` | `interpolate_pos_encoding=True`, then `pre_layrnorm` |
+| CLIP vision tower | vit | CLS | `encoder.layers` | `post_layernorm` | `interpolate_pos_encoding`, `pre_layrnorm` |
 | SigLIP vision tower | vit | none | `encoder.layers` | `post_layernorm` | `interpolate_pos_encoding=True` |
 | BEiT | vit | CLS | `layers` | `layernorm` | relative position bias per input size |
 | SAM's ViT image encoder | sam | none | `vision_encoder.layers` | none | absolute embedding resized bicubically |
-| Swin (and other AutoBackbone models) | hierarchical | none | `swin.encoder.layers` (stages) | per-stage norms | AutoBackbone's own |
+| Swin (other AutoBackbone models) | hierarchical | none | `swin.encoder.layers` (stages) | per stage | AutoBackbone's |
 
 This module travels with every checkpoint (remote code): it imports only torch and transformers.
 """

@@ -50,7 +50,9 @@ def register_head(name: str, override: bool = False):
         if not (isinstance(cls, type) and issubclass(cls, BaseHead)):
             raise TypeError(f"@register_head({name!r}) decorates a subclass of BaseHead, got {cls!r}.")
         previous = HEAD_REGISTRY.get(name)
-        same = previous is not None and (previous.__module__, previous.__qualname__) == (cls.__module__, cls.__qualname__)
+        same = previous is not None and (
+            (previous.__module__, previous.__qualname__) == (cls.__module__, cls.__qualname__)
+        )
         if previous is not None and not same and not override:
             raise ValueError(
                 f"A head named {name!r} is already registered ({previous.__module__}.{previous.__qualname__}). "

@@ -229,10 +229,12 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         missing = [k for k in expected if k not in source]
         # Buffers that are recomputed, never learnt, may be absent from checkpoints; so are the per-stage output
         # norms of hierarchical backbones, which only AutoBackbone has (initialised fresh, as transformers does).
-        missing = [k for k in missing if k in dict(target.named_parameters()) and not k.startswith("hidden_states_norms.")]
+        parameters = dict(target.named_parameters())
+        missing = [k for k in missing if k in parameters and not k.startswith("hidden_states_norms.")]
         if missing:
             raise ValueError(
-                f"{pretrained_model_name_or_path} lacks backbone weights {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                f"{pretrained_model_name_or_path} lacks backbone weights "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''}; "
                 "it does not look like a checkpoint of this backbone."
             )
         for key, value in expected.items():

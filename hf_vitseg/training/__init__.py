@@ -1,6 +1,7 @@
 """Training: `train` (Trainer), `evaluate_model`, streaming metrics, optimizer groups, recipes, LoRA, feature cache."""
 
 from . import recipes
+from .evaluation import evaluate_model
 from .feature_cache import CachedBackboneModel, FeatureCache, train_head_on_cache
 from .lora import apply_lora, load_lora, save_lora
 from .metrics import (
@@ -10,9 +11,7 @@ from .metrics import (
     preprocess_logits_for_metrics,
 )
 from .optim import OptimizerSettings, build_optimizer, param_groups, poly_schedule_with_warmup
-from .evaluation import evaluate_model
 from .trainer import SegmentationTrainer, train
-
 
 __all__ = [
     "CachedBackboneModel",

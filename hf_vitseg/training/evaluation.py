@@ -50,7 +50,10 @@ def evaluate_model(
     if sliding_window and crop_size is None:
         raise ValueError("sliding_window needs crop_size (the size the model was trained at, e.g. 512).")
     if sliding_window and stride is None:  # 2/3 of the window, a common overlap
-        stride = max(1, crop_size * 2 // 3) if isinstance(crop_size, int) else tuple(max(1, c * 2 // 3) for c in crop_size)
+        if isinstance(crop_size, int):
+            stride = max(1, crop_size * 2 // 3)
+        else:
+            stride = tuple(max(1, c * 2 // 3) for c in crop_size)
     validate(dataset, config, processor, "dataset")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()

@@ -194,14 +194,17 @@ class FeatureCache(Dataset):
             for batch in loader:
                 if not isinstance(batch, Mapping) or "pixel_values" not in batch:
                     got = f"keys {list(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
-                    raise ValueError(f"Each batch must be a dict with 'pixel_values' (and optionally 'labels'), got {got}.")
+                    raise ValueError(
+                        f"Each batch must be a dict with 'pixel_values' (and optionally 'labels'), got {got}."
+                    )
                 pixel_values = batch["pixel_values"].to(device)
                 batch_labels = batch.get("labels")
                 if has_labels is None:
                     has_labels = batch_labels is not None
                 elif has_labels != (batch_labels is not None):
                     raise ValueError("Some batches have 'labels' and others do not.")
-                shapes = (tuple(pixel_values.shape[1:]), None if batch_labels is None else tuple(batch_labels.shape[1:]))
+                label_shape = None if batch_labels is None else tuple(batch_labels.shape[1:])
+                shapes = (tuple(pixel_values.shape[1:]), label_shape)
                 if first_shapes is None:
                     first_shapes = shapes
                 elif shapes != first_shapes:
@@ -211,7 +214,9 @@ class FeatureCache(Dataset):
                         "first (e.g. ViTSegImageProcessor with pad_to_size)."
                     )
                 for view in views:
-                    view_pixels, view_labels = view(pixel_values, batch_labels) if view else (pixel_values, batch_labels)
+                    view_pixels, view_labels = (
+                        view(pixel_values, batch_labels) if view else (pixel_values, batch_labels)
+                    )
                     features = model.backbone(view_pixels)
                     maps.append([m.to(storage_device, dtype) for m in features.feature_maps])
                     if features.prefix_tokens is not None:
@@ -315,7 +320,9 @@ class FeatureCache(Dataset):
             wrong["feature map channels"] = (channels, expected["out_channels"])
         if wrong:
             details = "; ".join(f"{k}: cache {a}, model {b}" for k, (a, b) in wrong.items())
-            raise ValueError(f"This feature cache was built with another backbone configuration ({details}). Rebuild it.")
+            raise ValueError(
+                f"This feature cache was built with another backbone configuration ({details}). Rebuild it."
+            )
 
     # -- persistence ------------------------------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:

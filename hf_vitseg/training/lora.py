@@ -262,7 +262,8 @@ def load_lora(folder: str | Path, base_model: ViTSegForSemanticSegmentation | No
     expected = set(_head_state_dict(base_model))
     if set(head_state) != expected:
         raise ValueError(
-            f"The saved head weights do not fit the base model's head (missing {sorted(expected - set(head_state))[:5]}, "
+            f"The saved head weights do not fit the base model's head "
+            f"(missing {sorted(expected - set(head_state))[:5]}, "
             f"unexpected {sorted(set(head_state) - expected)[:5]}): the base model has another head configuration."
         )
     base_model.load_state_dict(head_state, strict=False)

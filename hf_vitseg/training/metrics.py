@@ -26,7 +26,6 @@ import torch
 
 from ..modeling.head_base import resize
 
-
 MEAN_IOU_MODULE_DIR = Path(__file__).parent / "vitseg_mean_iou"
 
 # transformers.Trainer pads labels and predictions with -100 when it concatenates batches or

@@ -31,7 +31,6 @@ from transformers import get_polynomial_decay_schedule_with_warmup
 
 from ..unwrap import unwrap_model
 
-
 __all__ = [
     "OptimizerSettings",
     "backbone_layer_ids",

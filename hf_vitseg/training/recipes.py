@@ -144,7 +144,9 @@ def linear_probe(
     side x [0.5, 2.0], flip, photometric distortion; `slide` test mode with 512 windows at stride 341.
     """
     crop = round_to_patch(crop_size, patch_size)
-    settings = OptimizerSettings(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, power=1.0, min_lr_ratio=0.0)
+    settings = OptimizerSettings(
+        lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, power=1.0, min_lr_ratio=0.0
+    )
     return Recipe(
         name="linear_probe",
         source="DINOv2 (Oquab et al., TMLR 2024) sec. 7.4, dinov2_vit*14_ade20k_linear_config.py",

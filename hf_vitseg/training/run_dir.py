@@ -131,7 +131,8 @@ def _previous_run(output_dir: Path) -> tuple[list[str], bool]:
         return [], False
     entries = read_run_manifest(output_dir)
     if entries is not None:
-        names = dict.fromkeys(Path(e).parts[0] for e in entries if (output_dir / e).exists() or (output_dir / e).is_symlink())
+        present = [e for e in entries if (output_dir / e).exists() or (output_dir / e).is_symlink()]
+        names = dict.fromkeys(Path(e).parts[0] for e in present)
         return list(names), True
     markers = [name for name in RUN_MARKERS if (output_dir / name).is_file()]
     return [p.name for p in list_checkpoints(output_dir)] + markers, False
@@ -148,7 +149,9 @@ def resolve_output_dir(output_dir, resume=False, overwrite_output_dir: bool = Fa
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"output_dir {output_dir} is a file; choose a folder.")
     if resume and overwrite_output_dir:
-        raise ValueError("resume and overwrite_output_dir exclude each other: resume keeps the run, overwrite deletes it.")
+        raise ValueError(
+            "resume and overwrite_output_dir exclude each other: resume keeps the run, overwrite deletes it."
+        )
     if resume:
         if resume is True:
             checkpoint = find_last_checkpoint(output_dir)

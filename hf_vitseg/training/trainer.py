@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from ..data.augment import AugmentationEpochCallback
@@ -205,8 +204,8 @@ def train(
             scheduler, RNG state and position in the epoch), a path from that checkpoint. The checkpoint must
             hold the same model (head, classes, backbone).
         overwrite_output_dir: delete a previous run in `output_dir` before training: the files it recorded in
-            its run manifest (`.hf_vitseg_run.json`), nothing else; a run without one is refused. Without it (or `resume`), a folder that holds a run is
-            an error and nothing is changed.
+            its run manifest (`.hf_vitseg_run.json`), nothing else; a run without one is refused. Without it (or
+            `resume`), a folder that holds a run is an error and nothing is changed.
         recipe: a `hf_vitseg.training.recipes.Recipe` or its name (`"linear_probe"`, `"full_finetune"`,
             `"lora"`): it freezes the backbone (linear probe) or wraps it in LoRA adapters (lora), and its
             optimizer settings and crop size fill the arguments left unset (its warm-up as a ratio of the run;
@@ -284,10 +283,14 @@ def train(
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=SegmentationCollator(pad_multiple=unwrap_model(model).size_divisor, ignore_index=config.ignore_index),
+        data_collator=SegmentationCollator(
+            pad_multiple=unwrap_model(model).size_divisor, ignore_index=config.ignore_index
+        ),
         processing_class=processor,
         compute_metrics=compute_segmentation_metrics(config.num_labels, config.ignore_index, config.id2label),
-        callbacks=[AugmentationEpochCallback(train_dataset), RunManifestCallback(output_dir, before), *(callbacks or [])],
+        callbacks=[
+            AugmentationEpochCallback(train_dataset), RunManifestCallback(output_dir, before), *(callbacks or []),
+        ],
         head_lr=hyper["head_lr"],
         layer_decay=hyper["layer_decay"],
     )

@@ -15,7 +15,6 @@ import datasets
 import evaluate
 import numpy as np
 
-
 _DESCRIPTION = """
 IoU of a class is the number of pixels both predicted and labelled as that class, divided by the
 number of pixels predicted or labelled as that class. Mean IoU averages it over the classes that
