@@ -68,11 +68,11 @@ def family(request):
     return request.param
 
 
-def tiny_model(head: str = "linear", family: str = "dinov2", *, backbone: str | Path | None = None, num_labels: int = 3,
-               seed: int = 0, **config_kwargs):
-    """A `ViTSegForSemanticSegmentation` with `head` on the tiny `family` backbone, random (seeded) weights; or,
-    with `backbone` (a saved backbone folder, e.g. `tiny_backbone_dir`), loaded by `from_pretrained_backbone`.
-    `config_kwargs` go to `ViTSegConfig` (`head_kwargs=...`, `backbone_out_indices=...`, ...)."""
+def tiny_model(head: str = "linear", family: str = "dinov2", *, backbone: str | Path | None = None,
+               backbone_config=None, num_labels: int = 3, seed: int = 0, **config_kwargs):
+    """A `ViTSegForSemanticSegmentation` with `head` on the tiny `family` backbone (or on `backbone_config`), random
+    (seeded) weights; or, with `backbone` (a saved backbone folder, e.g. `tiny_backbone_dir`), loaded by
+    `from_pretrained_backbone`. `config_kwargs` go to `ViTSegConfig` (`head_kwargs=...`, `backbone_out_indices=...`)."""
     from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 
     torch.manual_seed(seed)
@@ -80,8 +80,8 @@ def tiny_model(head: str = "linear", family: str = "dinov2", *, backbone: str | 
         return ViTSegForSemanticSegmentation.from_pretrained_backbone(
             backbone, head=head, num_labels=num_labels, **config_kwargs
         )
-    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head=head, num_labels=num_labels,
-                          **config_kwargs)
+    config = ViTSegConfig(backbone_config=backbone_config or tiny_backbone_config(family), head=head,
+                          num_labels=num_labels, **config_kwargs)
     return ViTSegForSemanticSegmentation(config)
 
 

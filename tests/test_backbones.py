@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import FAMILIES, NON_SQUARE, builtin_heads, tiny_backbone_config
+from conftest import FAMILIES, NON_SQUARE, builtin_heads, tiny_backbone_config, tiny_model
 from torch import nn
 from transformers import (
     AutoModel,
@@ -28,13 +28,6 @@ from hf_vitseg.modeling.backbones import FAMILIES as RECORDS
 from hf_vitseg.modeling.backbones import family_for
 
 
-def build(family="dinov2", head="linear", backbone_config=None, **kwargs):
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=backbone_config or tiny_backbone_config(family), head=head, num_labels=3,
-                          **kwargs)
-    return ViTSegForSemanticSegmentation(config)
-
-
 def images(size=NON_SQUARE, b=2):
     return torch.randn(b, 3, *size, generator=torch.Generator().manual_seed(0))
 
@@ -44,7 +37,7 @@ def images(size=NON_SQUARE, b=2):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_record_names_parts_the_built_model_has(family):
     """Layers, norms and attention projections named by the record exist, with the counts the config says."""
-    model = build(family)
+    model = tiny_model("linear", family)
     adapter, config = model.backbone, model.config.backbone_config
     record = family_for(config)
     assert adapter.family is record and model.config.backbone_family is record
@@ -67,7 +60,7 @@ def test_every_record_names_parts_the_built_model_has(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_ids_follow_the_record(family):
     """Layer-wise LR decay ids: embeddings 0, block i of L -> i, final norm L + 1 (Swin: blocks across stages)."""
-    adapter = build(family).backbone
+    adapter = tiny_model("linear", family).backbone
     ids, num_layers = adapter.layer_ids()
     blocks = [b for stage in adapter.layers for b in stage.blocks] if adapter.kind == "hierarchical" else adapter.layers
     assert num_layers == len(blocks)
@@ -82,7 +75,7 @@ def test_layer_ids_follow_the_record(family):
 def test_generic_hierarchical_backbones_and_unknown_types():
     convnext = family_for(ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 8, 8]))
     assert convnext.kind == "hierarchical" and convnext.license is None and convnext.layer_scheme is None
-    model = build(backbone_config=ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 16, 16]))
+    model = tiny_model(backbone_config=ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 16, 16]))
     with pytest.raises(ValueError, match="layer_decay=None"):
         model.backbone.layer_ids()
     with pytest.raises(ValueError, match="model_type 'bert' is not supported. Supported: vit, deit"):
@@ -167,7 +160,7 @@ SHALLOW = {
 @pytest.mark.parametrize("head", builtin_heads())
 @pytest.mark.parametrize("shallow", sorted(SHALLOW))
 def test_every_head_builds_with_default_taps_on_a_two_layer_backbone(head, shallow):
-    model = build(head=head, backbone_config=SHALLOW[shallow]).eval()
+    model = tiny_model(head, backbone_config=SHALLOW[shallow]).eval()
     num_default = type(model.head).num_default_taps
     assert model.config.backbone_out_indices == ([2] if num_default > 2 else [1, 2][-num_default:])
     with torch.no_grad():
@@ -190,7 +183,7 @@ def test_every_error_example_is_a_valid_value(backbone, head, taps):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_output_attentions_under_sdpa_warns_once_and_records_with_eager(family, caplog, monkeypatch):
     monkeypatch.setattr(backbone_adapter._EagerAttention, "_warned", False)
-    model = build(family).eval()
+    model = tiny_model("linear", family).eval()
     hf = model.backbone.model
     assert hf.config._attn_implementation == "sdpa"
     x = images((64, 64))
@@ -217,7 +210,7 @@ def test_output_attentions_under_sdpa_warns_once_and_records_with_eager(family, 
 
 @pytest.mark.parametrize("family", ["dinov2", "clip", "sam", "swin"])
 def test_output_hidden_states_as_indices_returns_only_those(family):
-    model = build(family, backbone_out_indices=[2]).eval()
+    model = tiny_model("linear", family, backbone_out_indices=[2]).eval()
     x = images()
     with torch.no_grad():
         everything = model.backbone(x, output_hidden_states=[0, 1, 2, 3, 4]).hidden_states
@@ -236,7 +229,7 @@ def test_output_hidden_states_as_indices_returns_only_those(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_get_input_embeddings_is_the_patch_embedding(family):
-    model = build(family)
+    model = tiny_model("linear", family)
     embeddings = model.get_input_embeddings()
     assert any(embeddings is m for m in model.backbone.model.modules())
     convs = [m for m in embeddings.modules() if isinstance(m, nn.Conv2d)]
