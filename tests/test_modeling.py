@@ -477,7 +477,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
     for checkpointing in (False, True):
         model = build("conv", family, head_kwargs={"dropout": 0.0}).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()  # gradient_checkpointing_enable: deprecated in transformers 5
             assert any(getattr(m, "gradient_checkpointing", False) for m in model.backbone.modules())
         model(x, labels=y).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.backbone.parameters() if p.grad is not None]))
