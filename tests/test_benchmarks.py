@@ -219,7 +219,7 @@ def test_accuracy_quick_and_plots_end_to_end(tiny_backbone_dir, tmp_path):
 def test_accuracy_rejects_an_unknown_head_and_a_bad_crop(tiny_backbone_dir):
     from benchmarks import accuracy
 
-    with pytest.raises(SystemExit, match="Unknown head 'nope'"):
+    with pytest.raises(SystemExit, match="unknown head 'nope'"):
         accuracy.main(["--quick", "--backbone", str(tiny_backbone_dir), "--heads", "nope"])
     with pytest.raises(SystemExit, match="multiple of the patch size 8"):
         accuracy.main(["--backbone", str(tiny_backbone_dir), "--heads", "linear", "--crop", "30"])

@@ -292,6 +292,8 @@ def test_user_registered_head_trains_saves_and_loads_through_remote_code(tmp_pat
     (tmp_path / "user_pkg").mkdir()
     (tmp_path / "user_pkg" / "my_heads.py").write_text(CUSTOM_HEAD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path / "user_pkg"))
+    monkeypatch.setitem(sys.modules, "my_heads", None)  # another test's module of that name must not answer
+    del sys.modules["my_heads"]
     import my_heads  # noqa: F401  registers the head
 
     assert "my_center_surround" in hf_vitseg.list_heads()

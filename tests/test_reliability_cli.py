@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -414,6 +415,9 @@ def test_readme_names_the_file_a_custom_head_save_writes(tmp_path, monkeypatch):
     section = readme[readme.index("## Your own head"):].split("\n## ", 1)[0]
     (tmp_path / "my_heads.py").write_text(re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1))
     monkeypatch.syspath_prepend(str(tmp_path))
+    # a module of that name from another test must not answer the import, nor ours stay for later tests
+    monkeypatch.setitem(sys.modules, "my_heads", None)
+    del sys.modules["my_heads"]
     importlib.import_module("my_heads")  # the README's own head, registered as "my_head"
     config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="my_head", num_labels=2)
     ViTSegForSemanticSegmentation(config).save_pretrained(tmp_path / "saved")

@@ -268,13 +268,11 @@ def transformers_progress(verbose: bool):
     from transformers.utils import logging
 
     was_enabled = logging.is_progress_bar_enabled()
-    if not verbose:
-        logging.disable_progress_bar()
+    logging.enable_progress_bar() if verbose else logging.disable_progress_bar()
     try:
         yield
     finally:
-        if was_enabled and not verbose:
-            logging.enable_progress_bar()
+        logging.enable_progress_bar() if was_enabled else logging.disable_progress_bar()
 
 
 # -- errors ------------------------------------------------------------------------------------------------------
