@@ -9,7 +9,8 @@ import sys
 import pytest
 
 # Optional extras (peft, onnx, plots) and the data stack: a user who only wants the model must not pay for them.
-HEAVY = ["datasets", "peft", "onnx", "onnxruntime", "matplotlib"]
+# hf_vitseg.data too: the loaders are for training, and they import `datasets`.
+HEAVY = ["datasets", "peft", "onnx", "onnxruntime", "matplotlib", "hf_vitseg.data"]
 
 # One fresh interpreter (importing torch takes seconds): the heavy modules loaded after `import hf_vitseg`, then
 # what the Auto classes resolve "vitseg" to, then the heavy modules loaded after building and running a model.
@@ -70,3 +71,26 @@ def test_public_names_stay_importable():
     assert set(hf_vitseg.__all__) <= set(dir(hf_vitseg))
     # the lazy package lists the names without importing the model; the two lists must agree
     assert set(hf_vitseg.__all__) - {"__version__"} == set(hf_vitseg.modeling.__all__)
+
+
+def test_no_module_shares_its_name_with_a_function_beside_it():
+    """`hf_vitseg.training.train` was a module and a function at once; `from P import name` must mean one thing."""
+    import importlib
+    import pkgutil
+    import types
+
+    import hf_vitseg
+
+    packages = ["hf_vitseg"] + [m.name for m in pkgutil.walk_packages(hf_vitseg.__path__, "hf_vitseg.") if m.ispkg]
+    collisions = []
+    for name in packages:
+        package = importlib.import_module(name)
+        for sub in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{name}.{sub.name}")
+            # the package exports something else under the module's name, or the module defines its own name
+            if not isinstance(getattr(package, sub.name), types.ModuleType):
+                collisions.append(f"{name}.{sub.name} (package attribute)")
+            own = getattr(module, sub.name, None)
+            if own is not None and getattr(own, "__module__", None) == module.__name__:
+                collisions.append(f"{name}.{sub.name}.{sub.name}")
+    assert collisions == []

@@ -268,7 +268,7 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..hub.loading import load_image_processor, load_model
-    from ..inference.overlay import overlay
+    from ..inference.overlays import overlay
 
     paths = output_paths(list(args.images), args.out)  # the folder is claimed for them (`run`)
     for path in args.images:  # decode everything first: fail before loading the model or writing anything

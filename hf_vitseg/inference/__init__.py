@@ -1,7 +1,7 @@
 """Inference beyond one forward pass: the pipeline, sliding windows, test-time augmentation, overlays."""
 
 from ..modeling.pipeline_vitseg import ViTSegSegmentationPipeline, segmentation_pipeline
-from .overlay import colorize, make_palette, overlay, side_by_side
+from .overlays import colorize, make_palette, overlay, side_by_side
 from .sliding_window import (
     forward_logits,
     gaussian_importance_map,
