@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,15 @@ def test_cli_train_then_evaluate(assets, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_training_on_cpu_raises_no_pin_memory_warning(assets, datasets_, tmp_path):
+    # pinned memory only helps copies to a GPU: train() asks for it only when one is there
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_model(backbone=assets["backbone"]), datasets_[0], output_dir=tmp_path / "out", crop_size=32,
+              max_steps=1, batch_size=4)
+    assert not [str(w.message) for w in caught if "pin_memory" in str(w.message)]
+
+
 def test_recipes_linear_probe_freezes_the_backbone_and_lora_checkpoints_its_head(assets, datasets_, tmp_path):
     from safetensors.torch import load_file
 

@@ -124,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_from_args(args: argparse.Namespace) -> dict:
-    import torch
     from transformers import set_seed
 
     from ..demo.assets import BACKBONE_ALIASES, resolve_backbone
@@ -194,9 +193,7 @@ def _train_from_args(args: argparse.Namespace) -> dict:
     if args.reduce_labels:
         processor.do_reduce_labels = True
 
-    training_args = {"dataloader_num_workers": args.num_workers, "use_cpu": args.cpu, "bf16": args.bf16,
-                     # pinned memory only helps copies to a GPU; without one torch warns on every dataloader
-                     "dataloader_pin_memory": torch.cuda.is_available() and not args.cpu}
+    training_args = {"dataloader_num_workers": args.num_workers, "use_cpu": args.cpu, "bf16": args.bf16}
     if args.save_total_limit is not None:
         training_args["save_total_limit"] = args.save_total_limit
     _, metrics = train(

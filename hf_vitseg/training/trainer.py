@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from ..data.augment import AugmentationEpochCallback
@@ -266,6 +267,8 @@ def train(
         "logging_steps": logging_steps,
         "seed": seed,
         "report_to": report_to,
+        # pinned memory only speeds up copies to a GPU; without one torch warns on every data loader
+        "dataloader_pin_memory": torch.cuda.is_available() and not training_args.get("use_cpu", False),
         # the streaming metric: one confusion matrix, never all the logits
         "batch_eval_metrics": True,
         "eval_do_concat_batches": False,
