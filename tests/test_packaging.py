@@ -29,6 +29,16 @@ def test_the_package_list_is_every_folder_holding_python_code():
         assert (ROOT / folder / "__init__.py").is_file(), package
 
 
+
+def test_the_readmes_box_table_names_every_part_of_the_layout():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## What is in the box", 1)[1].split("\n## ", 1)[0]
+    places = [f"`hf_vitseg/{folder.name}/`" for folder in sorted((ROOT / "hf_vitseg").iterdir())
+              if (folder / "__init__.py").is_file()]
+    places += ["`hf_vitseg/convert.py`", "`hf_vitseg/export.py`", "`hub_cards/`", "`examples/`"]
+    where = " ".join(row.split("|")[1] for row in table.splitlines() if row.startswith("| "))  # the first column
+    assert [place for place in places if place not in where] == []
+
 def test_the_wheel_holds_the_model_card_template_the_typing_marker_and_the_demo_sample(tmp_path):
     # Built from a copy, so setuptools' build/ and egg-info never land in (or race over) the working tree.
     source = tmp_path / "src"
