@@ -28,7 +28,11 @@ def test_every_listed_command_answers_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out.startswith(f"usage: hf-vitseg {command} ")
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: hf-vitseg {command} ")
+    # after the options: the module docstring's examples and notes, verbatim (one place sets that up for all)
+    notes = importlib.import_module(COMMANDS[command][0]).__doc__.partition("\n\n")[2]
+    assert all(line in out for line in notes.splitlines()), out
 
 
 def test_the_console_script_lists_exactly_the_commands_and_imports_no_torch_for_help():

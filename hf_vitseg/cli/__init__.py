@@ -1,7 +1,8 @@
 """`hf-vitseg` command line: train, evaluate, predict, push, demo.
 
-Each command lives in its own module exposing `configure_parser(parser)` and `run(args) -> int`; only the
-chosen command's module is imported, so `hf-vitseg --help` stays fast.
+Each command lives in its own module exposing `configure_parser(parser)` and `run(args) -> int`, its module
+docstring the help text (first line: what it does; the rest: shown after the options); only the chosen command's
+module is imported, so `hf-vitseg --help` stays fast.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            importlib.import_module(module).configure_parser(sub)
+            command_module = importlib.import_module(module)
+            # the command's --help ends with its module docstring after the first line: examples and notes
+            sub.formatter_class = argparse.RawDescriptionHelpFormatter
+            sub.epilog = (command_module.__doc__ or "").partition("\n\n")[2] or None
+            command_module.configure_parser(sub)
             add_verbose(sub)
     return parser
 

@@ -26,8 +26,6 @@ from .args import (
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add `hf-vitseg evaluate`'s arguments to `parser`."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = __doc__.split("\n\n", 1)[1]
     parser.add_argument("--model", required=True, help="folder (or Hub id) of a saved ViTSeg model")
     data = parser.add_argument_group("data (image folders or a Hugging Face dataset)")
     data.add_argument("--images", help="folder of images")
@@ -62,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         device = check_device(args.device)
         check_model_folder(source, "--model")
         dataset = load_dataset_from_args(args, args.images, args.masks, args.split, "")
-        with loading("--model", source):
+        with loading("--model", source, errors=(OSError, ValueError)):  # ValueError: e.g. another model type
             model = load_trainable_model(source)
         processor = resolve_processor(None, model, source)
         if args.reduce_labels:

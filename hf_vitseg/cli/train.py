@@ -40,8 +40,6 @@ from .args import (
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add `hf-vitseg train`'s arguments to `parser`."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = __doc__.split("\n\n", 1)[1]
     model = parser.add_argument_group("model (one of --backbone / --model)")
     source = model.add_mutually_exclusive_group(required=True)
     source.add_argument("--backbone", help="Hub id or folder of a pretrained HF backbone (DINOv2, ViT, ...): a fresh "
@@ -180,7 +178,7 @@ def _train_from_args(args: argparse.Namespace) -> dict:
             raise CliError(f"{_model_flags(args)} do not build a model: {message}") from error
         model_path = None
     else:
-        with loading("--model", source):
+        with loading("--model", source, errors=(OSError, ValueError)):  # ValueError: e.g. another model type
             model, model_path = load_trainable_model(source), source
         if args.ignore_index is not None and args.ignore_index != model.config.ignore_index:
             raise CliError(f"--ignore-index {args.ignore_index}: the --model uses ignore index "
