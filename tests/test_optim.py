@@ -184,3 +184,14 @@ def test_build_optimizer_from_recipe_and_args():
     optimizer, _ = build_optimizer(model, args, num_training_steps=20)
     assert {g["initial_lr"] for g in optimizer.param_groups} == {3e-4}
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.02}
+
+
+def test_every_recipe_derives_crop_windows_and_trainer_settings_the_same_way():
+    from hf_vitseg.training.recipes import linear_probe, lora
+
+    for make in (linear_probe, full_finetune, lora):
+        recipe = make(patch_size=16, crop_size=500, batch_size=4, max_steps=10, lr=1e-4)
+        assert recipe.patch_size == 16 and recipe.crop_size == 512, recipe.name  # rounded up to a patch multiple
+        assert recipe.sliding_window == {"crop_size": (512, 512), "stride": (341, 341)}, recipe.name
+        assert recipe.training_args["per_device_train_batch_size"] == 4 and recipe.training_args["max_steps"] == 10
+        assert recipe.training_args["learning_rate"] == recipe.optimizer.lr == 1e-4, recipe.name

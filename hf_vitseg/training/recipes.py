@@ -125,6 +125,18 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+def _recipe(name: str, source: str, *, model_kwargs: dict, optimizer: OptimizerSettings, patch_size: int,
+            crop_size: int, batch_size: int, max_steps: int, lora: dict | None = None) -> Recipe:
+    """What every recipe derives the same way from its sizes: the crop rounded up to a patch multiple, the
+    evaluation windows of that crop, the `TrainingArguments` keywords from the optimizer settings."""
+    crop = round_to_patch(crop_size, patch_size)
+    return Recipe(
+        name=name, source=source, patch_size=patch_size, model_kwargs=model_kwargs, optimizer=optimizer,
+        training_args=_training_args(batch_size, max_steps, optimizer), crop_size=crop,
+        sliding_window=_sliding_window(crop), lora=lora,
+    )
+
+
 def linear_probe(
     patch_size: int = 14,
     lr: float = 1e-3,
@@ -143,19 +155,14 @@ def linear_probe(
     40k iterations at 2 x 8 GPUs = 16 images, 512x512 random crops of images resized to 512 on the short
     side x [0.5, 2.0], flip, photometric distortion; `slide` test mode with 512 windows at stride 341.
     """
-    crop = round_to_patch(crop_size, patch_size)
     settings = OptimizerSettings(
         lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, power=1.0, min_lr_ratio=0.0
     )
-    return Recipe(
-        name="linear_probe",
-        source="DINOv2 (Oquab et al., TMLR 2024) sec. 7.4, dinov2_vit*14_ade20k_linear_config.py",
-        patch_size=patch_size,
+    return _recipe(
+        "linear_probe",
+        "DINOv2 (Oquab et al., TMLR 2024) sec. 7.4, dinov2_vit*14_ade20k_linear_config.py",
         model_kwargs={"head": "linear", "freeze_backbone": True, "backbone_apply_layernorm": True},
-        optimizer=settings,
-        training_args=_training_args(batch_size, max_steps, settings),
-        crop_size=crop,
-        sliding_window=_sliding_window(crop),
+        optimizer=settings, patch_size=patch_size, crop_size=crop_size, batch_size=batch_size, max_steps=max_steps,
     )
 
 
@@ -181,20 +188,15 @@ def full_finetune(
     poly power 1.0 to 0, 160k iterations, 8 GPUs x 2 images, 640 crops, UperNet + auxiliary FCN head
     (loss weight 0.4), `slide` test mode 640 / 426. BEiT-large uses lr 2e-5 and layer decay 0.95.
     """
-    crop = round_to_patch(crop_size, patch_size)
     settings = OptimizerSettings(
         lr=lr, head_lr=head_lr, weight_decay=weight_decay, layer_decay=layer_decay, warmup_steps=warmup_steps,
         power=1.0, min_lr_ratio=0.0,
     )
-    return Recipe(
-        name="full_finetune",
-        source="BEiT (Bao et al., ICLR 2022), mmsegmentation beit-base_upernet_8xb2-160k_ade20k-640x640.py",
-        patch_size=patch_size,
+    return _recipe(
+        "full_finetune",
+        "BEiT (Bao et al., ICLR 2022), mmsegmentation beit-base_upernet_8xb2-160k_ade20k-640x640.py",
         model_kwargs={"head": head, "freeze_backbone": False, "auxiliary_loss_weight": auxiliary_loss_weight},
-        optimizer=settings,
-        training_args=_training_args(batch_size, max_steps, settings),
-        crop_size=crop,
-        sliding_window=_sliding_window(crop),
+        optimizer=settings, patch_size=patch_size, crop_size=crop_size, batch_size=batch_size, max_steps=max_steps,
     )
 
 
@@ -220,18 +222,13 @@ def lora(
     LoRA dropout 0.1, no weight decay, the decode head trained in full). Rank 8 with alpha 16 is a common
     starting point for ViT-S/B backbones; data, crops, batch and schedule follow `linear_probe`.
     """
-    crop = round_to_patch(crop_size, patch_size)
     settings = OptimizerSettings(
         lr=lr, head_lr=head_lr, weight_decay=weight_decay, warmup_steps=warmup_steps, power=1.0, min_lr_ratio=0.0
     )
-    return Recipe(
-        name="lora",
-        source="LoRA (Hu et al., ICLR 2022); PEFT task guide 'Semantic segmentation using LoRA'",
-        patch_size=patch_size,
+    return _recipe(
+        "lora",
+        "LoRA (Hu et al., ICLR 2022); PEFT task guide 'Semantic segmentation using LoRA'",
         model_kwargs={"head": head, "freeze_backbone": False},
-        optimizer=settings,
-        training_args=_training_args(batch_size, max_steps, settings),
-        crop_size=crop,
-        sliding_window=_sliding_window(crop),
+        optimizer=settings, patch_size=patch_size, crop_size=crop_size, batch_size=batch_size, max_steps=max_steps,
         lora={"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules},
     )
