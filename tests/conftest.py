@@ -68,13 +68,30 @@ def family(request):
     return request.param
 
 
+# Narrow widths for the heads whose defaults are sized for a ViT-S at 518 px (`tiny_model(..., slim=True)`): the
+# common suite checks behaviour, not capacity, and runs hundreds of cases.
+SLIM_HEAD_KWARGS = {
+    "conv": {"channels": 32},
+    "mlp": {"channels": 32},
+    "setr_pup": {"stage_channels": [32, 16, 16, 8]},
+    "upernet": {"channels": 32},
+    "segformer": {"channels": 32},
+    "dpt": {"reassemble_channels": [8, 8, 16, 16], "fusion_channels": 16},
+    "unet": {"decoder_channels": [32, 16, 16, 8], "stem_channels": [8, 8]},
+    "setr_mla": {"mla_channels": 16, "stream_channels": 8},
+}
+
+
 def tiny_model(head: str = "linear", family: str = "dinov2", *, backbone: str | Path | None = None,
-               backbone_config=None, num_labels: int = 3, seed: int = 0, **config_kwargs):
+               backbone_config=None, num_labels: int = 3, seed: int = 0, slim: bool = False, **config_kwargs):
     """A `ViTSegForSemanticSegmentation` with `head` on the tiny `family` backbone (or on `backbone_config`), random
     (seeded) weights; or, with `backbone` (a saved backbone folder, e.g. `tiny_backbone_dir`), loaded by
-    `from_pretrained_backbone`. `config_kwargs` go to `ViTSegConfig` (`head_kwargs=...`, `backbone_out_indices=...`)."""
+    `from_pretrained_backbone`. `config_kwargs` go to `ViTSegConfig` (`head_kwargs=...`, `backbone_out_indices=...`);
+    `slim=True` gives the head `SLIM_HEAD_KWARGS` when `head_kwargs` is not given."""
     from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
 
+    if slim and "head_kwargs" not in config_kwargs:
+        config_kwargs["head_kwargs"] = SLIM_HEAD_KWARGS.get(head, {})
     torch.manual_seed(seed)
     if backbone is not None:
         return ViTSegForSemanticSegmentation.from_pretrained_backbone(

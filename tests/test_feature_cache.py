@@ -6,12 +6,10 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_backbone_config
+from conftest import tiny_model
 
 from hf_vitseg import (
     BaseHead,
-    ViTSegConfig,
-    ViTSegForSemanticSegmentation,
     register_head,
 )
 from hf_vitseg.modeling.head_base import HEAD_REGISTRY
@@ -47,13 +45,6 @@ def image_head():
     HEAD_REGISTRY.pop("test_cache_image_head")
 
 
-def make_model(family="dinov2", **kwargs):
-    torch.manual_seed(0)
-    kwargs.setdefault("freeze_backbone", True)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), num_labels=3, **kwargs)
-    return ViTSegForSemanticSegmentation(config)
-
-
 def make_data(n=10, size=32, with_labels=True):
     generator = torch.Generator().manual_seed(1)
     return [
@@ -70,7 +61,7 @@ def stacked(data, key):
 @pytest.mark.parametrize("family", ["dinov2_with_registers", "sam"])
 def test_cache_contents_equal_backbone_output(family):
     size = 64 if family == "sam" else 32
-    model = make_model(family, backbone_out_indices=[2, 4])
+    model = tiny_model(family=family, backbone_out_indices=[2, 4], freeze_backbone=True)
     data = make_data(n=5, size=size)
     cache = FeatureCache.build(model, data, batch_size=2)
     with torch.no_grad():
@@ -109,7 +100,7 @@ def test_training_on_cache_equals_training_on_recomputed_features(config):
     so a weight whose gradient is ~0 flips with rounding noise (the cached maps are contiguous, the
     adapter's are strided views, and convolutions sum in another order); that would test rounding, not
     the cache."""
-    model = make_model(**config)
+    model = tiny_model(freeze_backbone=True, **config)
     reference = copy.deepcopy(model)
     data = make_data(n=10)
     cache = FeatureCache.build(model, data, batch_size=4)
@@ -140,13 +131,14 @@ def test_training_on_cache_equals_training_on_recomputed_features(config):
     assert losses == pytest.approx(reference_losses, rel=1e-5)
     trained, recomputed = model.state_dict(), reference.state_dict()
     head_keys = [k for k in trained if not k.startswith("backbone.")]
-    assert any(not torch.equal(trained[k], make_model(**config).state_dict()[k]) for k in head_keys)
+    initial = tiny_model(freeze_backbone=True, **config).state_dict()
+    assert any(not torch.equal(trained[k], initial[k]) for k in head_keys)
     for key in trained:
         torch.testing.assert_close(trained[key], recomputed[key], rtol=0, atol=1e-5, msg=key)
 
 
 def test_pixel_values_kept_exactly_when_the_head_declares_it(image_head):
-    model = make_model(head=image_head)
+    model = tiny_model(freeze_backbone=True, head=image_head)
     data = make_data(n=3)
     cache = FeatureCache.build(model, data, batch_size=2)
     assert cache.pixel_values is not None and torch.equal(cache.pixel_values, stacked(data, "pixel_values"))
@@ -160,16 +152,16 @@ def test_pixel_values_kept_exactly_when_the_head_declares_it(image_head):
     with pytest.raises(ValueError, match="reads the image .*carry no pixel_values"):
         CachedBackboneModel(model, without)(**without.batch([0, 1]))
     # unet reads the image through its stem, and only then
-    pyramid = {"head": "unet", "backbone_out_indices": [1, 2, 3, 4]}
-    unet = make_model(**pyramid, head_kwargs={"decoder_channels": [8, 8, 8, 8], "stem_channels": [4]})
+    pyramid = {"head": "unet", "backbone_out_indices": [1, 2, 3, 4], "freeze_backbone": True}
+    unet = tiny_model(**pyramid, head_kwargs={"decoder_channels": [8, 8, 8, 8], "stem_channels": [4]})
     assert FeatureCache.build(unet, data).pixel_values is not None
-    stemless = make_model(**pyramid, head_kwargs={"decoder_channels": [8, 8, 8], "stem_channels": []})
+    stemless = tiny_model(**pyramid, head_kwargs={"decoder_channels": [8, 8, 8], "stem_channels": []})
     assert not stemless.head.uses_pixel_values and FeatureCache.build(stemless, data).pixel_values is None
 
 
 def test_building_runs_the_backbone_only():
     """No probe: the head never runs while the cache is built, and the backbone is not patched."""
-    model = make_model(head="conv", head_kwargs={"channels": 8})
+    model = tiny_model(freeze_backbone=True, head="conv", head_kwargs={"channels": 8})
     calls = []
     model.head.register_forward_hook(lambda *args: calls.append(1))
     FeatureCache.build(model, make_data(n=2))
@@ -177,7 +169,7 @@ def test_building_runs_the_backbone_only():
 
 
 def test_fixed_views():
-    model = make_model()
+    model = tiny_model(freeze_backbone=True)
     data = make_data(n=4)
     cache = FeatureCache.build(model, data, batch_size=4, views=[None, hflip_view])
     assert len(cache) == 8 and cache.meta["num_views"] == 2
@@ -191,7 +183,7 @@ def test_fixed_views():
 def test_trainer_on_cache(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    model = make_model()
+    model = tiny_model(freeze_backbone=True)
     cache = FeatureCache.build(model, make_data(n=6), batch_size=3)
     before = copy.deepcopy(model.head.state_dict())
     args = TrainingArguments(
@@ -207,7 +199,7 @@ def test_trainer_on_cache(tmp_path):
 
 
 def test_save_load_and_compatibility(tmp_path):
-    model = make_model()
+    model = tiny_model(freeze_backbone=True)
     cache = FeatureCache.build(model, make_data(n=3), dtype=torch.float16)
     path = cache.save(tmp_path / "cache.safetensors")
     with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -215,15 +207,15 @@ def test_save_load_and_compatibility(tmp_path):
     loaded = FeatureCache.load(path)
     assert torch.equal(loaded.feature_maps[0], cache.feature_maps[0]) and torch.equal(loaded.labels, cache.labels)
     assert loaded.strides == cache.strides and loaded.meta == cache.meta
-    other = make_model(backbone_out_indices=[3])
+    other = tiny_model(freeze_backbone=True, backbone_out_indices=[3])
     with pytest.raises(ValueError, match="another backbone configuration"):
         CachedBackboneModel(other, loaded)
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="frozen backbone"):
-        FeatureCache.build(make_model(freeze_backbone=False), make_data(n=2))
-    model = make_model()
+        FeatureCache.build(tiny_model(freeze_backbone=False), make_data(n=2))
+    model = tiny_model(freeze_backbone=True)
     with pytest.raises(ValueError, match="empty"):
         FeatureCache.build(model, [])
     mixed = make_data(n=2) + make_data(n=2, size=40)

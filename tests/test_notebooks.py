@@ -20,8 +20,7 @@ nbformat = pytest.importorskip("nbformat", reason="nbformat is a dev dependency:
 nbclient = pytest.importorskip("nbclient", reason="nbclient is a dev dependency: pip install -e '.[dev]'")
 pytest.importorskip("ipykernel", reason="ipykernel is a dev dependency: pip install -e '.[dev]'")
 
-import torch  # noqa: E402
-from conftest import tiny_backbone_config  # noqa: E402
+from conftest import tiny_backbone_config, tiny_model  # noqa: E402
 from huggingface_hub import ModelCard  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -155,12 +154,9 @@ def test_finetune_with_trainer(tmp_path, monkeypatch, tiny_backbone_dir):
 @pytest.fixture
 def saved_model(tmp_path, tiny_backbone_dir) -> Path:
     """A model folder as the fine-tuning notebook leaves it (model, processor, eval results), tiny."""
-    from hf_vitseg import ViTSegForSemanticSegmentation, ViTSegImageProcessor
+    from hf_vitseg import ViTSegImageProcessor
 
-    torch.manual_seed(0)
-    model = ViTSegForSemanticSegmentation.from_pretrained_backbone(
-        tiny_backbone_dir, head="linear", id2label={0: "background", 1: "nucleus"}
-    )
+    model = tiny_model(backbone=tiny_backbone_dir, num_labels=2, id2label={0: "background", 1: "nucleus"})
     folder = tmp_path / "saved_model"
     model.save_pretrained(folder)
     ViTSegImageProcessor(patch_size=TINY_PATCH).save_pretrained(folder)

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_backbone, tiny_backbone_config
+from conftest import save_tiny_backbone, tiny_model
 from PIL import Image
 from test_train import make_image_folder
 
-from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation, ViTSegImageProcessor
+from hf_vitseg import ViTSegForSemanticSegmentation, ViTSegImageProcessor
 from hf_vitseg.cli import main
 from hf_vitseg.cli import predict as predict_cli
 from hf_vitseg.cli.evaluate import json_metrics
@@ -68,8 +68,7 @@ def nan_image(height: int = 32, width: int = 32) -> Image.Image:
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     backbone = save_tiny_backbone(root / "backbone")
-    torch.manual_seed(0)
-    model = ViTSegForSemanticSegmentation.from_pretrained_backbone(backbone, head="linear", num_labels=3)
+    model = tiny_model(backbone=backbone)
     model.save_pretrained(root / "model")
     ViTSegImageProcessor(patch_size=8).save_pretrained(root / "model")
     images, masks = make_image_folder(root / "data", 4)
@@ -333,10 +332,7 @@ def test_binary_masks_flag_on_the_command_line(binary_data, env, tmp_path, capsy
 
 # -- item 11: zero total class weight ------------------------------------------------------------------------------
 def test_zero_total_class_weight_gives_zero_loss_and_finite_parameters():
-    torch.manual_seed(0)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="linear", num_labels=3,
-                          class_weights=[0.0, 1.0, 1.0])
-    model = ViTSegForSemanticSegmentation(config)
+    model = tiny_model(class_weights=[0.0, 1.0, 1.0])
     pixel_values = torch.randn(2, 3, 32, 32)
     only_class_0 = torch.zeros(2, 32, 32, dtype=torch.long)
     loss = model(pixel_values, labels=only_class_0).loss
@@ -419,8 +415,7 @@ def test_readme_names_the_file_a_custom_head_save_writes(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "my_heads", None)
     del sys.modules["my_heads"]
     importlib.import_module("my_heads")  # the README's own head, registered as "my_head"
-    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="my_head", num_labels=2)
-    ViTSegForSemanticSegmentation(config).save_pretrained(tmp_path / "saved")
+    tiny_model("my_head", num_labels=2).save_pretrained(tmp_path / "saved")
     written = sorted(p.name for p in (tmp_path / "saved").glob("*my_heads*.py"))
     assert written == ["vitseg_user_my_heads.py"]
     assert f"`{written[0]}`" in section  # the README names the file the save wrote

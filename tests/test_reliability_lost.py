@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 import transformers.modeling_utils
-from conftest import save_tiny_backbone, tiny_backbone_config, tiny_model
+from conftest import save_tiny_backbone, tiny_model
 from PIL import Image
 from test_train import make_image_folder, snapshot
 from transformers import AutoModelForSemanticSegmentation
 
-from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation, ViTSegImageProcessor
+from hf_vitseg import ViTSegImageProcessor
 from hf_vitseg.cli import main
 from hf_vitseg.modeling.saving_vitseg import SAVED_FILES_MANIFEST
 from hf_vitseg.training import train
@@ -138,12 +138,6 @@ def test_train_checks_before_training_that_it_replaces_no_result_file_of_the_use
 
 
 # -- item 7: save_pretrained ---------------------------------------------------------------------------------------
-def tiny_segmentation_model(num_labels: int = 3, seed: int = 0) -> ViTSegForSemanticSegmentation:
-    torch.manual_seed(seed)
-    config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="linear", num_labels=num_labels)
-    return ViTSegForSemanticSegmentation(config).eval()
-
-
 def no_staging_left(folder: Path) -> bool:
     return not [p for p in [*folder.parent.iterdir(), *folder.iterdir()] if ".saving-" in p.name]
 
@@ -156,7 +150,7 @@ def test_save_refuses_to_replace_files_it_did_not_write(tmp_path):
     for name, text in mine.items():
         (folder / name).write_text(text)
     with pytest.raises(FileExistsError) as error:
-        tiny_segmentation_model().save_pretrained(folder)
+        tiny_model().save_pretrained(folder)
     message = str(error.value)
     assert "config.json" in message and "heads.py" in message and "losses.py" in message
     assert "notes.txt" not in message and "Nothing was changed" in message
@@ -166,11 +160,11 @@ def test_save_refuses_to_replace_files_it_did_not_write(tmp_path):
 
 def test_save_over_its_own_save_keeps_the_processor_and_user_files(tmp_path):
     folder = tmp_path / "model"
-    tiny_segmentation_model(seed=0).save_pretrained(folder, max_shard_size="20KB")  # sharded
+    tiny_model(seed=0).save_pretrained(folder, max_shard_size="20KB")  # sharded
     assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
     ViTSegImageProcessor(patch_size=8).save_pretrained(folder)
     (folder / "notes.txt").write_text("kept")
-    second = tiny_segmentation_model(seed=1)
+    second = tiny_model(seed=1)
     second.save_pretrained(folder)  # one file now: the old shards and index, ours, go
     assert not list(folder.glob("model-*-of-*.safetensors")) and not (folder / "model.safetensors.index.json").exists()
     assert (folder / "notes.txt").read_text() == "kept" and (folder / "preprocessor_config.json").is_file()
@@ -186,18 +180,18 @@ def test_save_over_its_own_save_keeps_the_processor_and_user_files(tmp_path):
 def test_save_over_a_folder_of_an_earlier_version(tmp_path):
     """A save of an hf-vitseg that kept no manifest: its config, weights and remote code are still known."""
     folder = tmp_path / "model"
-    tiny_segmentation_model().save_pretrained(folder)
+    tiny_model().save_pretrained(folder)
     (folder / SAVED_FILES_MANIFEST).unlink(missing_ok=True)
     (folder / "heads.py").write_text((folder / "heads.py").read_text() + "\n# as an earlier version wrote it\n")
     (folder / "my_heads.py").write_text("# mine")  # imported by nothing: the user's
-    tiny_segmentation_model().save_pretrained(folder)
+    tiny_model().save_pretrained(folder)
     assert "earlier version" not in (folder / "heads.py").read_text()
     assert (folder / "my_heads.py").read_text() == "# mine"
 
 
 def test_a_save_that_fails_midway_leaves_the_previous_model(tmp_path, monkeypatch):
     folder = tmp_path / "model"
-    first = tiny_segmentation_model(num_labels=3)
+    first = tiny_model(num_labels=3)
     first.save_pretrained(folder)
     ViTSegImageProcessor(patch_size=8).save_pretrained(folder)
     before = snapshot(folder)
@@ -207,7 +201,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_model(tmp_path, monkeypatc
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        tiny_segmentation_model(num_labels=5).save_pretrained(folder)  # another config: a mix would not load
+        tiny_model(num_labels=5).save_pretrained(folder)  # another config: a mix would not load
     assert snapshot(folder) == before
     assert no_staging_left(folder)
     loaded = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True)
@@ -217,7 +211,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_model(tmp_path, monkeypatc
 
 
 def test_save_pretrained_push_to_hub_uploads_after_the_save(tmp_path, monkeypatch):
-    model, pushed = tiny_segmentation_model(), []
+    model, pushed = tiny_model(), []
     monkeypatch.setattr(type(model), "push_to_hub", lambda self, repo_id, **kwargs: pushed.append((repo_id, kwargs)))
     model.save_pretrained(tmp_path / "model", push_to_hub=True, repo_id="me/cells", commit_message="first")
     assert pushed == [("me/cells", {"token": None, "commit_message": "first"})]
@@ -228,7 +222,7 @@ def test_save_pretrained_push_to_hub_uploads_after_the_save(tmp_path, monkeypatc
 @pytest.fixture(scope="module")
 def predict_model(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("predict_model")
-    tiny_segmentation_model().save_pretrained(folder)
+    tiny_model().save_pretrained(folder)
     ViTSegImageProcessor(patch_size=8).save_pretrained(folder)
     return folder
 
