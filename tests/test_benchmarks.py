@@ -33,6 +33,12 @@ def synthetic_nuclei(size: int = 64, seed: int = 0):
 # ------------------------------------------------------------------------------------------------ the split
 
 
+def test_the_benchmarks_and_the_demo_share_one_nuclei_split():
+    from hf_vitseg.demo import nuclei
+
+    assert bench_data.nuclei_split is nuclei.nuclei_split and bench_data.resample is nuclei.resample
+
+
 @pytest.mark.parametrize("scale", [1, 2])
 def test_split_halves_do_not_overlap_and_cover_the_image(scale):
     image, mask = synthetic_nuclei(64)

@@ -4,14 +4,9 @@ Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022. The 
 frozen; each attention projection learns a low-rank update `(alpha / r) * B @ A`. The head, the neck and
 the auxiliary head are trained in full (they are new, so there is nothing to adapt).
 
-Which modules are the "attention projections" is a fact of the backbone family, in its record
-(`hf_vitseg/modeling/backbones.py`, `attention_projections`), in transformers 5.x:
-
-| family | projections |
-|---|---|
-| ViT, DeiT, DINOv2, DINOv2 with registers, DINOv3-ViT, BEiT, Swin | `q_proj`, `k_proj`, `v_proj`, `o_proj` |
-| CLIP's and SigLIP's vision towers | `q_proj`, `k_proj`, `v_proj`, `out_proj` |
-| SAM's ViT image encoder | `qkv` (fused), `proj` |
+Which modules are the "attention projections" is a fact of the backbone family, in its record only
+(`hf_vitseg/modeling/backbones.py`, `attention_projections`: e.g. `q_proj`, `k_proj`, `v_proj`, `o_proj` for
+DINOv2, a fused `qkv` and `proj` for SAM); `attention_projection_names(model)` lists a model's.
 
 Targets are anchored to `backbone.`: some heads (`atm`) have a `q_proj` of their own, which must train in
 full rather than get an adapter. The head is not handed to PEFT's `modules_to_save`: PEFT matches those
