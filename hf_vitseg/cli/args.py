@@ -212,26 +212,21 @@ def check_model_folder(value: str, flag: str) -> None:
     if (folder / "adapter_config.json").is_file() and (folder / VITSEG_CONFIG_FILE).is_file():
         return  # a LoRA folder: `load_lora` reads it
     try:
-        check(folder)
-        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        check(folder)  # the model type too: hub.loading.check_vitseg_model_type
     except (ValueError, OSError) as error:
         raise CliError(f"{flag} {value}: {error}") from error
-    if model_type != "vitseg":
-        raise CliError(
-            f"{flag} {value}: its config.json says model_type {model_type!r}, not a ViTSeg segmentation model. "
-            "Train one on it with hf-vitseg train --backbone PATH, or give the folder hf-vitseg train wrote."
-        )
 
 
 @contextlib.contextmanager
-def loading(flag: str, value) -> None:
+def loading(flag: str, value, errors: tuple[type[Exception], ...] = (OSError,)) -> None:
     """Within the block, a failure to load what `flag` names (a Hub id that does not exist or cannot be
-    reached, a folder transformers cannot read) is a `CliError` that starts with the flag and its value."""
+    reached, a folder transformers cannot read; `errors`: the exceptions meant, e.g. also `ValueError` for a
+    model of another type) is a `CliError` that starts with the flag and its value."""
     try:
         yield
     except CliError:
         raise
-    except OSError as error:
+    except errors as error:
         raise CliError(f"{flag} {value}: {error}") from error
 
 

@@ -282,10 +282,8 @@ def _run(args: argparse.Namespace) -> int:
     size_pair(args.crop_size, "--crop-size")
     size_pair(args.stride, "--stride")
 
-    with loading("--model", source):
+    with loading("--model", source, errors=(OSError, ValueError)):  # ValueError: e.g. a Hub model of another type
         model = load_model(source, device=device)
-    if getattr(model.config, "model_type", None) != "vitseg":  # a Hub id: only known once loaded
-        raise CliError(f"--model {source}: a {model.config.model_type!r} model, not a ViTSeg segmentation model.")
     processor = load_image_processor(source, model)
     sliding_window = _sliding_window_settings(args, model)
     large_image_window = _sliding_window_settings(args, model, force=True)

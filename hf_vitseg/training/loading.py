@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..data.datasets import validate_dataset
-from ..hub.loading import load_config
+from ..hub.loading import check_vitseg_model_type, load_config
 from ..modeling import ViTSegForSemanticSegmentation, ViTSegImageProcessor
 from ..unwrap import unwrap_model
 from .lora import VITSEG_CONFIG_FILE, load_lora
@@ -37,13 +37,7 @@ def load_trainable_model(model_or_path):
         return model_or_path
     if all((Path(model_or_path) / name).is_file() for name in ("adapter_config.json", VITSEG_CONFIG_FILE)):
         return load_lora(model_or_path, is_trainable=True)
-    model_type = load_config(model_or_path).model_type
-    if model_type != "vitseg":
-        raise ValueError(
-            f"{model_or_path} holds a {model_type!r} model, not a ViTSeg segmentation model. Build one on this "
-            "backbone with ViTSegForSemanticSegmentation.from_pretrained_backbone(path, head=..., num_labels=...), "
-            "or from the command line: hf-vitseg train --backbone PATH --head NAME ..."
-        )
+    check_vitseg_model_type(load_config(model_or_path).model_type, model_or_path)
     return ViTSegForSemanticSegmentation.from_pretrained(model_or_path)
 
 
