@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import FAMILIES, NON_SQUARE, builtin_heads, tiny_backbone_config
+from conftest import FAMILIES, NON_SQUARE, builtin_heads, tiny_backbone_config, tiny_model
 from transformers import AutoModel, AutoModelForSemanticSegmentation
 
 import hf_vitseg
@@ -22,28 +22,6 @@ from hf_vitseg.modeling.losses import segmentation_loss
 
 HEADS = builtin_heads()
 PAIRS = [(h, f) for h in HEADS for f in FAMILIES]
-
-
-# Narrow widths for the heads whose defaults are sized for a ViT-S at 518 px: the tests check behaviour, not
-# capacity, and run hundreds of cases. `test_shapes_square_and_non_square` builds every head at its defaults.
-SLIM = {
-    "conv": {"channels": 32},
-    "mlp": {"channels": 32},
-    "setr_pup": {"stage_channels": [32, 16, 16, 8]},
-    "upernet": {"channels": 32},
-    "segformer": {"channels": 32},
-    "dpt": {"reassemble_channels": [8, 8, 16, 16], "fusion_channels": 16},
-    "unet": {"decoder_channels": [32, 16, 16, 8], "stem_channels": [8, 8]},
-    "setr_mla": {"mla_channels": 16, "stream_channels": 8},
-}
-
-
-def build(head="linear", family="dinov2", num_labels=3, slim=True, **kwargs):
-    torch.manual_seed(0)
-    if slim and "head_kwargs" not in kwargs:
-        kwargs["head_kwargs"] = SLIM.get(head, {})
-    config = ViTSegConfig(backbone_config=tiny_backbone_config(family), head=head, num_labels=num_labels, **kwargs)
-    return ViTSegForSemanticSegmentation(config)
 
 
 def batch(size=NON_SQUARE, num_labels=3, b=2, seed=0):
@@ -59,7 +37,7 @@ def batch(size=NON_SQUARE, num_labels=3, b=2, seed=0):
 def test_logits_have_exactly_the_size_the_heads_output_stride_says(head, family):
     """Every head at its defaults: logits `(H / s, W / s)` with `s = head.output_stride(strides it receives)`,
     square and non-square (h and w swapped would break this)."""
-    model = build(head, family, slim=False).eval()
+    model = tiny_model(head, family).eval()
     in_strides = model.neck.out_strides if model.neck is not None else model.backbone.out_strides
     stride = model.head.output_stride(in_strides)
     for size in [(64, 64), NON_SQUARE, (96, 64)]:
@@ -82,14 +60,14 @@ NATURAL_STRIDES = {
 @pytest.mark.parametrize("head", HEADS)
 def test_output_stride_is_what_the_docstrings_promise(head):
     for family, expected in zip(["dinov2", "swin"], NATURAL_STRIDES[head]):
-        model = build(head, family, slim=False)
+        model = tiny_model(head, family)
         in_strides = model.neck.out_strides if model.neck is not None else model.backbone.out_strides
         assert model.head.output_stride(in_strides) == expected, family
 
 
 def test_forward_is_the_backbone_then_decode_with_the_auxiliary_loss():
-    model = build("conv", "dinov2", backbone_out_indices=[2, 4], auxiliary_loss_weight=0.4,
-                  auxiliary_channels=8).eval()
+    model = tiny_model("conv", "dinov2", backbone_out_indices=[2, 4], auxiliary_loss_weight=0.4,
+                       auxiliary_channels=8, slim=True).eval()
     x, y = batch()
     with torch.no_grad():
         out = model(x, labels=y)
@@ -107,7 +85,7 @@ def test_forward_is_the_backbone_then_decode_with_the_auxiliary_loss():
 def test_heads_read_the_image_and_prefix_tokens_only_as_declared(head, family):
     """`uses_pixel_values` / `uses_prefix_tokens` false: the logits do not change without them (the feature
     cache drops the image on that word); `uses_pixel_values` true: the image matters and its absence is an error."""
-    model = build(head, family).eval()
+    model = tiny_model(head, family, slim=True).eval()
     x, _ = batch()
     with torch.no_grad():
         features = model.backbone(x)
@@ -136,6 +114,22 @@ def test_every_head_documents_and_types_its_constructor(head):
     assert not re.search(r"\d\.\d+x\b", module_doc + doc), f"{cls.__module__} quotes a measured ratio"
 
 
+@pytest.mark.parametrize("head,kwargs", [("linear", {}), ("mlp", {"channels": 8}), ("conv", {"channels": 8}),
+                                         ("setr_pup", {"stage_channels": [8, 8]})])
+def test_heads_reading_one_map_take_several_taps_of_different_sizes_as_resize_concat(head, kwargs):
+    # one home (BaseHead.select_single_map): before it, mlp / conv / setr_pup concatenated unequal maps and failed
+    cls = hf_vitseg.get_head_class(head)
+    maps = [torch.randn(1, 8, 8, 12), torch.randn(1, 4, 4, 6)]
+    features = hf_vitseg.BackboneFeatures(feature_maps=maps, strides=[4, 8])
+    torch.manual_seed(0)
+    several = cls([8, 4], [4, 8], num_labels=2, in_index=[0, 1], input_transform="multiple_select", **kwargs).eval()
+    concat = cls([8, 4], [4, 8], num_labels=2, in_index=[0, 1], input_transform="resize_concat", **kwargs).eval()
+    concat.load_state_dict(several.state_dict())
+    assert several.selected_width == 12
+    with torch.no_grad():
+        torch.testing.assert_close(several(features), concat(features))
+
+
 def test_heads_with_one_input_transform_do_not_accept_the_argument():
     fixed = {"setr_mla", "unet", "segformer", "dpt", "upernet", "atm"}
     for head in HEADS:
@@ -159,7 +153,7 @@ def test_presets_are_named_the_same_way_in_every_head():
 
 @pytest.mark.parametrize("head,family", PAIRS)
 def test_backward_and_a_few_steps_lower_the_loss(head, family):
-    model = build(head, family).train()
+    model = tiny_model(head, family, slim=True).train()
     x, y = batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -179,7 +173,7 @@ def test_backward_and_a_few_steps_lower_the_loss(head, family):
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("family", ["dinov2", "swin", "sam"])
 def test_frozen_backbone_gets_no_gradient_and_does_not_move(head, family):
-    model = build(head, family, freeze_backbone=True).train()
+    model = tiny_model(head, family, freeze_backbone=True, slim=True).train()
     assert not model.backbone.training, "a frozen backbone stays in eval mode"
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
@@ -196,7 +190,7 @@ def test_frozen_backbone_gets_no_gradient_and_does_not_move(head, family):
 
 @pytest.mark.parametrize("head,family", PAIRS)
 def test_save_and_load_round_trip(head, family, tmp_path):
-    model = build(head, family).eval()
+    model = tiny_model(head, family, slim=True).eval()
     x, _ = batch()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
@@ -250,7 +244,7 @@ def run_remote_loader(folders, tmp_path):
 def test_remote_code_round_trip_every_pair_in_a_process_without_hf_vitseg(tmp_path):
     folders = []
     for head, family in PAIRS:
-        model = build(head, family).eval()
+        model = tiny_model(head, family, slim=True).eval()
         folder = tmp_path / f"{head}-{family}"
         model.save_pretrained(folder)
         assert (folder / "modeling_vitseg.py").exists() and (folder / "configuration_vitseg.py").exists()
@@ -297,7 +291,7 @@ def test_user_registered_head_trains_saves_and_loads_through_remote_code(tmp_pat
     import my_heads  # noqa: F401  registers the head
 
     assert "my_center_surround" in hf_vitseg.list_heads()
-    model = build("my_center_surround", "dinov2", head_kwargs={"channels": 8}).eval()
+    model = tiny_model("my_center_surround", "dinov2", head_kwargs={"channels": 8}).eval()
     assert model.config.backbone_out_indices == [2, 4]
     folder = tmp_path / "ckpt"
     model.save_pretrained(folder)
@@ -335,7 +329,7 @@ VIT_FAMILIES = [f for f in FAMILIES if family_for(tiny_backbone_config(f)).kind 
 @pytest.mark.parametrize("family", VIT_FAMILIES)
 def test_adapter_taps_equal_the_hf_models_own_hidden_states_on_non_square_input(family):
     """Taps are the HF model's hidden states, final-normed, split into prefix tokens and a true (h, w) grid."""
-    model = build("linear", family, backbone_out_indices=[0, 1, 3, 4]).eval()
+    model = tiny_model("linear", family, backbone_out_indices=[0, 1, 3, 4]).eval()
     hf = model.backbone.model
     x, _ = batch(NON_SQUARE)
     with torch.no_grad():
@@ -362,7 +356,7 @@ def test_adapter_taps_equal_the_hf_models_own_hidden_states_on_non_square_input(
 
 
 def test_sam_taps_equal_sam_vision_model_at_native_size_and_run_at_other_sizes():
-    model = build("linear", "sam", backbone_out_indices=[2, 4]).eval()
+    model = tiny_model("linear", "sam", backbone_out_indices=[2, 4]).eval()
     x, _ = batch((64, 64))
     with torch.no_grad():
         features = model.backbone(x)
@@ -378,7 +372,7 @@ def test_sam_taps_equal_sam_vision_model_at_native_size_and_run_at_other_sizes()
 
 @pytest.mark.parametrize("family", ["vit", "dinov2", "dinov3_vit", "sam"])
 def test_backbone_runs_only_as_deep_as_the_deepest_tap(family):
-    model = build("linear", family, backbone_out_indices=[2]).eval()
+    model = tiny_model("linear", family, backbone_out_indices=[2]).eval()
     # the layers it skips are not trainable (no optimizer state, no DDP stall), also after unfreezing
     model.freeze_backbone(True)
     model.freeze_backbone(False)
@@ -393,18 +387,18 @@ def test_backbone_runs_only_as_deep_as_the_deepest_tap(family):
 
 
 def test_input_size_not_a_patch_multiple_points_to_the_processor():
-    model = build()
+    model = tiny_model()
     with pytest.raises(ValueError, match="multiples of 8.*ViTSegImageProcessor.*64x104"):
         model(torch.randn(1, 3, 60, 100))
 
 
 def test_wrong_channel_count_is_a_clear_error():
     with pytest.raises(ValueError, match="has 1 channels but the backbone expects 3"):
-        build()(torch.randn(1, 1, 64, 64))
+        tiny_model()(torch.randn(1, 1, 64, 64))
 
 
 def test_labels_outside_num_labels_are_a_clear_error_and_ignore_index_is_fine():
-    model = build(num_labels=3)
+    model = tiny_model()
     x, y = batch()
     y[0, 0, 0] = 7
     with pytest.raises(ValueError, match=r"values \[7\] outside \[0, 3\).*ignore_index=255"):
@@ -458,7 +452,7 @@ def test_backbone_config_survives_save_as_the_right_class(tmp_path):
 
 @pytest.mark.parametrize("family", ["vit", "dinov2", "dinov3_vit"])
 def test_sdpa_by_default_and_attentions_with_eager(family, tmp_path):
-    model = build("linear", family)
+    model = tiny_model("linear", family)
     assert model.backbone.model.config._attn_implementation == "sdpa"
     # under SDPA, attentions are recorded with eager for that call (tests/test_backbones.py checks the warning)
     assert len(model(batch()[0], output_attentions=True).attentions) == 4
@@ -477,7 +471,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
     x, y = batch()
     grads = []
     for checkpointing in (False, True):
-        model = build("conv", family, head_kwargs={"dropout": 0.0}).train()
+        model = tiny_model("conv", family, head_kwargs={"dropout": 0.0}).train()
         if checkpointing:
             model.activation_checkpointing_enable()  # gradient_checkpointing_enable: deprecated in transformers 5
             assert any(getattr(m, "gradient_checkpointing", False) for m in model.backbone.modules())
@@ -520,7 +514,7 @@ def test_from_pretrained_backbone_is_bit_identical(family, tmp_path):
         compared += 1
     assert compared > 10
     # a fresh random model differs: the equality above is not vacuous
-    fresh = build("conv", family, num_labels=2).backbone.model.state_dict()
+    fresh = tiny_model("conv", family, num_labels=2, slim=True).backbone.model.state_dict()
     assert any(not torch.equal(fresh[k], target[k]) for k in target if target[k].is_floating_point())
     # saving and loading the whole model keeps them too
     model.save_pretrained(tmp_path / "vitseg")
@@ -568,7 +562,7 @@ def test_from_pretrained_backbone_by_repo_id_from_the_offline_hf_cache(tmp_path,
 
 
 def test_other_num_labels_needs_ignore_mismatched_sizes(tmp_path):
-    model = build("conv", "dinov2", num_labels=3)
+    model = tiny_model("conv", "dinov2", num_labels=3, slim=True)
     model.save_pretrained(tmp_path)
     with pytest.raises(Exception, match="(?i)size mismatch|ignore_mismatched_sizes"):
         ViTSegForSemanticSegmentation.from_pretrained(tmp_path, num_labels=5)
@@ -581,7 +575,7 @@ def test_other_num_labels_needs_ignore_mismatched_sizes(tmp_path):
 
 def test_loading_does_not_reinitialise_loaded_backbone_weights(tmp_path):
     """transformers 5 initialises after construction; loaded weights must survive that."""
-    model = build("linear", "dinov2")
+    model = tiny_model("linear", "dinov2")
     with torch.no_grad():
         for p in model.backbone.parameters():
             p.fill_(0.123)

@@ -250,6 +250,19 @@ class BaseHead(nn.Module):
             return torch.cat([resize(x, size) for x in selected], dim=1)
         return selected
 
+    @property
+    def selected_width(self) -> int:
+        """The channels of `select_single_map`'s map: the selected map's, or the sum over the selected maps."""
+        return self.selected_channels if isinstance(self.selected_channels, int) else sum(self.selected_channels)
+
+    def select_single_map(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """`select_inputs` as one map: several selected maps are resized to the first one's size and concatenated
+        along channels (`"multiple_select"` then gives what `"resize_concat"` gives), for heads that read one map."""
+        x = self.select_inputs(feature_maps)
+        if isinstance(x, list):
+            x = torch.cat([resize(m, x[0].shape[-2:]) for m in x], dim=1)
+        return x
+
     def output_stride(self, in_strides: Sequence[float]) -> float:
         """The stride of this head's logits with respect to `pixel_values`, given the strides of the maps it
         receives (`in_strides`, one per incoming map, before `in_index`): an input of height H gives logits of

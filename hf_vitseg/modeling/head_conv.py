@@ -44,7 +44,7 @@ class ConvHead(BaseHead):
                          dropout=dropout, in_index=in_index, input_transform=input_transform)
         if num_convs < 1 or num_upsample < 0:
             raise ValueError(f"conv head: need num_convs >= 1 and num_upsample >= 0, got {num_convs}, {num_upsample}.")
-        width = self.selected_channels if isinstance(self.selected_channels, int) else sum(self.selected_channels)
+        width = self.selected_width
         self.convs = nn.Sequential(*[ConvNormAct(width if i == 0 else channels, channels) for i in range(num_convs)])
         self.upsample = nn.ModuleList([ConvNormAct(channels, channels) for _ in range(num_upsample)])
 
@@ -52,9 +52,7 @@ class ConvHead(BaseHead):
         return self.select_strides(in_strides)[0] / 2 ** len(self.upsample)
 
     def forward(self, features: BackboneFeatures) -> torch.Tensor:
-        x = self.select_inputs(features.feature_maps)
-        if isinstance(x, list):
-            x = torch.cat(x, dim=1)
+        x = self.select_single_map(features.feature_maps)
         x = self.convs(x)
         for stage in self.upsample:
             x = stage(nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))

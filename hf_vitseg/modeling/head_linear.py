@@ -44,17 +44,14 @@ class LinearHead(BaseHead):
         if use_cls_token and num_prefix_tokens == 0:
             raise ValueError("linear head: use_cls_token=True needs a backbone with a CLS token (ViT families).")
         self.use_cls_token = use_cls_token
-        channels = self.selected_channels if isinstance(self.selected_channels, int) else sum(self.selected_channels)
+        channels = self.selected_width
         if use_cls_token:
             channels *= 2
         self.batch_norm = nn.BatchNorm2d(channels)
         self.build_classifier(channels)
 
     def forward(self, features: BackboneFeatures) -> torch.Tensor:
-        x = self.select_inputs(features.feature_maps)
-        if isinstance(x, list):
-            x = torch.cat([x[0]] + [nn.functional.interpolate(m, size=x[0].shape[-2:], mode="bilinear",
-                                                               align_corners=False) for m in x[1:]], dim=1)
+        x = self.select_single_map(features.feature_maps)
         if self.use_cls_token:
             indices = [self.in_index] if isinstance(self.in_index, int) else self.in_index
             cls = torch.cat([features.prefix_tokens[i][:, 0] for i in indices], dim=1)  # (B, sum C)

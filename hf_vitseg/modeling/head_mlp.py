@@ -24,9 +24,8 @@ class MLPHead(BaseHead):
         channels: width of the hidden 1x1 layers.
         num_layers: number of 1x1 conv-BN-ReLU blocks before the classifier.
         dropout: dropout before the classifier.
-        in_index: which tap to read (default: the last).
-        input_transform: `None` (one map, the default); `"resize_concat"` / `"multiple_select"` concatenate
-            several taps.
+        in_index, input_transform: the taps read, as `BaseHead`; by default the last tap alone (several are
+            concatenated: `select_single_map`).
     """
 
     num_default_taps = 1
@@ -38,13 +37,11 @@ class MLPHead(BaseHead):
                          dropout=dropout, in_index=in_index, input_transform=input_transform)
         if num_layers < 1:
             raise ValueError(f"mlp head: num_layers must be >= 1, got {num_layers}.")
-        width = self.selected_channels if isinstance(self.selected_channels, int) else sum(self.selected_channels)
+        width = self.selected_width
         self.mlp = torch.nn.Sequential(
             *[ConvNormAct(width if i == 0 else channels, channels, kernel_size=1) for i in range(num_layers)]
         )
 
     def forward(self, features: BackboneFeatures) -> torch.Tensor:
-        x = self.select_inputs(features.feature_maps)
-        if isinstance(x, list):
-            x = torch.cat(x, dim=1)
+        x = self.select_single_map(features.feature_maps)
         return self.classify(self.mlp(x))

@@ -41,9 +41,8 @@ class SETRPUPHead(BaseHead):
             overrides it.
         stage_channels: the width of each stage; one x2 upsampling per entry.
         dropout: dropout before the classifier.
-        in_index: which tap to read (default: the last).
-        input_transform: `None` (one map, the default); `"resize_concat"` / `"multiple_select"` concatenate
-            several taps.
+        in_index, input_transform: the taps read, as `BaseHead`; by default the last tap alone (several are
+            concatenated: `select_single_map`).
     """
 
     num_default_taps = 1
@@ -56,7 +55,7 @@ class SETRPUPHead(BaseHead):
         stage_channels = list(stage_channels)
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=stage_channels[-1],
                          dropout=dropout, in_index=in_index, input_transform=input_transform)
-        width = self.selected_channels if isinstance(self.selected_channels, int) else sum(self.selected_channels)
+        width = self.selected_width
         widths = [width] + stage_channels
         self.stages = nn.ModuleList([ConvNormAct(widths[i], widths[i + 1]) for i in range(len(stage_channels))])
 
@@ -64,9 +63,7 @@ class SETRPUPHead(BaseHead):
         return self.select_strides(in_strides)[0] / 2 ** len(self.stages)
 
     def forward(self, features: BackboneFeatures) -> torch.Tensor:
-        x = self.select_inputs(features.feature_maps)
-        if isinstance(x, list):
-            x = torch.cat(x, dim=1)
+        x = self.select_single_map(features.feature_maps)
         for stage in self.stages:
             x = nn.functional.interpolate(stage(x), scale_factor=2, mode="bilinear", align_corners=False)
         return self.classify(x)
