@@ -31,6 +31,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from .args import add_verbose
 
     parser = _Parser(prog="hf-vitseg", description=__doc__.splitlines()[0])
+    # -v before the command as after it (`hf-vitseg -v predict ...`); its own dest: a subcommand's default would
+    # overwrite a shared one
+    parser.add_argument("-v", "--verbose", dest="verbose_before_command", action="store_true",
+                        help="show transformers' own progress bars and logs (also accepted after the command)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -41,6 +45,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             sub.epilog = (command_module.__doc__ or "").partition("\n\n")[2] or None
             command_module.configure_parser(sub)
             add_verbose(sub)
+    parser.command_parsers = subparsers.choices
     return parser
 
 
@@ -48,13 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help()
         return 2
+    if unknown:  # named under the command, whose --help lists what it takes
+        parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from .args import transformers_progress
 
-    with transformers_progress(getattr(args, "verbose", False)):
+    with transformers_progress(getattr(args, "verbose", False) or args.verbose_before_command):
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
 
 

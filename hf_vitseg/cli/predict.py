@@ -160,6 +160,12 @@ def _sliding_window_settings(args, model, force: bool = False) -> dict | None:
         image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
         crop = (max(divisor, image_size // divisor * divisor),) * 2
     stride = size_pair(args.stride, "--stride") or tuple(max(1, 2 * side // 3) for side in crop)
+    from ..inference.sliding_window import check_window
+
+    try:  # before the first image: the flags' error, not the image's
+        check_window(crop, stride, divisor)
+    except ValueError as error:
+        raise CliError(str(error).replace("crop_size (", "--crop-size (").replace("stride (", "--stride (")) from None
     return {"crop_size": crop, "stride": stride, "blend": args.blend, "batch_size": args.window_batch_size}
 
 
@@ -257,6 +263,8 @@ def _lock_owner(lock: Path) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run `predict`; returns 0 on success, 1 (with the reason on stderr) on bad input."""
     try:
+        if args.out.exists() and not args.out.is_dir():
+            raise CliError(f"--out {args.out}: is a file; give a folder (created if needed).")
         with claim_output_folder(args.out, [p for pair in output_paths(list(args.images), args.out) for p in pair],
                                  overwrite=args.overwrite):
             return _run(args)

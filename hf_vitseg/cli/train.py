@@ -148,6 +148,13 @@ def _train_from_args(args: argparse.Namespace) -> dict:
         label_kwargs = {}
     else:
         label_kwargs = _label_kwargs(args)
+    if args.config:
+        _check_config_keys(args.config)
+    # what --output-dir holds against --resume / --overwrite-output-dir (touching nothing; train() decides again)
+    from ..training.run_dir import check_run_outputs, resolve_output_dir
+
+    resolve_output_dir(args.output_dir, args.resume, args.overwrite_output_dir)
+    check_run_outputs(args.output_dir)
     # the data too (folders, pairing, --binary-masks): they do not depend on the model
     train_dataset = load_dataset_from_args(args, args.train_images, args.train_masks, args.train_split, "train")
     eval_dataset = None
@@ -273,6 +280,24 @@ def _label_kwargs(args) -> dict:
     if args.num_labels is None:
         raise CliError("A fresh head needs the classes: pass --num-labels N or --id2label JSON.")
     return {"num_labels": args.num_labels}
+
+
+def _check_config_keys(config: dict) -> None:
+    """Refuse a `--config` key that is no `ViTSegConfig` setting: the config would keep a misspelt key silently."""
+    import inspect
+
+    from transformers import PreTrainedConfig
+
+    from ..modeling import ViTSegConfig
+
+    known = set(inspect.signature(ViTSegConfig.__init__).parameters) | set(
+        inspect.signature(PreTrainedConfig.__init__).parameters) | set(vars(PreTrainedConfig()))
+    unknown = sorted(set(config) - known - {"self", "kwargs", "backbone_config"})
+    if unknown:
+        settings = sorted(p for p in inspect.signature(ViTSegConfig.__init__).parameters
+                          if p not in ("self", "kwargs", "backbone_config"))
+        raise CliError(f"--config: {', '.join(map(repr, unknown))} is not a ViTSegConfig setting. Settings: "
+                       f"{', '.join(settings)} (and transformers' own, e.g. id2label).")
 
 
 def _config_kwargs(args) -> dict:

@@ -31,6 +31,23 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return pair
 
 
+def check_window(crop_size: int | Sequence[int], stride: int | Sequence[int], size_divisor: int):
+    """`(crop, stride)` as `(H, W)` pairs; a `ValueError` for a window that is not a multiple of `size_divisor`
+    or a stride larger than the window (pixels no window sees)."""
+    crop_h, crop_w = _pair(crop_size, "crop_size")
+    stride_h, stride_w = _pair(stride, "stride")
+    if crop_h % size_divisor or crop_w % size_divisor:
+        raise ValueError(
+            f"crop_size {(crop_h, crop_w)} must be a multiple of the model's size divisor {size_divisor} (the "
+            "patch size, or a hierarchical backbone's coarsest stride)."
+        )
+    if stride_h > crop_h or stride_w > crop_w:
+        raise ValueError(
+            f"stride {(stride_h, stride_w)} larger than crop_size {(crop_h, crop_w)} leaves pixels unseen."
+        )
+    return (crop_h, crop_w), (stride_h, stride_w)
+
+
 def resolve_size_divisor(model: torch.nn.Module, patch_size: int | None) -> int:
     """`patch_size` if given, else `model.size_divisor`: what input height and width must be multiples of (the
     patch size, or a hierarchical backbone's coarsest stride; a PEFT model forwards it)."""
@@ -169,18 +186,8 @@ def sliding_window_inference(
     Returns:
         float32 logits `(B, num_labels, H_out, W_out)` on `pixel_values.device`.
     """
-    crop_h, crop_w = _pair(crop_size, "crop_size")
-    stride_h, stride_w = _pair(stride, "stride")
     patch_size = resolve_size_divisor(model, patch_size)
-    if crop_h % patch_size or crop_w % patch_size:
-        raise ValueError(
-            f"crop_size {(crop_h, crop_w)} must be a multiple of the model's size divisor {patch_size} (the patch "
-            "size, or a hierarchical backbone's coarsest stride)."
-        )
-    if stride_h > crop_h or stride_w > crop_w:
-        raise ValueError(
-            f"stride {(stride_h, stride_w)} larger than crop_size {(crop_h, crop_w)} leaves pixels unseen."
-        )
+    (crop_h, crop_w), (stride_h, stride_w) = check_window(crop_size, stride, patch_size)
     if blend not in ("uniform", "gaussian"):
         raise ValueError(f"blend must be 'uniform' or 'gaussian', got {blend!r}.")
     if batch_size < 1:

@@ -147,7 +147,7 @@ def resolve_output_dir(output_dir, resume=False, overwrite_output_dir: bool = Fa
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(f"output_dir {output_dir} is a file; choose a folder.")
+        raise NotADirectoryError(f"{output_dir} is a file; choose a folder for output_dir (--output-dir).")
     if resume and overwrite_output_dir:
         raise ValueError(
             "resume and overwrite_output_dir exclude each other: resume keeps the run, overwrite deletes it."
