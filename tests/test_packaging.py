@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -58,3 +59,18 @@ def test_the_wheel_holds_the_model_card_template_the_typing_marker_and_the_demo_
     for wanted in ("hf_vitseg/hub_cards/model_card.md", "hf_vitseg/py.typed", "hf_vitseg/demo/nuclei_sample.npz",
                    "hf_vitseg/modeling/modeling_vitseg.py", "hf_vitseg/cli/__init__.py"):
         assert wanted in names, wanted
+    # the card renders from the wheel alone (its template read as package data), not from the checkout
+    installed = tmp_path / "installed"
+    zipfile.ZipFile(wheel).extractall(installed)
+    render = (
+        "import hf_vitseg, transformers; from hf_vitseg.hub import render_model_card; "
+        "config = hf_vitseg.ViTSegConfig(backbone_config=transformers.Dinov2Config(hidden_size=32, "
+        "num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32), head='linear', num_labels=2); "
+        "print(hf_vitseg.__file__); print(render_model_card(config, 'me/tiny'))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(installed), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", render], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(str(installed)), result.stdout.splitlines()[0]
+    assert "library_name: transformers" in result.stdout and "# tiny" in result.stdout
