@@ -125,6 +125,8 @@ TRAIN_ARGUMENT_ERRORS = {
                                   ["--resume without a path"]),
     "nothing_to_resume": (lambda tmp: ["--output-dir", tmp / "o", "--resume"], ["Drop --resume"]),
     "output_dir_is_a_file": (lambda tmp: ["--output-dir", tmp / "file.txt"], ["file.txt", "--output-dir"]),
+    "unknown_report_to": (lambda tmp: ["--output-dir", tmp / "o", "--report-to", "tensorbord"],
+                          ["--report-to tensorbord", "tensorboard"]),
     "misspelt_config_key": (lambda tmp: ["--output-dir", tmp / "o", "--config", '{"dice_los_weight": 1}'],
                             ["--config", "'dice_los_weight'", "dice_loss_weight"]),
 }

@@ -150,6 +150,7 @@ def _train_from_args(args: argparse.Namespace) -> dict:
         label_kwargs = _label_kwargs(args)
     if args.config:
         _check_config_keys(args.config)
+    _check_report_to(args.report_to)
     # what --output-dir holds against --resume / --overwrite-output-dir (touching nothing; train() decides again)
     from ..training.run_dir import check_run_outputs, resolve_output_dir
 
@@ -298,6 +299,16 @@ def _check_config_keys(config: dict) -> None:
                           if p not in ("self", "kwargs", "backbone_config"))
         raise CliError(f"--config: {', '.join(map(repr, unknown))} is not a ViTSegConfig setting. Settings: "
                        f"{', '.join(settings)} (and transformers' own, e.g. id2label).")
+
+
+def _check_report_to(value: str) -> None:
+    """Refuse a `--report-to` name transformers does not know, naming the flag (transformers' own error comes
+    after the model has loaded and names no flag)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    if value not in ("none", "all", *INTEGRATION_TO_CALLBACK):
+        raise CliError(f"--report-to {value}: not a reporting integration; use none, all or one of "
+                       f"{', '.join(INTEGRATION_TO_CALLBACK)}.")
 
 
 def _config_kwargs(args) -> dict:
