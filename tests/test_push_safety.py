@@ -180,7 +180,7 @@ def test_a_record_holding_a_hub_token_is_skipped(tmp_path, recorder):
 def test_upload_plan_refuses_a_folder_that_is_not_an_hf_vitseg_model(tmp_path):
     folder = tmp_path / "plain"
     Dinov2Model(tiny_backbone_config("dinov2")).save_pretrained(folder)
-    with pytest.raises(ValueError, match="not an hf-vitseg one"):
+    with pytest.raises(ValueError, match="holds a 'dinov2' model, not a ViTSeg segmentation model"):
         upload_plan(folder)
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         upload_plan(tmp_path)

@@ -39,7 +39,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.utils import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, validate_repo_id
 
 from .cards import card_is_ours_and_unedited, render_model_card
-from .loading import check_safetensors_file
+from .loading import check_safetensors_file, check_vitseg_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +198,7 @@ def upload_plan(folder: str | os.PathLike) -> tuple[dict[str, Path], dict[str, s
             f"{folder} has no config.json: it is not a saved model folder. Save one with model.save_pretrained(folder)."
         )
     config = _read_json(_regular_file(config_file, "the model config"))
-    if config.get("model_type") != "vitseg":
-        raise ValueError(f"{config_file} is a {config.get('model_type')!r} model, not an hf-vitseg one.")
+    check_vitseg_model_type(config.get("model_type"), folder)
     auto_map = config.get("auto_map") or {}
     if "AutoModelForSemanticSegmentation" not in auto_map or "AutoConfig" not in auto_map:
         raise ValueError(
