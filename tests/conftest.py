@@ -102,13 +102,23 @@ def tiny_model(head: str = "linear", family: str = "dinov2", *, backbone: str | 
     return ViTSegForSemanticSegmentation(config)
 
 
-def save_tiny_backbone(folder: str | Path, family: str = "dinov2") -> Path:
-    """A tiny random `family` backbone (seed 0) saved as a plain Hugging Face model folder, like a Hub checkpoint."""
+def save_tiny_backbone(folder: str | Path, family: str = "dinov2", *, seed: int = 0) -> Path:
+    """A tiny random `family` backbone (seeded) saved as a plain Hugging Face model folder, like a Hub checkpoint."""
     from transformers import AutoModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     AutoModel.from_config(tiny_backbone_config(family)).save_pretrained(folder)
     return Path(folder)
+
+
+def save_tiny_backbone_to_hf_cache(cache_dir: str | Path, repo_id: str, family: str = "dinov2", *, seed: int = 0,
+                                   commit: str = "0" * 40) -> Path:
+    """`save_tiny_backbone` laid out as huggingface_hub's cache holds a downloaded `repo_id` (`refs/main` naming
+    `snapshots/<commit>`), for loading by Hub id with `HF_HUB_OFFLINE=1`; returns the snapshot folder."""
+    repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return save_tiny_backbone(repo / "snapshots" / commit, family, seed=seed)
 
 
 @pytest.fixture(scope="session")

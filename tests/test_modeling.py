@@ -12,7 +12,15 @@ import textwrap
 
 import pytest
 import torch
-from conftest import FAMILIES, NON_SQUARE, builtin_heads, tiny_backbone_config, tiny_model
+from conftest import (
+    FAMILIES,
+    NON_SQUARE,
+    builtin_heads,
+    save_tiny_backbone,
+    save_tiny_backbone_to_hf_cache,
+    tiny_backbone_config,
+    tiny_model,
+)
 from transformers import AutoModel, AutoModelForSemanticSegmentation
 
 import hf_vitseg
@@ -482,23 +490,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
 
 # -- pretrained backbones -----------------------------------------------------------------------------------------
 
-def _save_plain_backbone(family, folder):
-    torch.manual_seed(1)
-    config = tiny_backbone_config(family)
-    if family == "swin":
-        from transformers import SwinModel
-
-        source = SwinModel(config)
-    else:
-        source = AutoModel.from_config(config)
-    source.save_pretrained(folder)
-    return source
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_from_pretrained_backbone_is_bit_identical(family, tmp_path):
-    source = _save_plain_backbone(family, tmp_path / "backbone")
-    reference = source.state_dict()
+    # seed 1: unlike the fresh model below; the reference is what transformers itself loads from the checkpoint
+    reference = AutoModel.from_pretrained(save_tiny_backbone(tmp_path / "backbone", family, seed=1)).state_dict()
     model = ViTSegForSemanticSegmentation.from_pretrained_backbone(
         tmp_path / "backbone", head="conv", id2label={0: "bg", 1: "fg"}
     )
@@ -544,20 +539,14 @@ def test_from_pretrained_backbone_drops_a_task_head(tmp_path):
 
 def test_from_pretrained_backbone_by_repo_id_from_the_offline_hf_cache(tmp_path, monkeypatch):
     """A Hub id resolves through the HF cache layout with HF_HUB_OFFLINE=1 (no network here)."""
-    source = _save_plain_backbone("dinov2", tmp_path / "plain")
     cache = tmp_path / "hub"
-    snapshot = cache / "models--someone--tiny-dinov2" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    for f in (tmp_path / "plain").iterdir():
-        (snapshot / f.name).write_bytes(f.read_bytes())
-    (cache / "models--someone--tiny-dinov2" / "refs").mkdir()
-    (cache / "models--someone--tiny-dinov2" / "refs" / "main").write_text("0" * 40)
+    reference = AutoModel.from_pretrained(save_tiny_backbone_to_hf_cache(cache, "someone/tiny-dinov2")).state_dict()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = ViTSegForSemanticSegmentation.from_pretrained_backbone(
         "someone/tiny-dinov2", head="linear", num_labels=2, backbone_kwargs={"cache_dir": str(cache)}
     )
     for key, value in model.backbone.model.state_dict().items():
-        assert torch.equal(value, source.state_dict()[key])
+        assert torch.equal(value, reference[key])
     assert model.config.backbone_name_or_path == "someone/tiny-dinov2"
 
 
