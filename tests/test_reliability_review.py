@@ -83,7 +83,8 @@ def test_a_backbone_without_a_provenance_record_records_none(tmp_path):
 # -- items 14 and 15 through the real console script ------------------------------------------------------------
 def console(argv: list, tmp_path: Path) -> subprocess.CompletedProcess:
     """`hf-vitseg ARGV` as a user runs it: the installed console script, in a process where torch sees no GPU."""
-    script = Path(sys.executable).with_name("hf-vitseg")
+    script = Path(sys.executable).with_name("hf-vitseg")  # this environment's, whatever PATH says
+    assert script.is_file(), f"no hf-vitseg console script beside {sys.executable}: pip install -e . first"
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([str(script), *map(str, argv)], capture_output=True, text=True, cwd=tmp_path,
                           env=environment, timeout=300, check=False)
