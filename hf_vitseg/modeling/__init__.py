@@ -6,10 +6,16 @@ saver copies a model's module and its relative imports into one flat folder.
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
 
-from .configuration_vitseg import ViTSegConfig
-from .head_base import BackboneFeatures, BaseHead, get_head_class, list_heads, register_head
-from .image_processing_vitseg import ViTSegImageProcessor
-from .modeling_vitseg import ViTSegForSemanticSegmentation, ViTSegPreTrainedModel
+# The public names, re-exported (`X as X`); `hf_vitseg.__all__` lists them for the package.
+from .configuration_vitseg import ViTSegConfig as ViTSegConfig
+from .head_base import BackboneFeatures as BackboneFeatures
+from .head_base import BaseHead as BaseHead
+from .head_base import get_head_class as get_head_class
+from .head_base import list_heads as list_heads
+from .head_base import register_head as register_head
+from .image_processing_vitseg import ViTSegImageProcessor as ViTSegImageProcessor
+from .modeling_vitseg import ViTSegForSemanticSegmentation as ViTSegForSemanticSegmentation
+from .modeling_vitseg import ViTSegPreTrainedModel as ViTSegPreTrainedModel
 
 # The one place hf-vitseg registers with the Auto classes: `import hf_vitseg` imports this package (except for
 # `hf-vitseg --help`), and so does every module that uses the model.
@@ -20,14 +26,3 @@ ViTSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegme
 AutoImageProcessor.register(ViTSegConfig, image_processor_classes={"pil": ViTSegImageProcessor}, exist_ok=True)
 ViTSegImageProcessor.register_for_auto_class()
 
-__all__ = [
-    "BackboneFeatures",
-    "BaseHead",
-    "ViTSegConfig",
-    "ViTSegForSemanticSegmentation",
-    "ViTSegImageProcessor",
-    "ViTSegPreTrainedModel",
-    "get_head_class",
-    "list_heads",
-    "register_head",
-]

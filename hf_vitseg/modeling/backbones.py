@@ -21,10 +21,10 @@ This module travels with every checkpoint (remote code): it imports only torch a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -99,7 +99,7 @@ def _no_embed(model, pixel_values, grid_hw):  # pragma: no cover - hierarchical 
     raise TypeError("Hierarchical backbones run their own forward; the adapter never embeds for them.")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class BackboneFamily:
     """Everything hf-vitseg knows about one backbone family.
 
@@ -195,20 +195,22 @@ class BackboneFamily:
         return model
 
 
+_VIT = BackboneFamily(
+    model_types=("vit",), kind="vit", layers="layers", source_name="ViT", license=APACHE, class_tokens=1,
+    citation='Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition at '
+    'Scale", ICLR 2021',
+    paper_url="https://arxiv.org/abs/2010.11929",
+    embed=embed_interpolating, interpolates_with_kwarg=True, model_kwargs=(("add_pooling_layer", False),),
+)
+
 FAMILIES: tuple[BackboneFamily, ...] = (
-    BackboneFamily(
-        model_types=("vit",), kind="vit", layers="layers", source_name="ViT", license=APACHE, class_tokens=1,
-        citation='Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition at '
-        'Scale", ICLR 2021',
-        paper_url="https://arxiv.org/abs/2010.11929",
-        embed=embed_interpolating, interpolates_with_kwarg=True, model_kwargs=(("add_pooling_layer", False),),
-    ),
-    BackboneFamily(
-        model_types=("deit",), kind="vit", layers="layers", source_name="DeiT", license=APACHE, class_tokens=2,
+    _VIT,
+    # DeiT is ViT's layout with a distillation token after the CLS token.
+    dataclasses.replace(
+        _VIT, model_types=("deit",), source_name="DeiT", class_tokens=2,
         citation='Touvron et al., "Training data-efficient image transformers & distillation through '
         'attention", ICML 2021',
         paper_url="https://arxiv.org/abs/2012.12877",
-        embed=embed_interpolating, interpolates_with_kwarg=True, model_kwargs=(("add_pooling_layer", False),),
     ),
     BackboneFamily(
         model_types=("dinov2",), kind="vit", source_name="DINOv2", license=APACHE, class_tokens=1,

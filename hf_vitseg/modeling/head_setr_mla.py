@@ -26,14 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .head_base import (
-    BackboneFeatures,
-    BaseHead,
-    ConvNormAct,
-    register_head,
-    resize,
-    resolve_preset,
-)
+from .head_base import BackboneFeatures, BaseHead, ConvNormAct, register_head, resize, resolve_preset
 
 # (mla_channels, stream_channels); the paper's widths are the default.
 SETR_MLA_PRESETS = {"default": (256, 128), "paper": (256, 128), "light": (128, 64)}

@@ -36,14 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .head_base import (
-    BackboneFeatures,
-    BaseHead,
-    ConvNormAct,
-    register_head,
-    resize,
-    resolve_preset,
-)
+from .head_base import BackboneFeatures, BaseHead, ConvNormAct, register_head, resize, resolve_preset
 
 
 def _pooling_matrix(length, scale: int, like: torch.Tensor) -> torch.Tensor:
