@@ -117,24 +117,19 @@ def test_overwrite_refuses_a_run_it_cannot_tell_from_user_files(run_assets, tmp_
     assert snapshot(output_dir) == before
 
 
-def test_train_checks_before_training_that_its_final_save_replaces_no_user_file(run_assets, tmp_path):
+@pytest.mark.parametrize("user_file, text, message", [
+    ("heads.py", "# my heads", "would replace heads.py"),  # the final save's remote code
+    ("all_results.json", '{"mine": 1}', "all_results.json"),  # a result file no run recorded
+])
+def test_train_checks_before_training_that_it_replaces_no_file_of_the_user(run_assets, tmp_path, user_file, text,
+                                                                           message):
     backbone, dataset, *_ = run_assets
     output_dir = tmp_path / "out"
     output_dir.mkdir()
-    (output_dir / "heads.py").write_text("# my heads")
-    with pytest.raises(FileExistsError, match="would replace heads.py"):
+    (output_dir / user_file).write_text(text)
+    with pytest.raises(FileExistsError, match=message):
         train(tiny_model(backbone=backbone), dataset, output_dir=output_dir, crop_size=32, max_steps=1, use_cpu=True)
-    assert [p.name for p in output_dir.iterdir()] == ["heads.py"], "refused before the first step"
-
-
-def test_train_checks_before_training_that_it_replaces_no_result_file_of_the_user(run_assets, tmp_path):
-    backbone, dataset, *_ = run_assets
-    output_dir = tmp_path / "out"
-    output_dir.mkdir()
-    (output_dir / "all_results.json").write_text('{"mine": 1}')
-    with pytest.raises(FileExistsError, match="all_results.json"):
-        train(tiny_model(backbone=backbone), dataset, output_dir=output_dir, crop_size=32, max_steps=1, use_cpu=True)
-    assert [p.name for p in output_dir.iterdir()] == ["all_results.json"], "refused before the first step"
+    assert [p.name for p in output_dir.iterdir()] == [user_file], "refused before the first step"
 
 
 # -- item 7: save_pretrained ---------------------------------------------------------------------------------------
