@@ -32,8 +32,8 @@ from transformers.processing_utils import ImagesKwargs, Unpack
 # `Image.convert("RGB")` (P, PA, RGBA, RGBa, RGBX, CMYK, YCbCr, LAB, HSV).
 _DIRECT_PIL_MODES = {"1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F", "RGB"}
 _ALPHA_LUMINANCE_MODES = {"LA", "La"}
-_VALID_CHANNELS = (1, 3, 4)
-_CHANNELS = 3  # what every output image has, and so how many values image_mean / image_std hold
+_VALID_CHANNELS = (1, 3, 4)  # what an RGB processor (num_channels=3) converts from
+_CHANNELS = 3  # the default num_channels: RGB
 # Float images must lie in [0, 1]; this much overshoot (resampling ringing) is tolerated, more is an error.
 _FLOAT_RANGE_TOLERANCE = 0.1
 # Generic `ImagesKwargs` this processor does not implement; each has a ViTSeg-specific replacement.
@@ -55,6 +55,7 @@ class ViTSegImageProcessorKwargs(ImagesKwargs, total=False):
     do_reduce_labels: bool
     pad_to_size: dict[str, int] | None
     return_input_sizes: bool
+    num_channels: int
 
 
 class ViTSegImageProcessor(PilBackend):
@@ -88,8 +89,15 @@ class ViTSegImageProcessor(PilBackend):
             Per-channel mean. Set it from the backbone the model was pretrained with (ImageNet statistics suit
             ViT, DeiT, DINOv2 and DINOv3; SAM and others use their own).
         image_std (`list[float]`, *optional*, defaults to the ImageNet std `[0.229, 0.224, 0.225]`):
-            Per-channel standard deviation, set from the backbone like `image_mean`. Both hold 3 values (or one
-            for all channels): every output image is RGB.
+            Per-channel standard deviation, set from the backbone like `image_mean`. Both hold `num_channels`
+            values (or one for all channels). With `num_channels` other than 3 they default to the average of
+            ImageNet's RGB values for every channel (0.449 and 0.226); set them from your data (`hf-vitseg train
+            --image-stats auto` computes them from the training set).
+        num_channels (`int`, *optional*, defaults to 3):
+            Channels of every output image, the model's input channels (`ViTSegConfig.num_channels`). 3: RGB, with
+            the conversions below. Any other count (1 for grayscale microscopy, 4 for RGB + near infrared, 13 for
+            Sentinel-2): images must have exactly that many channels and are taken as they are, never converted
+            (see "Input conversion").
         do_convert_rgb (`bool`, *optional*, defaults to `True`):
             Whether to convert every input to 3-channel RGB (grey replicated, alpha dropped, other PIL modes
             through `convert("RGB")`, see "Input conversion"). With `False` nothing is converted, so only RGB
@@ -122,7 +130,7 @@ class ViTSegImageProcessor(PilBackend):
             gets the model's inputs only.
 
     Input conversion (images). Inputs are `PIL.Image.Image`, `numpy.ndarray` or `torch.Tensor`; a batch is a
-    list of them or one 4-D array / tensor. The result is always 3 channels:
+    list of them or one 4-D array / tensor. With `num_channels=3` (the default) the result is always RGB:
 
     - Layout. 2-D arrays are `(H, W)` grayscale. 3-D arrays are `(H, W, C)` or `(C, H, W)` with `C` in
       {1, 3, 4}, whichever end holds a valid channel count; when both ends could (e.g. `(3, 8, 4)`), torch
@@ -138,6 +146,13 @@ class ViTSegImageProcessor(PilBackend):
       [0, 65535]; floating dtypes (PIL `F`) must already lie in [0, 1] (up to 0.1 of overshoot) and are
       x 255; a float image outside that is a `ValueError`, as it is almost always 0..255 data or an
       already-normalised tensor. NaN or infinite pixels are a `ValueError` (one would make every logit NaN).
+
+    With `num_channels=k` other than 3, nothing is converted: a 2-D array (or a one-band PIL image: `L`, `I`,
+    `I;16`, `F`) is one channel and fits `k=1`; a 3-D array is `(H, W, k)` or `(C, H, W)` with `k` channels,
+    whichever end holds `k` (when both do, as in `(4, 8, 4)`, the same tie rule as above: torch tensors
+    channels-first, numpy arrays channels-last, unless `input_data_format` says otherwise); a PIL image must have
+    `k` bands. Any other channel count is a `ValueError` naming the shape and `num_channels`. The value range rule
+    is the same (uint8, 16-bit and float images, per dtype), and so is the refusal of NaN and infinity.
 
     Segmentation maps: PIL (`L`, `P`, `I`, `I;16`, `1`) or 2-D integer arrays / tensors (a singleton channel
     axis is dropped; floats are accepted when every value is a whole number), one per image, each the same
@@ -179,8 +194,15 @@ class ViTSegImageProcessor(PilBackend):
     pad_to_size = None
     return_input_sizes = False
     do_convert_rgb = True
+    num_channels = _CHANNELS
 
     def __init__(self, **kwargs: Unpack[ViTSegImageProcessorKwargs]):
+        channels = kwargs.get("num_channels")
+        if channels is not None and channels != _CHANNELS:
+            # ImageNet's RGB statistics do not describe other channels: their average per channel, unless given
+            for name, rgb in (("image_mean", IMAGENET_DEFAULT_MEAN), ("image_std", IMAGENET_DEFAULT_STD)):
+                if kwargs.get(name) is None and isinstance(channels, int) and channels > 0:
+                    kwargs[name] = [round(float(np.mean(rgb)), 4)] * channels
         super().__init__(**kwargs)
 
     def preprocess(
@@ -233,9 +255,12 @@ class ViTSegImageProcessor(PilBackend):
                     f"`pad_to_size` {pad_to_size} must be a multiple of `patch_size` ({patch_size}) in both sides."
                 )
             kwargs["pad_to_size"] = dict(pad_to_size)
+        channels = kwargs.get("num_channels")
+        if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+            raise ValueError(f"`num_channels` must be a positive int, got {channels!r}.")
         for name in ("image_mean", "image_std"):
             if kwargs.get(name) is not None:
-                _check_channel_statistic(name, kwargs[name])
+                _check_channel_statistic(name, kwargs[name], channels or _CHANNELS)
         return kwargs
 
     # ----------------------------------------------------------------------------------------------
@@ -265,9 +290,10 @@ class ViTSegImageProcessor(PilBackend):
                 Also require the processor's `ignore_index` to be the model's. It only labels the padding of
                 segmentation maps, so inference, which has none, passes `False`.
 
-        A built processor pads to `model.size_divisor`, labels padding with the model's `ignore_index`, and
-        normalises with the mean and std of the backbone's own image processor when
-        `config.backbone_name_or_path` holds one (ImageNet's otherwise).
+        A built processor pads to `model.size_divisor`, labels padding with the model's `ignore_index`, takes the
+        model's `num_channels`, and normalises with the config's `image_mean` / `image_std` when set, else with
+        those of the backbone's own image processor when `config.backbone_name_or_path` holds one (and they fit the
+        channel count), else with the defaults (ImageNet's for RGB).
 
         Raises:
             ValueError: the saved processor does not fit the model (patch size or `ignore_index`), or the folder's
@@ -292,8 +318,15 @@ class ViTSegImageProcessor(PilBackend):
                     processor = None
         if processor is None:
             config = model.config
-            kwargs = {"patch_size": int(model.size_divisor), "ignore_index": int(config.ignore_index)}
-            kwargs.update(_backbone_statistics(getattr(config, "backbone_name_or_path", None)))
+            channels = int(getattr(config, "num_channels", _CHANNELS))
+            kwargs = {"patch_size": int(model.size_divisor), "ignore_index": int(config.ignore_index),
+                      "num_channels": channels}
+            statistics = {name: getattr(config, name, None) for name in ("image_mean", "image_std")}
+            if any(value is None for value in statistics.values()):
+                statistics = _backbone_statistics(getattr(config, "backbone_name_or_path", None))
+                if any(len(np.atleast_1d(value)) not in (1, channels) for value in statistics.values()):
+                    statistics = {}  # an RGB backbone's statistics do not fit another channel count
+            kwargs.update(statistics)
             processor = cls(**kwargs)
         processor.check_model(model, check_labels=check_labels)
         return processor
@@ -311,13 +344,20 @@ class ViTSegImageProcessor(PilBackend):
 
     def check_model(self, model, check_labels: bool = True) -> None:
         """Raise a `ValueError` saying what to change if this processor does not fit `model`: it must pad to a
-        multiple of `model.size_divisor` and (with `check_labels`, for training and evaluation) label padding with
-        `model.config.ignore_index`."""
+        multiple of `model.size_divisor`, make `model.config.num_channels` channels and (with `check_labels`, for
+        training and evaluation) label padding with `model.config.ignore_index`."""
         divisor = getattr(model, "size_divisor", None)
         if isinstance(divisor, int) and self.patch_size % divisor:
             raise ValueError(
                 f"The image processor pads to multiples of {self.patch_size}, but the model needs multiples of "
                 f"{divisor}: set processor.patch_size = {divisor} (or a multiple of it)."
+            )
+        channels = getattr(getattr(model, "config", None), "num_channels", self.num_channels)
+        if isinstance(channels, int) and channels != self.num_channels:
+            raise ValueError(
+                f"The image processor makes {self.num_channels}-channel images, but the model takes {channels} "
+                f"channel(s): set processor.num_channels = {channels} and give image_mean / image_std one value per "
+                "channel (or build it with ViTSegImageProcessor.for_model(model))."
             )
         model_ignore = getattr(getattr(model, "config", None), "ignore_index", self.ignore_index)
         if check_labels and self.ignore_index != model_ignore:
@@ -330,12 +370,26 @@ class ViTSegImageProcessor(PilBackend):
     # The steps applied to one sample (public: training augmentation runs the same ones)
     # ----------------------------------------------------------------------------------------------
 
-    def process_image(self, image, input_data_format=None, do_convert_rgb: bool | None = None, **kwargs) -> np.ndarray:
-        """One raw image -> float32 `(3, H, W)` on the 0..255 scale, by the rule in the class docstring.
+    def process_image(
+        self, image, input_data_format=None, do_convert_rgb: bool | None = None, num_channels: int | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """One raw image -> float32 `(num_channels, H, W)` on the 0..255 scale, by the rule in the class docstring.
 
-        With `do_convert_rgb=False` (default: the processor's setting) only RGB inputs are accepted.
+        With `do_convert_rgb=False` (default: the processor's setting) only RGB inputs are accepted (3 channels).
         """
+        return _to_uint8_scale(self.image_channels_first(image, input_data_format, do_convert_rgb, num_channels))
+
+    def image_channels_first(
+        self, image, input_data_format=None, do_convert_rgb: bool | None = None, num_channels: int | None = None
+    ) -> np.ndarray:
+        """One raw image -> `(num_channels, H, W)` in its own dtype: the layout and channel rule of the class
+        docstring without the value scaling (`process_image` scales it). Overlays display from it."""
         convert = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
+        channels = self.num_channels if num_channels is None else num_channels
+        if isinstance(image, Image.Image) and channels != _CHANNELS:
+            array = np.array(image)  # its bands as they are, never converted
+            return _channels_first(array, ChannelDimension.LAST, False, num_channels=channels)
         if isinstance(image, Image.Image):
             if not convert and image.mode != "RGB":
                 raise ValueError(
@@ -348,8 +402,8 @@ class ViTSegImageProcessor(PilBackend):
         else:
             array = _to_numpy(image, "image")
             layout = input_data_format
-        array = _channels_first(array, layout, prefer_first=isinstance(image, torch.Tensor), convert=convert)
-        return _to_uint8_scale(array)
+        return _channels_first(array, layout, prefer_first=isinstance(image, torch.Tensor), convert=convert,
+                               num_channels=channels)
 
     def process_segmentation_map(self, segmentation_map) -> np.ndarray:
         """One raw segmentation map -> int64 `(H, W)`."""
@@ -436,15 +490,17 @@ class ViTSegImageProcessor(PilBackend):
         image_mean=None,
         image_std=None,
     ) -> np.ndarray:
-        """Rescale (`x * rescale_factor`) and normalise (`(x - image_mean) / image_std`) a `(3, H, W)` image, as
+        """Rescale (`x * rescale_factor`) and normalise (`(x - image_mean) / image_std`) a `(C, H, W)` image, as
         the processor's settings (or the arguments given) say; float32 out."""
         do_rescale = self.do_rescale if do_rescale is None else do_rescale
         do_normalize = self.do_normalize if do_normalize is None else do_normalize
         if do_rescale:
             image = image * np.float32(self.rescale_factor if rescale_factor is None else rescale_factor)
         if do_normalize:
-            mean = _check_channel_statistic("image_mean", self.image_mean if image_mean is None else image_mean)
-            std = _check_channel_statistic("image_std", self.image_std if image_std is None else image_std)
+            channels = image.shape[0]
+            mean = _check_channel_statistic("image_mean", self.image_mean if image_mean is None else image_mean,
+                                            channels)
+            std = _check_channel_statistic("image_std", self.image_std if image_std is None else image_std, channels)
             image = (image - mean.reshape(-1, 1, 1)) / std.reshape(-1, 1, 1)
         return image.astype(np.float32, copy=False)
 
@@ -507,7 +563,8 @@ class ViTSegImageProcessor(PilBackend):
     def _preprocess_image_like_inputs(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:
         images = [
             self.process_image(
-                image, input_data_format=kwargs.get("input_data_format"), do_convert_rgb=kwargs.get("do_convert_rgb")
+                image, input_data_format=kwargs.get("input_data_format"), do_convert_rgb=kwargs.get("do_convert_rgb"),
+                num_channels=kwargs.get("num_channels"),
             )
             for image in _as_batch(images, "images", batch_size=None)
         ]
@@ -637,40 +694,15 @@ class ViTSegImageProcessor(PilBackend):
         ```
         """
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
-        batch_size, _, logits_h, logits_w = logits.shape
-        given = {"target_sizes": target_sizes, "input_sizes": input_sizes, "input_boxes": input_boxes}
-        for name, values in given.items():
-            if values is not None and len(values) != batch_size:
-                raise ValueError(f"Got {len(values)} {name} for a batch of {batch_size} logits; pass one per image.")
-        if input_boxes is not None and input_sizes is not None:
-            raise ValueError("Pass `input_boxes` or `input_sizes`, not both (the boxes say everything the sizes do).")
-        if input_boxes is None and input_sizes is not None:
-            input_boxes = [(0, 0, int(h), int(w)) for h, w in _as_int_rows(input_sizes)]
-        if input_boxes is not None:
-            if padded_size is None:
-                raise ValueError(
-                    "`input_sizes` / `input_boxes` need `padded_size`, the (height, width) of the padded pixel_values."
-                )
-            input_boxes = _as_int_rows(input_boxes)
-            padded_size = (int(padded_size[0]), int(padded_size[1]))
-        if target_sizes is not None:
-            target_sizes = _as_int_rows(target_sizes)
+        batch_size = logits.shape[0]
+        target_sizes, input_boxes, padded_size = _output_geometry(
+            batch_size, target_sizes, input_sizes, input_boxes, padded_size
+        )
 
         results = []
         for index in range(batch_size):
-            item_logits = logits[index : index + 1].float()  # (1, C, h, w)
-            if input_boxes is None:
-                if target_sizes is not None and tuple(target_sizes[index]) != (logits_h, logits_w):
-                    item_logits = F.interpolate(item_logits, size=tuple(target_sizes[index]), mode="bilinear",
-                                                align_corners=False)
-            elif target_sizes is not None:
-                item_logits = _resample_box(item_logits, input_boxes[index], padded_size, tuple(target_sizes[index]))
-            else:
-                # At the logits' own resolution: keep every row / column that covers part of the image.
-                top, left, height, width = input_boxes[index]
-                keep_h = math.ceil(min(top + height, padded_size[0]) * logits_h / padded_size[0])
-                keep_w = math.ceil(min(left + width, padded_size[1]) * logits_w / padded_size[1])
-                item_logits = item_logits[..., :keep_h, :keep_w]
+            item_logits = _to_output_geometry(logits[index : index + 1].float(), index, target_sizes, input_boxes,
+                                              padded_size)  # (1, C, h, w)
             scores = item_logits[0]
             segmentation = scores.argmax(dim=0)
             if return_segmentation_scores:
@@ -739,9 +771,14 @@ def _pil_image_to_array(image: Image.Image) -> np.ndarray:
         raise ValueError(f"Cannot convert a PIL image in mode {image.mode!r} to RGB: {error}") from error
 
 
-def _channels_first(array: np.ndarray, layout, prefer_first: bool, convert: bool = True) -> np.ndarray:
+def _channels_first(
+    array: np.ndarray, layout, prefer_first: bool, convert: bool = True, num_channels: int = _CHANNELS
+) -> np.ndarray:
     """`(H, W)`, `(H, W, C)` or `(C, H, W)` -> `(3, H, W)`: grey replicated, alpha dropped (only RGB when not
-    `convert`)."""
+    `convert`); or, for `num_channels` other than 3, -> `(num_channels, H, W)` as it is (exactly that many
+    channels)."""
+    if num_channels != _CHANNELS:
+        return _channels_first_as_is(array, layout, prefer_first, num_channels)
     if array.ndim == 2:
         array = array[None]
     elif array.ndim == 3:
@@ -778,6 +815,29 @@ def _channels_first(array: np.ndarray, layout, prefer_first: bool, convert: bool
     return array[:3]
 
 
+def _channels_first_as_is(array: np.ndarray, layout, prefer_first: bool, num_channels: int) -> np.ndarray:
+    """`(H, W)` (one channel), `(H, W, k)` or `(k, H, W)` -> `(k, H, W)`, nothing converted; a `ValueError` naming
+    the shape unless the image has exactly `k = num_channels` channels."""
+    expected = (
+        f"a model with num_channels={num_channels} takes images with exactly {num_channels} channel(s): "
+        f"{'(H, W), ' if num_channels == 1 else ''}(H, W, {num_channels}) or ({num_channels}, H, W)"
+    )
+    shape = tuple(array.shape)
+    if array.ndim == 2 and num_channels == 1:
+        return array[None]
+    if array.ndim != 3:
+        raise ValueError(f"Unsupported image shape {shape}: {expected}; pass a list or a 4-D array for a batch.")
+    layout = ChannelDimension(layout) if layout is not None else None
+    if layout is None:
+        first_ok, last_ok = array.shape[0] == num_channels, array.shape[-1] == num_channels
+        layout = ChannelDimension.FIRST if first_ok and (prefer_first or not last_ok) else ChannelDimension.LAST
+    if layout == ChannelDimension.LAST:
+        array = np.moveaxis(array, -1, 0)
+    if array.shape[0] != num_channels:
+        raise ValueError(f"Unsupported image shape {shape}: {expected}.")
+    return array
+
+
 def _to_uint8_scale(array: np.ndarray) -> np.ndarray:
     """Any dtype -> float32 on the 0..255 scale, by the dtype's range (see the class docstring)."""
     if array.dtype == np.bool_:
@@ -811,16 +871,17 @@ def _to_uint8_scale(array: np.ndarray) -> np.ndarray:
     raise ValueError(f"Unsupported image dtype {array.dtype}.")
 
 
-def _check_channel_statistic(name: str, value) -> np.ndarray:
-    """`image_mean` / `image_std` as a float32 `(3,)` array; one value or three (one per RGB channel), finite,
-    and a std above 0, or a `ValueError` naming the setting."""
+def _check_channel_statistic(name: str, value, num_channels: int = _CHANNELS) -> np.ndarray:
+    """`image_mean` / `image_std` as a float32 `(num_channels,)` array; one value per channel or one for all,
+    finite, and a std above 0, or a `ValueError` naming the setting."""
     values = np.atleast_1d(np.asarray(value, dtype=np.float64)).ravel()
     if values.size == 1:
-        values = np.repeat(values, _CHANNELS)
-    if values.size != _CHANNELS:
+        values = np.repeat(values, num_channels)
+    if values.size != num_channels:
+        what = "one per RGB channel" if num_channels == _CHANNELS else "one per channel"
         raise ValueError(
-            f"`{name}` must hold {_CHANNELS} values (one per RGB channel; the processor always outputs RGB) or one "
-            f"for all channels, got {values.size}: {list(np.asarray(value).ravel())}."
+            f"`{name}` must hold {num_channels} values ({what}; num_channels={num_channels}) or one for all "
+            f"channels, got {values.size}: {np.asarray(value).ravel().tolist()}."
         )
     if not np.all(np.isfinite(values)) or (name == "image_std" and np.any(values <= 0)):
         above = " above 0" if name == "image_std" else ""
@@ -869,6 +930,49 @@ def _pad_bottom_right(array: np.ndarray, target_hw: tuple[int, int], fill) -> np
         return array
     widths = [(0, 0)] * (array.ndim - 2) + [(0, pad_h), (0, pad_w)]
     return np.pad(array, widths, mode="constant", constant_values=fill)
+
+
+def _output_geometry(batch_size: int, target_sizes, input_sizes, input_boxes, padded_size):
+    """Check and normalise the geometry arguments of the post-processing methods: one entry per image; `input_sizes`
+    become boxes at the top-left corner. Returns `(target_sizes, input_boxes, padded_size)` as int tuples (or None)."""
+    given = {"target_sizes": target_sizes, "input_sizes": input_sizes, "input_boxes": input_boxes}
+    for name, values in given.items():
+        if values is not None and len(values) != batch_size:
+            raise ValueError(f"Got {len(values)} {name} for a batch of {batch_size} logits; pass one per image.")
+    if input_boxes is not None and input_sizes is not None:
+        raise ValueError("Pass `input_boxes` or `input_sizes`, not both (the boxes say everything the sizes do).")
+    if input_boxes is None and input_sizes is not None:
+        input_boxes = [(0, 0, int(h), int(w)) for h, w in _as_int_rows(input_sizes)]
+    if input_boxes is not None:
+        if padded_size is None:
+            raise ValueError(
+                "`input_sizes` / `input_boxes` need `padded_size`, the (height, width) of the padded pixel_values."
+            )
+        input_boxes = _as_int_rows(input_boxes)
+        padded_size = (int(padded_size[0]), int(padded_size[1]))
+    if target_sizes is not None:
+        target_sizes = _as_int_rows(target_sizes)
+    return target_sizes, input_boxes, padded_size
+
+
+def _to_output_geometry(item_logits: torch.Tensor, index: int, target_sizes, input_boxes, padded_size) -> torch.Tensor:
+    """`(1, C, h, w)` logits over the padded canvas of image `index` -> over the image itself: resampled to its
+    target size (through its box when the geometry is known), or, without a target size, cut to the rows / columns
+    that cover the image. Arguments as returned by `_output_geometry`."""
+    logits_h, logits_w = item_logits.shape[-2:]
+    if input_boxes is None:
+        if target_sizes is not None and tuple(target_sizes[index]) != (logits_h, logits_w):
+            item_logits = F.interpolate(item_logits, size=tuple(target_sizes[index]), mode="bilinear",
+                                        align_corners=False)
+    elif target_sizes is not None:
+        item_logits = _resample_box(item_logits, input_boxes[index], padded_size, tuple(target_sizes[index]))
+    else:
+        # At the logits' own resolution: keep every row / column that covers part of the image.
+        top, left, height, width = input_boxes[index]
+        keep_h = math.ceil(min(top + height, padded_size[0]) * logits_h / padded_size[0])
+        keep_w = math.ceil(min(left + width, padded_size[1]) * logits_w / padded_size[1])
+        item_logits = item_logits[..., :keep_h, :keep_w]
+    return item_logits
 
 
 def _resample_box(
