@@ -15,6 +15,8 @@ transformers' default), without its auxiliary head. It keeps every level at stri
 full input resolution; ours is shown both on the same stride-14 maps (`neck=None`, the like-for-like row,
 "stride p") and on its default p/4 pyramid (more pixels, more work, finer output).
 Random weights by default (speed does not depend on them); `--backbone real` loads the pretrained ViT-S/14.
+The measuring is `hf_vitseg.bench` (shared with `hf-vitseg bench`, which runs the same table for any backbone,
+heads, input size and batch); this script adds the papers'-widths rows and the transformers peer.
 """
 
 from __future__ import annotations
@@ -22,16 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import hf_vitseg
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
+from hf_vitseg.bench import BackboneOnly, gflops, measure_head, peak_training_memory_mb
 
 PAPER_PRESET_HEADS = ("setr_pup", "dpt", "upernet")
 
@@ -40,18 +38,6 @@ def dinov2_small_config():
     from transformers import Dinov2Config
 
     return Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518)
-
-
-class BackboneOnly(torch.nn.Module):
-    """The reference: the same adapter, tapping the same layers, and no head."""
-
-    def __init__(self, model: ViTSegForSemanticSegmentation):
-        super().__init__()
-        self.backbone = model.backbone
-
-    def forward(self, pixel_values, labels=None):
-        maps = self.backbone(pixel_values).feature_maps
-        return sum(m.float().mean() for m in maps)
 
 
 class PeerUperNet(torch.nn.Module):
@@ -102,71 +88,11 @@ def build(head: str, config_kwargs=None, num_labels=150):
     return ViTSegForSemanticSegmentation(config)
 
 
-def output_of(model, x):
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def time_forward(model, x):
-    model.eval()
-    with torch.no_grad():
-        start = time.perf_counter()
-        output_of(model, x)
-        return time.perf_counter() - start
-
-
-def time_train_step(model, x, optimizer):
-    model.train()
-    start = time.perf_counter()
-    out = output_of(model, x)
-    out.float().mean().backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
-
-
-def gflops(model, x) -> float:
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        output_of(model, x)
-    return counter.get_total_flops() / 1e9
-
-
 def peak_memory_mb(spec: str, size: int) -> float:
-    """Peak resident-memory growth during one training step, in a fresh process.
-
-    CPU tensors have no allocator peak counter, and `ru_maxrss` also counts the peak of building the model, so a
-    thread samples the process's current RSS (`/proc/self/statm`) every millisecond while the step runs; the
-    result is that peak minus the RSS just before the step (model, optimizer state, one warm-up step included)."""
-    code = f"""
-import os, sys, threading, time, torch
-sys.argv = ['x']
-sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
-import heads as b
-torch.set_num_threads({torch.get_num_threads()})
-page = os.sysconf('SC_PAGE_SIZE')
-def rss():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * page
-model = b.model_from_spec({spec!r})
-x = torch.randn(1, 3, {size}, {size})
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-b.time_train_step(model, x, opt)  # optimizer state and allocator caches exist from here on
-peak, running = [rss()], [True]
-base = peak[0]
-def sample():
-    while running[0]:
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.001)
-thread = threading.Thread(target=sample)
-thread.start()
-b.time_train_step(model, x, opt)
-running[0] = False
-thread.join()
-print((max(peak[0], rss()) - base) / 2**20)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    """Peak resident-memory growth during one training step of `model_from_spec(spec)`, in a fresh process
+    (`hf_vitseg.bench.peak_training_memory_mb`)."""
+    return peak_training_memory_mb("heads:model_from_spec", spec, (1, 3, size, size),
+                                   paths=[os.path.dirname(os.path.abspath(__file__))])
 
 
 def model_from_spec(spec: str):
@@ -176,14 +102,6 @@ def model_from_spec(spec: str):
         return PeerUperNet()
     head, _, kwargs = spec.partition(":")  # "upernet:{json ViTSegConfig kwargs}"
     return build(head, json.loads(kwargs) if kwargs else None)
-
-
-def head_params(model) -> float:
-    if isinstance(model, PeerUperNet):
-        return sum(p.numel() for n, p in model.model.named_parameters() if not n.startswith("backbone")) / 1e6
-    if isinstance(model, BackboneOnly):
-        return sum(p.numel() for p in model.parameters()) / 1e6
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone")) / 1e6
 
 
 def main(argv=None):
@@ -225,26 +143,9 @@ def main(argv=None):
     print(header)
     for spec in specs:
         model = model_from_spec(spec)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        # warm-up, then interleave model and reference so drift in machine load hits both
-        time_forward(model, x), time_forward(reference, x)
-        fwd, ref_fwd, step, ref_step = [], [], [], []
-        for _ in range(args.repeats):
-            fwd.append(time_forward(model, x))
-            ref_fwd.append(time_forward(reference, x))
-        time_train_step(model, x, optimizer), time_train_step(reference, x, ref_opt)
-        for _ in range(args.repeats):
-            step.append(time_train_step(model, x, optimizer))
-            ref_step.append(time_train_step(reference, x, ref_opt))
-        row = {
-            "head": spec if spec != "peer_upernet" else "transformers UperNet (512)",
-            "head_params_m": round(head_params(model), 2),
-            "gflops": round(gflops(model, x), 1),
-            "backbone_gflops": round(ref_flops, 1),
-            "forward_ratio": round(statistics.median(fwd) / statistics.median(ref_fwd), 3),
-            "train_step_ratio": round(statistics.median(step) / statistics.median(ref_step), 3),
-            "backbone_forward_s": round(statistics.median(ref_fwd), 3),
-        }
+        row = {"head": spec if spec != "peer_upernet" else "transformers UperNet (512)"}
+        row.update(measure_head(model, reference, x, repeats=args.repeats, reference_optimizer=ref_opt,
+                                reference_gflops=ref_flops))
         if ":" in spec and spec != "peer_upernet":
             row["head"] = spec.split(":")[0] + ' "paper"' + (", stride p" if '"neck": null' in spec else "")
         if args.memory:
