@@ -1,7 +1,8 @@
 """hf-vitseg: any Hugging Face ViT backbone, any semantic-segmentation head, by config.
 
 Importing this package registers `ViTSegConfig` with `AutoConfig`, `ViTSegForSemanticSegmentation` with
-`AutoModelForSemanticSegmentation` and `ViTSegImageProcessor` with `AutoImageProcessor`, and marks them for
+`AutoModelForSemanticSegmentation`, `ViTSegForUniversalSegmentation` (heads `eomt`, `pmt`) with
+`AutoModelForUniversalSegmentation` and `ViTSegImageProcessor` with `AutoImageProcessor`, and marks them for
 remote code, so `save_pretrained` writes `auto_map` and the source files that let
 `from_pretrained(..., trust_remote_code=True)` work where hf-vitseg is not installed.
 
@@ -23,8 +24,10 @@ __all__ = [
     "BaseHead",
     "ViTSegConfig",
     "ViTSegForSemanticSegmentation",
+    "ViTSegForUniversalSegmentation",
     "ViTSegImageProcessor",
     "ViTSegPreTrainedModel",
+    "ViTSegUniversalSegmenterOutput",
     "get_head_class",
     "list_heads",
     "register_head",
@@ -37,8 +40,10 @@ if TYPE_CHECKING:
         BaseHead,
         ViTSegConfig,
         ViTSegForSemanticSegmentation,
+        ViTSegForUniversalSegmentation,
         ViTSegImageProcessor,
         ViTSegPreTrainedModel,
+        ViTSegUniversalSegmenterOutput,
         get_head_class,
         list_heads,
         register_head,

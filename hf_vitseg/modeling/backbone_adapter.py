@@ -217,15 +217,44 @@ class BackboneAdapter(nn.Module):
             with _AttentionRecorder(self.model, enabled=bool(output_attentions)) as recorder:
                 return self._forward_layers(pixel_values, bool(output_hidden_states), selected, recorder)
 
-    def _forward_layers(self, pixel_values, output_hidden_states: bool, selected: list[int] | None, recorder):
-        family = self.family
+    # -- layer by layer, for models that change the token sequence between layers (mask transformers) ---------
+    def embed_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict, tuple[int, int]]:
+        """The tokens before the first layer (embeddings with position embeddings for this size, the pre-norm where
+        the family has one), the keyword arguments every layer call takes, and the `(h, w)` patch grid. ViT and SAM
+        families; `pixel_values` are checked as `forward` checks them."""
+        self.check_pixel_values(pixel_values)
+        pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
         height, width = pixel_values.shape[-2:]
         grid_hw = (height // self.size_divisor, width // self.size_divisor)
-        hidden, layer_kwargs = family.embed(self.model, pixel_values, grid_hw)
-        pre_norm = get_path(self.model, family.pre_norm)
+        hidden, layer_kwargs = self.family.embed(self.model, pixel_values, grid_hw)
+        pre_norm = get_path(self.model, self.family.pre_norm)
         if pre_norm is not None:
             hidden = pre_norm(hidden)
-        layer_kwargs = {**dict(family.layer_kwargs), **layer_kwargs}
+        return hidden, {**dict(self.family.layer_kwargs), **layer_kwargs}, grid_hw
+
+    def layer_kwargs_for_grid(self, grid_hw: tuple[int, int], like: torch.Tensor) -> dict:
+        """The keyword arguments every layer call takes for a `grid_hw` patch grid, without the image (what
+        `embed_tokens` returns with the tokens): for layers run over cached tokens. `like` gives device and dtype."""
+        return {**dict(self.family.layer_kwargs), **self.family.grid_kwargs(self.model, grid_hw, like)}
+
+    @staticmethod
+    def run_layer(layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One transformer layer of this family (or a copy of one) over `hidden` `(B, N, C)`, with an additive
+        `attention_mask` broadcastable to `(B, heads, N, N)` (0 = attend, a large negative value = do not), or
+        plain attention for None. Every ViT family's layer takes `attention_mask`; N may exceed prefix + patch
+        tokens when the family's `check_extra_tokens` allows it."""
+        out = layer(hidden, **{**layer_kwargs, "attention_mask": attention_mask})
+        return out[0] if isinstance(out, tuple) else out
+
+    def recording(self, output_attentions: bool):
+        """A context manager recording the backbone's attention probabilities while enabled (eager attention for
+        the call where the implementation returns none), as `forward` does; `.attentions` holds them."""
+        return _Recording(self.model, bool(output_attentions))
+
+    def _forward_layers(self, pixel_values, output_hidden_states: bool, selected: list[int] | None, recorder):
+        family = self.family
+        hidden, layer_kwargs, grid_hw = self.embed_tokens(pixel_values)
         deepest = max(self.out_indices + (selected or []))
         taps = {0: hidden} if 0 in self.out_indices else {}
         all_hidden = [hidden] if output_hidden_states else None
@@ -282,6 +311,33 @@ def _selected_hidden_states(output_hidden_states, num_layers: int) -> list[int] 
                 f"{total} (0 = embeddings .. {num_layers}, or -{total}..-1 from the end); e.g. [{num_layers}]."
             )
     return sorted({i % total for i in indices})
+
+
+class _Recording:
+    """`_EagerAttention` and `_AttentionRecorder` together (see `BackboneAdapter.recording`)."""
+
+    def __init__(self, model: nn.Module, enabled: bool):
+        self.enabled = enabled
+        self._eager = _EagerAttention(model, enabled=enabled)
+        self._recorder = _AttentionRecorder(model, enabled=enabled)
+
+    @property
+    def attentions(self) -> tuple[torch.Tensor, ...] | None:
+        return self._recorder.attentions if self.enabled else None
+
+    def __enter__(self):
+        self._eager.__enter__()
+        try:
+            self._recorder.__enter__()
+        except BaseException:
+            self._eager.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._recorder.__exit__(*exc)
+        self._eager.__exit__(*exc)
+        return False
 
 
 class _EagerAttention:

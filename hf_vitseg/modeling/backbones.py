@@ -70,6 +70,26 @@ def embed_rope(model: nn.Module, pixel_values: torch.Tensor, grid_hw: tuple[int,
     return model.embeddings(pixel_values), {"position_embeddings": model.rope_embeddings(pixel_values)}
 
 
+# -- what every layer needs for a given patch grid, without the image (decoders over cached tokens) ---------------
+GridKwargs = Callable[[nn.Module, tuple[int, int], torch.Tensor], dict]
+
+
+def no_grid_kwargs(model: nn.Module, grid_hw: tuple[int, int], like: torch.Tensor) -> dict:
+    """Families whose layers need nothing that depends on the grid (absolute position embeddings)."""
+    return {}
+
+
+def rope_grid_kwargs(model: nn.Module, grid_hw: tuple[int, int], like: torch.Tensor) -> dict:
+    """DINOv3: the RoPE (cos, sin) of a `grid_hw` patch grid, as `embed_rope` gives it. The RoPE module reads only
+    the shape, device and dtype of the image, so a broadcast view of one zero stands in for it. DINOv3's layers
+    rotate only the last `h * w` tokens (the patches): tokens put in front of the sequence (CLS, registers, a mask
+    transformer's queries) get no rotation, as in transformers' EoMT-DINOv3."""
+    patch = model.config.patch_size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    image = like.new_zeros(()).expand(1, model.config.num_channels, grid_hw[0] * patch, grid_hw[1] * patch)
+    return {"position_embeddings": model.rope_embeddings(image)}
+
+
 def embed_relative_bias(model: nn.Module, pixel_values: torch.Tensor, grid_hw: tuple[int, int]):
     """BEiT / Data2VecVision: absolute embeddings (if any) interpolate themselves; the layers build their relative
     position bias for the input's `resolution`; a shared bias is built here, as `BeitModel.forward` does."""
@@ -135,6 +155,10 @@ class BackboneFamily:
             stripped when loading its weights.
         interpolates_with_kwarg: the HF model's own forward needs `interpolate_pos_encoding=True` for sizes other
             than the native one (tests compare the adapter with it).
+        grid_kwargs: `(model, grid_hw, like) -> layer kwargs` that depend on the patch grid only (DINOv3's RoPE),
+            for layers run over cached tokens (the `pmt` decoder); `embed` gives the same for an image.
+        extra_tokens_refusal: why the layers cannot take tokens beyond prefix + patches (a mask transformer's
+            queries), or "" where they can (see `check_extra_tokens`).
     """
 
     model_types: tuple[str, ...]
@@ -158,6 +182,8 @@ class BackboneFamily:
     composite_model_types: tuple[str, ...] = ()
     checkpoint_prefixes: tuple[str, ...] = ()
     interpolates_with_kwarg: bool = False
+    grid_kwargs: GridKwargs = no_grid_kwargs
+    extra_tokens_refusal: str = ""
 
     @property
     def name(self) -> str:
@@ -173,6 +199,23 @@ class BackboneFamily:
         if self.kind != "vit":
             return 0
         return self.class_tokens + int(getattr(config, "num_register_tokens", 0) or 0)
+
+    def check_extra_tokens(self, what: str) -> None:
+        """Raise a `ValueError` naming the reason when this family's layers cannot run over extra tokens in front of
+        the sequence (the learnable queries of the `eomt` / `pmt` heads, `what`): SAM's windowed spatial tokens,
+        hierarchical stages, and families whose record gives an `extra_tokens_refusal` (BEiT's relative position
+        bias)."""
+        reason = self.extra_tokens_refusal
+        if self.kind == "sam":
+            reason = "its layers take spatial (B, h, w, C) tokens with windowed attention"
+        elif self.kind == "hierarchical":
+            reason = "it is a hierarchical backbone (stages with patch merging), not one token sequence"
+        if reason:
+            raise ValueError(
+                f"{what} puts learnable queries into the token sequence of a plain ViT, but the {self.source_name} "
+                f"backbone cannot take them: {reason}. Use a plain ViT family (vit, deit, dinov2, "
+                "dinov2_with_registers, dinov3_vit, clip, siglip), or a pixel head with this backbone."
+            )
 
     def num_levels(self, config: PreTrainedConfig) -> int:
         """The largest valid tap index: transformer layers for ViT/SAM, stages for hierarchical backbones."""
@@ -226,7 +269,7 @@ FAMILIES: tuple[BackboneFamily, ...] = (
     BackboneFamily(
         # DINOv3's weights come under Meta's own DINOv3 licence, which is not a Hub licence id.
         model_types=("dinov3_vit",), kind="vit", source_name="DINOv3", license=None, hub_tag="dinov3",
-        class_tokens=1, layers="model.layer", final_norm="norm", embed=embed_rope,
+        class_tokens=1, layers="model.layer", final_norm="norm", embed=embed_rope, grid_kwargs=rope_grid_kwargs,
         citation='Siméoni et al., "DINOv3", arXiv 2025',
         paper_url="https://arxiv.org/abs/2508.10104",
     ),
@@ -253,6 +296,7 @@ FAMILIES: tuple[BackboneFamily, ...] = (
     BackboneFamily(
         # `layernorm` is an Identity when `use_mean_pooling` (BEiT's default): the taps are then not normed.
         model_types=("beit",), kind="vit", source_name="BEiT", license=APACHE, class_tokens=1, layers="layers",
+        extra_tokens_refusal="every layer adds a relative position bias sized for CLS + patch tokens only",
         embed=embed_relative_bias, model_kwargs=(("add_pooling_layer", False),),
         citation='Bao et al., "BEiT: BERT Pre-Training of Image Transformers", ICLR 2022',
         paper_url="https://arxiv.org/abs/2106.08254",

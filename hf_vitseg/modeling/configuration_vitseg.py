@@ -7,7 +7,9 @@ import copy
 from transformers import AutoConfig, PreTrainedConfig
 
 from .backbones import BackboneFamily, family_for, vision_config_of
+from .head_base import MASK_HEAD_NAMES
 from .heads import get_head_class
+from .mask_transformer import mask_head_settings
 
 
 def evenly_spaced_indices(num_levels: int, num_taps: int) -> list[int]:
@@ -70,7 +72,8 @@ class ViTSegConfig(PreTrainedConfig):
             Which tapped map (an index into `backbone_out_indices`) the auxiliary head reads.
         auxiliary_channels (`int`, *optional*, defaults to 256):
             Width of the auxiliary head's conv.
-        freeze_backbone (`bool`, *optional*, defaults to `False`):
+        freeze_backbone (`bool`, *optional*):
+            Defaults to `True` for head `pmt` (a decoder over a frozen backbone), `False` otherwise.
             No gradients into the backbone, which stays in eval mode (dropout, drop-path off) while the head trains.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Std of the normal initialisation of the head's linear and conv layers.
@@ -96,7 +99,7 @@ class ViTSegConfig(PreTrainedConfig):
         auxiliary_loss_weight: float = 0.0,
         auxiliary_in_index: int = -2,
         auxiliary_channels: int = 256,
-        freeze_backbone: bool = False,
+        freeze_backbone: bool | None = None,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -117,9 +120,12 @@ class ViTSegConfig(PreTrainedConfig):
             backbone_config = copy.deepcopy(backbone_config)
         backbone_config = vision_config_of(backbone_config)
         family = family_for(backbone_config)
-        head_cls = get_head_class(head)
         if backbone_out_indices is None:
-            backbone_out_indices = self.default_out_indices(family.num_levels(backbone_config), head_cls)
+            num_levels = family.num_levels(backbone_config)
+            if head in MASK_HEAD_NAMES:  # eomt runs the backbone to its last layer, pmt decodes the last layer
+                backbone_out_indices = [num_levels]
+            else:
+                backbone_out_indices = self.default_out_indices(num_levels, get_head_class(head))
 
         id2label = kwargs.get("id2label")
         if id2label is not None and kwargs.get("num_labels") is not None and len(id2label) != kwargs["num_labels"]:
@@ -149,7 +155,7 @@ class ViTSegConfig(PreTrainedConfig):
         self.auxiliary_loss_weight = auxiliary_loss_weight
         self.auxiliary_in_index = auxiliary_in_index
         self.auxiliary_channels = auxiliary_channels
-        self.freeze_backbone = freeze_backbone
+        self.freeze_backbone = (head == "pmt") if freeze_backbone is None else freeze_backbone
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self.backbone_out_indices = self._normalize_indices(
@@ -168,6 +174,22 @@ class ViTSegConfig(PreTrainedConfig):
         """
         family = self.backbone_family
         num_levels = family.num_levels(self.backbone_config)
+        if self.is_mask_transformer:
+            self._validate_mask_transformer(family, num_levels)
+        else:
+            self._validate_pixel_head(family, num_levels)
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be at least 1, got {self.num_labels}.")
+        if self.class_weights is not None and len(self.class_weights) != self.num_labels:
+            raise ValueError(f"class_weights has {len(self.class_weights)} entries for {self.num_labels} labels.")
+        if 0 <= self.ignore_index < self.num_labels:
+            raise ValueError(
+                f"ignore_index={self.ignore_index} is a valid class id for num_labels={self.num_labels}; "
+                "choose an ignore_index outside [0, num_labels) (255 or -100 are usual)."
+            )
+
+    def _validate_pixel_head(self, family: BackboneFamily, num_levels: int) -> None:
+        """`validate` for the pixel heads (`ViTSegForSemanticSegmentation`): head_kwargs, neck and taps."""
         head_cls = get_head_class(self.head)
         unknown = set(self.head_kwargs) - head_cls.init_kwargs()
         if unknown:
@@ -201,15 +223,39 @@ class ViTSegConfig(PreTrainedConfig):
                     f"(backbone_out_indices={indices}); tap more layers or pick an index in "
                     f"{-n_taps}..{n_taps - 1}."
                 )
-        if self.num_labels < 1:
-            raise ValueError(f"num_labels must be at least 1, got {self.num_labels}.")
-        if self.class_weights is not None and len(self.class_weights) != self.num_labels:
-            raise ValueError(f"class_weights has {len(self.class_weights)} entries for {self.num_labels} labels.")
-        if 0 <= self.ignore_index < self.num_labels:
+
+    def _validate_mask_transformer(self, family: BackboneFamily, num_levels: int) -> None:
+        """`validate` for the mask-transformer heads `eomt` / `pmt` (`ViTSegForUniversalSegmentation`)."""
+        family.check_extra_tokens(f"Head {self.head!r}")
+        indices = self._normalize_indices(self.backbone_out_indices, num_levels, family.kind)
+        if len(indices) != 1 or indices[0] < 1:
             raise ValueError(
-                f"ignore_index={self.ignore_index} is a valid class id for num_labels={self.num_labels}; "
-                "choose an ignore_index outside [0, num_labels) (255 or -100 are usual)."
+                f"Head {self.head!r} reads one backbone layer (eomt: the backbone runs up to it; pmt: its decoder "
+                f"reads it); backbone_out_indices={indices}. Give one layer >= 1, e.g. [{num_levels}]."
             )
+        mask_head_settings(self.head, self.head_kwargs, indices[0])
+        if not self.backbone_apply_layernorm:
+            raise ValueError(
+                f"Head {self.head!r} predicts from tokens normed by the backbone's final norm (as EoMT); "
+                "backbone_apply_layernorm must be True."
+            )
+        if self.neck == "pyramid":
+            raise ValueError(f"Head {self.head!r} takes no neck; use neck='auto' or None.")
+        unused = [name for name, value in (("auxiliary_loss_weight", self.auxiliary_loss_weight),
+                                           ("dice_loss_weight", self.dice_loss_weight),
+                                           ("label_smoothing", self.label_smoothing),
+                                           ("class_weights", self.class_weights)) if value]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} belong to the pixel loss; head {self.head!r} uses the mask-classification loss, "
+                "whose weights are head_kwargs (class_weight, mask_weight, dice_weight, no_object_weight)."
+            )
+
+    @property
+    def is_mask_transformer(self) -> bool:
+        """True for the mask-transformer heads (`eomt`, `pmt`): the config builds `ViTSegForUniversalSegmentation`
+        (class and mask per query), not `ViTSegForSemanticSegmentation` (logits per pixel)."""
+        return self.head in MASK_HEAD_NAMES
 
     @staticmethod
     def default_out_indices(num_levels: int, head_cls) -> list[int]:
@@ -256,6 +302,8 @@ class ViTSegConfig(PreTrainedConfig):
 
     @property
     def uses_pyramid_neck(self) -> bool:
+        if self.is_mask_transformer:
+            return False
         if self.neck == "auto":
             return get_head_class(self.head).wants_pyramid and self.backbone_kind != "hierarchical"
         return self.neck == "pyramid"

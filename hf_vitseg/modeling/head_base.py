@@ -24,12 +24,17 @@ from torch.nn import functional as F
 from .features import BackboneFeatures
 
 __all__ = [
-    "HEAD_REGISTRY", "BackboneFeatures", "BaseHead", "ConvNormAct", "get_head_class", "list_heads", "register_head",
-    "resize", "resolve_preset",
+    "HEAD_REGISTRY", "MASK_HEAD_NAMES", "BackboneFeatures", "BaseHead", "ConvNormAct", "get_head_class", "list_heads",
+    "register_head", "resize", "resolve_preset",
 ]
 
 
 HEAD_REGISTRY: dict[str, type[BaseHead]] = {}
+
+# The mask-transformer heads (`mask_transformer.py`): not `BaseHead`s (they classify masks, not pixels, and `eomt`
+# runs inside the backbone), so not in HEAD_REGISTRY; a config with one of them builds
+# `ViTSegForUniversalSegmentation` (`config.is_mask_transformer`).
+MASK_HEAD_NAMES: tuple[str, ...] = ("eomt", "pmt")
 
 
 def register_head(name: str, override: bool = False):
@@ -45,6 +50,8 @@ def register_head(name: str, override: bool = False):
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"A head name must be a Python identifier, got {name!r}.")
+    if name in MASK_HEAD_NAMES:
+        raise ValueError(f"{name!r} is the name of a built-in mask-transformer head; choose another name.")
 
     def decorator(cls):
         if not (isinstance(cls, type) and issubclass(cls, BaseHead)):
@@ -65,13 +72,25 @@ def register_head(name: str, override: bool = False):
     return decorator
 
 
-def list_heads() -> list[str]:
-    """The names of all registered heads, sorted."""
-    return sorted(HEAD_REGISTRY)
+def list_heads(kind: str = "semantic") -> list[str]:
+    """The names of the heads, sorted: `"semantic"` (default) the registered pixel heads of
+    `ViTSegForSemanticSegmentation`, `"mask"` the mask-transformer heads of `ViTSegForUniversalSegmentation`
+    (`eomt`, `pmt`), `"all"` both."""
+    if kind not in ("semantic", "mask", "all"):
+        raise ValueError(f"list_heads(kind=...) takes 'semantic', 'mask' or 'all', got {kind!r}.")
+    names = set(HEAD_REGISTRY) if kind != "mask" else set()
+    if kind != "semantic":
+        names |= set(MASK_HEAD_NAMES)
+    return sorted(names)
 
 
 def get_head_class(name: str) -> type[BaseHead]:
     """The head class registered under `name`; a clear error listing the registered names otherwise."""
+    if name in MASK_HEAD_NAMES and name not in HEAD_REGISTRY:
+        raise ValueError(
+            f"Head {name!r} is a mask-transformer head (it predicts masks and classes, not pixel logits): build "
+            "hf_vitseg.ViTSegForUniversalSegmentation, not ViTSegForSemanticSegmentation, with it."
+        )
     if name not in HEAD_REGISTRY:
         raise ValueError(
             f"Unknown head {name!r}. Registered heads: {', '.join(list_heads())}. "

