@@ -20,6 +20,7 @@ from transformers.image_processing_outputs import (
     SemanticSegmentationPostProcessorOutput,
 )
 from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import rgb_to_id
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -55,6 +56,7 @@ class ViTSegImageProcessorKwargs(ImagesKwargs, total=False):
     do_reduce_labels: bool
     pad_to_size: dict[str, int] | None
     return_input_sizes: bool
+    return_mask_labels: bool
     num_channels: int
 
 
@@ -193,6 +195,7 @@ class ViTSegImageProcessor(PilBackend):
     do_reduce_labels = False
     pad_to_size = None
     return_input_sizes = False
+    return_mask_labels = False
     do_convert_rgb = True
     num_channels = _CHANNELS
 
@@ -209,6 +212,7 @@ class ViTSegImageProcessor(PilBackend):
         self,
         images,
         segmentation_maps=None,
+        instance_id_to_semantic_id=None,
         **kwargs: Unpack[ViTSegImageProcessorKwargs],
     ) -> BatchFeature:
         r"""
@@ -218,7 +222,19 @@ class ViTSegImageProcessor(PilBackend):
             images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, or a list of them, or a 4-D array):
                 The images; see the class docstring for the conversion rule.
             segmentation_maps (same kinds, *optional*):
-                One integer map per image, each the size of its image.
+                One integer map per image, each the size of its image: class ids, or instance ids with
+                `instance_id_to_semantic_id`.
+            instance_id_to_semantic_id (`dict[int, int]`, `int`, or a list of them, one per image, *optional*):
+                Says the maps hold instance ids, and each instance's class: a dict `{instance id: class id}`, or one
+                class id for every instance. Instance id 0 is background (in no mask) and `ignore_index` ignored,
+                unless the dict names them; see `segmentation_map_to_targets`. For COCO panoptic PNGs,
+                `panoptic_to_instance_map` gives the map and the dict.
+            return_mask_labels (`bool`, *optional*, defaults to `False`):
+                Return mask-classification targets (for `ViTSegForUniversalSegmentation`) instead of `labels`:
+                `mask_labels`, a list of `(N_i, H, W)` float32 binary masks (one per class present in a semantic map,
+                one per instance in an instance map; pixels of `ignore_index`, background and padding are 0 in every
+                mask), and `class_labels`, a list of `(N_i,)` int64 classes. Masks are made after the resize
+                (nearest-neighbour) and crop, at the size of `pixel_values`.
             return_tensors (`str`, *optional*, defaults to `"pt"`):
                 `"pt"` for torch tensors, `"np"` or `None` for numpy arrays.
             kwargs:
@@ -226,10 +242,14 @@ class ViTSegImageProcessor(PilBackend):
 
         Returns:
             `BatchFeature` with `pixel_values` `(B, 3, H, W)` float32, `labels` `(B, H, W)` int64 when maps are
-            given, and `input_sizes` `(B, 2)` and `input_boxes` `(B, 4)` int64 when `return_input_sizes=True`.
+            given (each instance's class for instance maps), or `mask_labels` / `class_labels` with
+            `return_mask_labels=True`, and `input_sizes` `(B, 2)` and `input_boxes` `(B, 4)` int64 when
+            `return_input_sizes=True`.
         """
         kwargs.setdefault("return_tensors", "pt")
-        return super().preprocess(images, segmentation_maps, **kwargs)
+        if instance_id_to_semantic_id is not None and segmentation_maps is None:
+            raise ValueError("instance_id_to_semantic_id describes segmentation_maps; pass the instance maps too.")
+        return super().preprocess(images, segmentation_maps, instance_id_to_semantic_id, **kwargs)
 
     def _standardize_kwargs(self, **kwargs) -> dict:
         # Runs at construction and at every call, so bad settings fail early with a clear message.
@@ -560,7 +580,8 @@ class ViTSegImageProcessor(PilBackend):
     # The batch
     # ----------------------------------------------------------------------------------------------
 
-    def _preprocess_image_like_inputs(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:
+    def _preprocess_image_like_inputs(self, images, segmentation_maps=None, instance_id_to_semantic_id=None,
+                                      **kwargs) -> BatchFeature:
         images = [
             self.process_image(
                 image, input_data_format=kwargs.get("input_data_format"), do_convert_rgb=kwargs.get("do_convert_rgb"),
@@ -580,7 +601,7 @@ class ViTSegImageProcessor(PilBackend):
                         f"Image {index} has size (H, W) = {tuple(image.shape[1:])} but its segmentation map has size "
                         f"{tuple(seg_map.shape)}; they must match."
                     )
-        return self._preprocess(images, maps, **kwargs)
+        return self._preprocess(images, maps, instance_id_to_semantic_id=instance_id_to_semantic_id, **kwargs)
 
     def _preprocess(
         self,
@@ -601,9 +622,18 @@ class ViTSegImageProcessor(PilBackend):
         pad_to_size: dict[str, int] | None,
         return_input_sizes: bool,
         return_tensors=None,
+        return_mask_labels: bool = False,
+        instance_id_to_semantic_id=None,
         **kwargs,
     ) -> BatchFeature:
         maps = segmentation_maps if segmentation_maps is not None else [None] * len(images)
+        map_fill, target_classes = ignore_index, None
+        if segmentation_maps is not None and (return_mask_labels or instance_id_to_semantic_id is not None):
+            # Targets travel as target maps (index of each pixel's target, NO_TARGET elsewhere and in the padding)
+            maps, target_classes = _targets_per_image(
+                self, maps, instance_id_to_semantic_id, ignore_index, do_reduce_labels
+            )
+            map_fill, do_reduce_labels = NO_TARGET, False
         processed_images, processed_maps, boxes = [], [], []
         for image, seg_map in zip(images, maps):
             if seg_map is not None and do_reduce_labels:
@@ -619,16 +649,26 @@ class ViTSegImageProcessor(PilBackend):
         input_sizes = np.array([image.shape[1:] for image in processed_images], dtype=np.int64)
         target_hw = self.padded_size(input_sizes.tolist(), patch_size, pad_to_size)
         padded = [
-            self.pad_sample(image, seg_map, target_hw, ignore_index)
+            self.pad_sample(image, seg_map, target_hw, map_fill)
             for image, seg_map in zip(processed_images, processed_maps)
         ]
         data = {"pixel_values": np.stack([image for image, _ in padded])}
-        if segmentation_maps is not None:
+        if target_classes is not None and return_mask_labels:
+            targets = [targets_to_masks(seg_map, classes) for (_, seg_map), classes in zip(padded, target_classes)]
+            as_tensor = torch.from_numpy if return_tensors == "pt" else np.asarray
+            data["mask_labels"] = [as_tensor(masks) for masks, _ in targets]
+            data["class_labels"] = [as_tensor(classes) for _, classes in targets]
+        elif target_classes is not None:
+            data["labels"] = np.stack([targets_to_labels(seg_map, classes, ignore_index)
+                                       for (_, seg_map), classes in zip(padded, target_classes)])
+        elif segmentation_maps is not None:
             data["labels"] = np.stack([seg_map for _, seg_map in padded])
         if return_input_sizes:
             data["input_sizes"] = input_sizes
             data["input_boxes"] = np.array(boxes, dtype=np.int64)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        # mask_labels / class_labels stay lists: images have different numbers of targets
+        return BatchFeature(data=data, tensor_type=return_tensors,
+                            skip_tensor_conversion=["mask_labels", "class_labels"])
 
     # ----------------------------------------------------------------------------------------------
     # Post-processing
@@ -693,6 +733,10 @@ class ViTSegImageProcessor(PilBackend):
         ... )
         ```
         """
+        if getattr(outputs, "class_queries_logits", None) is not None:  # a mask-classification model
+            return self._post_process_mask_semantic(
+                outputs, target_sizes, input_sizes, padded_size, input_boxes, return_segmentation_scores
+            )
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
         batch_size = logits.shape[0]
         target_sizes, input_boxes, padded_size = _output_geometry(
@@ -715,12 +759,437 @@ class ViTSegImageProcessor(PilBackend):
                 results.append(segmentation)
         return results
 
+    # ----------------------------------------------------------------------------------------------
+    # Mask-classification models (ViTSegForUniversalSegmentation): targets and post-processing
+    # ----------------------------------------------------------------------------------------------
+
+    def segmentation_map_to_targets(
+        self, segmentation_map: np.ndarray, instance_id_to_semantic_id=None, ignore_index: int | None = None,
+        do_reduce_labels: bool | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`segmentation_map_to_targets` with this processor's `ignore_index` and `do_reduce_labels` as defaults: a
+        semantic or instance map `(H, W)` -> `(target_map, classes)`, the form in which targets are resized, cropped,
+        flipped and padded (with `NO_TARGET`) before `targets_to_masks` makes `mask_labels` / `class_labels`."""
+        return segmentation_map_to_targets(
+            segmentation_map,
+            instance_id_to_semantic_id,
+            self.ignore_index if ignore_index is None else ignore_index,
+            self.do_reduce_labels if do_reduce_labels is None else do_reduce_labels,
+        )
+
+    def _post_process_mask_semantic(self, outputs, target_sizes, input_sizes, padded_size, input_boxes,
+                                    return_segmentation_scores):
+        class_logits, mask_logits = _mask_outputs(outputs, "post_process_semantic_segmentation")
+        batch_size = class_logits.shape[0]
+        target_sizes, input_boxes, padded_size = _output_geometry(
+            batch_size, target_sizes, input_sizes, input_boxes, padded_size
+        )
+        class_probs = class_logits.float().softmax(dim=-1)[..., :-1]  # (B, Q, K): the last column is "no object"
+        results = []
+        for index in range(batch_size):
+            masks = _to_output_geometry(mask_logits[index : index + 1].float(), index, target_sizes, input_boxes,
+                                        padded_size)[0]  # (Q, H, W)
+            scores = torch.einsum("qc,qhw->chw", class_probs[index], masks.sigmoid())
+            segmentation = scores.argmax(dim=0)
+            if return_segmentation_scores:
+                results.append(SemanticSegmentationPostProcessorOutput(
+                    data={"segmentation": segmentation, "segmentation_scores": scores}))
+            else:
+                results.append(segmentation)
+        return results
+
+    def post_process_instance_segmentation(
+        self,
+        outputs,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        target_sizes=None,
+        return_binary_maps: bool = False,
+        input_sizes=None,
+        padded_size=None,
+        input_boxes=None,
+    ) -> list[dict]:
+        r"""
+        Instance segmentation from a mask-classification model (`ViTSegForUniversalSegmentation`), by transformers'
+        Mask2Former algorithm and in its output format: the `num_queries` best (query, class) pairs, each scored by
+        its class probability times its mean mask probability inside the mask; those scoring at least `threshold`
+        and with a non-empty mask are the instances, painted in that order (a later one wins an overlap).
+
+        Args:
+            outputs: the model's outputs (`class_queries_logits` `(B, Q, K + 1)`, `masks_queries_logits`
+                `(B, Q, h, w)`, mask logits over the padded `pixel_values`).
+            threshold (`float`, defaults to 0.5): the least score an instance keeps.
+            mask_threshold (`float`, defaults to 0.5): a pixel is in a mask when its mask probability exceeds this
+                (transformers' Mask2Former ignores the argument and always uses 0.5, the default here).
+            overlap_mask_area_threshold (`float`, defaults to 0.8): accepted for transformers' signature; the
+                instance algorithm does not use it (as in transformers).
+            target_sizes, input_sizes, padded_size, input_boxes: the output geometry, as for
+                `post_process_semantic_segmentation`: mask logits are resampled bilinearly onto each image (through
+                its box in the padded input when the geometry is given, so padding is cut exactly) before
+                thresholding.
+            return_binary_maps (`bool`, defaults to `False`): return the instances' binary masks `(N, H, W)` instead
+                of the id map (when there is at least one instance, as transformers).
+
+        Returns:
+            `list[dict]`, one per image: `segmentation`, `(H, W)` float32 instance ids with -1 for no instance (or
+            `(N, H, W)` binary maps); `segments_info`, a list of `{"id", "label_id", "was_fused": False, "score"}`.
+        """
+        class_logits, mask_logits = _mask_outputs(outputs, "post_process_instance_segmentation")
+        batch_size, num_queries, num_columns = class_logits.shape
+        num_classes = num_columns - 1
+        target_sizes, input_boxes, padded_size = _output_geometry(
+            batch_size, target_sizes, input_sizes, input_boxes, padded_size
+        )
+        mask_cut = math.log(mask_threshold / (1 - mask_threshold)) if 0 < mask_threshold < 1 else None
+        results = []
+        for index in range(batch_size):
+            masks = _to_output_geometry(mask_logits[index : index + 1].float(), index, target_sizes, input_boxes,
+                                        padded_size)[0]  # (Q, H, W)
+            scores = class_logits[index].float().softmax(dim=-1)[:, :-1]
+            labels = torch.arange(num_classes, device=scores.device).unsqueeze(0).repeat(num_queries, 1).flatten(0, 1)
+            scores_per_image, topk_indices = scores.flatten(0, 1).topk(num_queries, sorted=False)
+            pred_classes = labels[topk_indices]
+            mask_pred = masks[torch.div(topk_indices, num_classes, rounding_mode="floor")]
+            if mask_cut is None:
+                pred_masks = (mask_pred.sigmoid() > mask_threshold).float()
+            else:
+                pred_masks = (mask_pred > mask_cut).float()
+            mask_scores = (mask_pred.sigmoid().flatten(1) * pred_masks.flatten(1)).sum(1) / (
+                pred_masks.flatten(1).sum(1) + 1e-6
+            )
+            pred_scores = scores_per_image * mask_scores
+            segmentation = torch.zeros(masks.shape[1:], device=masks.device) - 1
+            instance_maps, segments = [], []
+            for query in range(num_queries):
+                score = pred_scores[query].item()
+                if score >= threshold and bool(pred_masks[query].any()):
+                    segmentation[pred_masks[query] == 1] = len(segments)
+                    segments.append({"id": len(segments), "label_id": pred_classes[query].item(),
+                                     "was_fused": False, "score": round(score, 6)})
+                    instance_maps.append(pred_masks[query])
+            if return_binary_maps and instance_maps:
+                segmentation = torch.stack(instance_maps, dim=0)
+            results.append({"segmentation": segmentation, "segments_info": segments})
+        return results
+
+    def post_process_panoptic_segmentation(
+        self,
+        outputs,
+        threshold: float = 0.8,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        label_ids_to_fuse: set[int] | None = None,
+        target_sizes=None,
+        input_sizes=None,
+        padded_size=None,
+        input_boxes=None,
+    ) -> list[dict]:
+        r"""
+        Panoptic segmentation from a mask-classification model (`ViTSegForUniversalSegmentation`), by transformers'
+        Mask2Former algorithm and in its output format: queries whose best class is a real class (not "no
+        object") with a probability above `threshold` compete for pixels (each pixel goes to the query with the
+        highest score-weighted mask probability); a query keeps a segment when it wins pixels and they are more than
+        `overlap_mask_area_threshold` of its own mask. Segments of a class in `label_ids_to_fuse` ("stuff") merge into
+        one.
+
+        Args:
+            outputs: the model's outputs (`class_queries_logits`, `masks_queries_logits`).
+            threshold (`float`, defaults to 0.8): the least class probability a query needs.
+            mask_threshold (`float`, defaults to 0.5): binarises the score-weighted mask probabilities when measuring
+                a query's own mask (as transformers).
+            overlap_mask_area_threshold (`float`, defaults to 0.8): see above; removes small, disconnected remnants.
+            label_ids_to_fuse (`set[int]`, *optional*): classes whose instances are fused into one segment.
+            target_sizes, input_sizes, padded_size, input_boxes: the output geometry, as for
+                `post_process_semantic_segmentation` (mask logits resampled onto each image, padding cut exactly).
+
+        Returns:
+            `list[dict]`, one per image: `segmentation`, `(H, W)` int32 segment ids from 1, with 0 for pixels of no
+            segment (-1 everywhere when the image has no segment at all, as transformers); `segments_info`, a list of
+            `{"id", "label_id", "was_fused", "score"}`.
+        """
+        class_logits, mask_logits = _mask_outputs(outputs, "post_process_panoptic_segmentation")
+        batch_size, _, num_columns = class_logits.shape
+        num_labels = num_columns - 1
+        label_ids_to_fuse = set() if label_ids_to_fuse is None else set(label_ids_to_fuse)
+        target_sizes, input_boxes, padded_size = _output_geometry(
+            batch_size, target_sizes, input_sizes, input_boxes, padded_size
+        )
+        pred_scores, pred_labels = class_logits.float().softmax(dim=-1).max(-1)  # (B, Q)
+        results = []
+        for index in range(batch_size):
+            keep = pred_labels[index].ne(num_labels) & (pred_scores[index] > threshold)
+            queries = keep.nonzero()[:, 0] if bool(keep.any()) else torch.zeros(1, dtype=torch.long)
+            masks = _to_output_geometry(mask_logits[index : index + 1, queries].float(), index, target_sizes,
+                                        input_boxes, padded_size)[0]  # (kept, H, W)
+            if not bool(keep.any()):
+                nothing = torch.full(masks.shape[1:], -1, dtype=torch.int32)
+                results.append({"segmentation": nothing, "segments_info": []})
+                continue
+            segmentation, segments = _panoptic_segments(
+                masks.sigmoid(), pred_scores[index][keep], pred_labels[index][keep], mask_threshold,
+                overlap_mask_area_threshold, label_ids_to_fuse,
+            )
+            results.append({"segmentation": segmentation, "segments_info": segments})
+        return results
+
 
 def reduce_labels(segmentation_map: np.ndarray, ignore_index: int) -> np.ndarray:
     """ADE20K convention: 0 -> `ignore_index`, `v` -> `v - 1`, `ignore_index` stays `ignore_index`."""
     reduced = segmentation_map - 1
     reduced[(segmentation_map == 0) | (segmentation_map == ignore_index)] = ignore_index
     return reduced
+
+
+# --------------------------------------------------------------------------------------------------
+# Mask-classification targets (ViTSegForUniversalSegmentation): one binary mask and one class per target
+# --------------------------------------------------------------------------------------------------
+
+# A pixel that belongs to no target (ignored, background, padding) in a target map.
+NO_TARGET = -1
+
+
+def segmentation_map_to_targets(
+    segmentation_map: np.ndarray,
+    instance_id_to_semantic_id=None,
+    ignore_index: int | None = 255,
+    do_reduce_labels: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""
+    A semantic or instance map -> a target map and the class of each target (mask-classification targets).
+
+    Args:
+        segmentation_map (`np.ndarray`): `(H, W)` integers.
+        instance_id_to_semantic_id (`dict[int, int]`, `int` or `None`):
+            `None`: the map holds class ids (a semantic map), and each class present is one target, as
+            transformers' Mask2Former / EoMT processors do. A dict (keys may be strings, as after JSON): the map holds
+            instance ids, each id is one target of the class the dict gives it. An int `k`: the map holds instance
+            ids, and every instance is of class `k`. With instance maps, an id the dict does not name is background
+            (no target) when it is 0, ignored when it is `ignore_index`, and an error otherwise; an instance whose
+            class is `ignore_index` is ignored (COCO's crowd regions, say).
+        ignore_index (`int`, *optional*): the class of pixels that belong to no target (semantic maps), and the
+            instance id of such pixels (instance maps).
+        do_reduce_labels (`bool`): ADE20K's convention, as `reduce_labels`: class 0 means "unlabelled" and is
+            ignored, every other class `c` becomes `c - 1` (for instance maps, the classes the mapping gives; instance
+            id 0 is then background even if the dict names it).
+
+    Returns:
+        `(target_map, classes)`: `target_map` `(H, W)` int64 holds, per pixel, the index of its target in
+        `classes`, or `NO_TARGET` (-1) for pixels of no target; `classes` `(N,)` int64, ordered by class id (semantic
+        maps) or instance id (instance maps), as transformers orders them.
+
+    Raises:
+        `ValueError`: a negative class, an instance id the dict does not name, or an int mapping with instance ids
+        above `ignore_index` while `ignore_index` is present (it may be an instance: name it in a dict).
+    """
+    segmentation_map = np.asarray(segmentation_map)
+    ids, inverse = np.unique(segmentation_map, return_inverse=True)
+    inverse = inverse.reshape(segmentation_map.shape)
+    if instance_id_to_semantic_id is None:  # a semantic map: one target per class
+        classes = reduce_labels(ids, ignore_index) if do_reduce_labels else ids.copy()
+        keep = classes != ignore_index if ignore_index is not None else np.ones(ids.shape, dtype=bool)
+        negative = classes[keep & (classes < 0)]
+        if negative.size:
+            raise ValueError(
+                f"The segmentation map holds negative class ids {negative.tolist()}; class ids are 0..num_labels-1, "
+                f"and pixels to ignore hold ignore_index={ignore_index}."
+            )
+    else:
+        classes = np.array([_instance_class(int(i), instance_id_to_semantic_id, ignore_index, do_reduce_labels, ids)
+                            for i in ids], dtype=np.int64).reshape(ids.shape)
+        keep = classes != NO_TARGET
+    index_of = np.full(ids.shape, NO_TARGET, dtype=np.int64)
+    index_of[keep] = np.arange(int(keep.sum()))
+    return index_of[inverse], classes[keep].astype(np.int64)
+
+
+def _instance_class(instance_id: int, mapping, ignore_index, reduce: bool, all_ids: np.ndarray) -> int:
+    """The class of one instance id, or `NO_TARGET` (see `segmentation_map_to_targets`)."""
+    if reduce and instance_id == 0:
+        return NO_TARGET
+    if isinstance(mapping, (int, np.integer)) and not isinstance(mapping, bool):
+        if instance_id == 0 or instance_id == ignore_index and ignore_index is not None:
+            if instance_id != 0 and int(all_ids.max()) > ignore_index:
+                raise ValueError(
+                    f"The instance map holds ids above ignore_index={ignore_index} (up to {int(all_ids.max())}), so "
+                    f"id {ignore_index} is probably an instance, not a region to ignore. Pass "
+                    "instance_id_to_semantic_id as a dict that names every id (e.g. {i: class_id for i in ids if i}), "
+                    "or use an ignore_index that no instance uses."
+                )
+            return NO_TARGET
+        class_id = int(mapping)
+    elif isinstance(mapping, dict):
+        class_id = mapping.get(instance_id, mapping.get(str(instance_id)))
+        if class_id is None:
+            if instance_id == 0 or instance_id == ignore_index:
+                return NO_TARGET
+            named = sorted(int(key) for key in mapping)
+            raise ValueError(
+                f"Instance id {instance_id} is in the instance map but not in instance_id_to_semantic_id (which names "
+                f"ids {named[:10]}{' ...' if len(named) > 10 else ''}); give every instance its class (0 is background "
+                f"and {ignore_index} ignored unless named)."
+            )
+        class_id = int(class_id)
+    else:
+        raise TypeError(
+            "instance_id_to_semantic_id must be a dict {instance id: class id}, an int (the class of every "
+            f"instance), or a list of those (one per image); got {type(mapping).__name__}."
+        )
+    if reduce:
+        class_id = NO_TARGET if class_id == 0 else class_id - 1
+    if class_id == ignore_index:
+        return NO_TARGET
+    if class_id < 0 and not (reduce and class_id == NO_TARGET):
+        raise ValueError(f"Instance {instance_id} has the negative class {class_id}; classes are 0..num_labels-1.")
+    return class_id
+
+
+def targets_to_masks(target_map: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A target map (see `segmentation_map_to_targets`) -> `mask_labels` `(N, H, W)` float32 in {0, 1} and
+    `class_labels` `(N,)` int64. Targets with no pixel left (cropped away, or too small for a downscale) are
+    dropped; pixels of no target are 0 in every mask."""
+    target_map = np.asarray(target_map)
+    classes = np.asarray(classes, dtype=np.int64)
+    present = np.zeros(len(classes) + 1, dtype=bool)
+    present[np.unique(target_map) + 1] = True  # shifted by one: NO_TARGET is -1
+    kept = np.flatnonzero(present[1:])
+    masks = target_map[None] == kept[:, None, None]
+    return masks.astype(np.float32), classes[kept]
+
+
+def targets_to_labels(target_map: np.ndarray, classes: np.ndarray, ignore_index: int) -> np.ndarray:
+    """A target map -> a semantic label map: each pixel its target's class, `ignore_index` where there is none."""
+    lookup = np.append(np.asarray(classes, dtype=np.int64), np.int64(ignore_index))
+    return lookup[target_map]  # NO_TARGET (-1) picks the last entry, ignore_index
+
+
+def panoptic_to_instance_map(
+    panoptic_map,
+    segments_info,
+    category_id_to_label: dict | None = None,
+    ignore_index: int = 255,
+) -> tuple[np.ndarray, dict[int, int]]:
+    r"""
+    A COCO-style panoptic annotation -> an instance map and its `instance_id_to_semantic_id`, for
+    `ViTSegImageProcessor(images, segmentation_maps=instance_map, instance_id_to_semantic_id=mapping,
+    return_mask_labels=True)`.
+
+    Args:
+        panoptic_map (`PIL.Image.Image` or `np.ndarray`): the panoptic PNG, RGB, segment id `R + 256 G + 256^2 B`
+            per pixel (COCO's encoding; 0 = unlabelled), or an already decoded `(H, W)` id map.
+        segments_info (`list[dict]`): the annotation's segments, each with `id` and `category_id`, and optionally
+            `iscrowd` (COCO's `annotations[i]["segments_info"]`).
+        category_id_to_label (`dict[int, int]`, *optional*): maps COCO category ids (not contiguous) to the model's
+            class ids `0..num_labels-1`; a category it leaves out is ignored. Default: category ids are class ids.
+        ignore_index (`int`): the class that crowd regions and left-out categories get, so that they are in no mask.
+
+    Returns:
+        `(instance_map, instance_id_to_semantic_id)`: `(H, W)` int64 segment ids, and each segment's class
+        (`ignore_index` for crowd regions). Unlabelled pixels (id 0) are background: in no mask.
+
+    Raises:
+        `ValueError`: a segment id in the map that `segments_info` does not describe, or a map that is not RGB / 2-D.
+    """
+    array = np.asarray(panoptic_map)
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        array = rgb_to_id(np.ascontiguousarray(array[..., :3]).astype(np.int64))
+    elif array.ndim != 2:
+        raise ValueError(
+            f"A panoptic map must be an RGB image (segment id = R + 256 G + 256^2 B) or a 2-D id map; got shape "
+            f"{array.shape}."
+        )
+    instance_map = array.astype(np.int64)
+    mapping = {}
+    for segment in segments_info:
+        category = int(segment["category_id"])
+        if category_id_to_label is not None:
+            category = category_id_to_label.get(category, category_id_to_label.get(str(category), ignore_index))
+        mapping[int(segment["id"])] = ignore_index if segment.get("iscrowd", 0) else int(category)
+    unknown = sorted(set(np.unique(instance_map).tolist()) - set(mapping) - {0})
+    if unknown:
+        raise ValueError(
+            f"The panoptic map holds segment ids {unknown[:10]} that segments_info does not describe; pass the "
+            "segments_info of this very image (COCO: the annotation whose file_name is this PNG)."
+        )
+    return instance_map, mapping
+
+
+# --------------------------------------------------------------------------------------------------
+# Mask-classification post-processing (transformers' Mask2Former algorithms, on the exact output geometry)
+# --------------------------------------------------------------------------------------------------
+
+
+def _mask_outputs(outputs, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    class_logits = getattr(outputs, "class_queries_logits", None)
+    mask_logits = getattr(outputs, "masks_queries_logits", None)
+    if class_logits is None or mask_logits is None:
+        raise ValueError(
+            f"{what} needs the outputs of a mask-classification model (class_queries_logits and masks_queries_logits, "
+            "e.g. ViTSegForUniversalSegmentation with head 'eomt' or 'pmt'); a semantic model's per-pixel logits only "
+            "give post_process_semantic_segmentation."
+        )
+    if class_logits.shape[:2] != mask_logits.shape[:2]:
+        raise ValueError(
+            f"class_queries_logits {tuple(class_logits.shape)} and masks_queries_logits {tuple(mask_logits.shape)} "
+            "disagree on the batch size or the number of queries."
+        )
+    return class_logits, mask_logits
+
+
+def _segment_validity(mask_labels, mask_probs, k, mask_threshold, overlap_mask_area_threshold):
+    """transformers' Mask2Former `check_segment_validity`: query `k` owns a segment when it wins pixels and the
+    pixels it wins are more than `overlap_mask_area_threshold` of its own (score-weighted) mask."""
+    mask_k = mask_labels == k
+    mask_k_area = mask_k.sum()
+    original_area = (mask_probs[k] >= mask_threshold).sum()
+    exists = bool(mask_k_area > 0 and original_area > 0)
+    if exists and not (mask_k_area / original_area).item() > overlap_mask_area_threshold:
+        exists = False
+    return exists, mask_k
+
+
+def _panoptic_segments(mask_probs, pred_scores, pred_labels, mask_threshold, overlap_mask_area_threshold,
+                       label_ids_to_fuse):
+    """transformers' Mask2Former `compute_segments` on probabilities already at the output geometry."""
+    segmentation = torch.zeros(mask_probs.shape[1:], dtype=torch.int32, device=mask_probs.device)
+    segments = []
+    mask_probs = mask_probs * pred_scores.view(-1, 1, 1)
+    mask_labels = mask_probs.argmax(0)
+    current_segment_id = 0
+    stuff_memory: dict[int, int] = {}
+    for k in range(pred_labels.shape[0]):
+        pred_class = pred_labels[k].item()
+        should_fuse = pred_class in label_ids_to_fuse
+        exists, mask_k = _segment_validity(mask_labels, mask_probs, k, mask_threshold, overlap_mask_area_threshold)
+        if not exists:
+            continue
+        if pred_class in stuff_memory:
+            current_segment_id = stuff_memory[pred_class]
+        else:
+            current_segment_id += 1
+        segmentation[mask_k] = current_segment_id
+        segments.append({"id": current_segment_id, "label_id": pred_class, "was_fused": should_fuse,
+                         "score": round(pred_scores[k].item(), 6)})
+        if should_fuse:
+            stuff_memory[pred_class] = current_segment_id
+    return segmentation, segments
+
+
+def _targets_per_image(processor, maps, instance_id_to_semantic_id, ignore_index, do_reduce_labels):
+    """`segmentation_map_to_targets` for every map of a batch: `(target maps, classes per map)`."""
+    mappings = instance_id_to_semantic_id
+    if not isinstance(mappings, (list, tuple)):
+        mappings = [mappings] * len(maps)
+    elif len(mappings) != len(maps):
+        raise ValueError(
+            f"Got {len(mappings)} instance_id_to_semantic_id entries for {len(maps)} segmentation maps; pass one per "
+            "map, or one dict / int for all."
+        )
+    converted = [
+        processor.segmentation_map_to_targets(seg_map, mapping, ignore_index, do_reduce_labels)
+        for seg_map, mapping in zip(maps, mappings)
+    ]
+    return [target_map for target_map, _ in converted], [classes for _, classes in converted]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1004,4 +1473,11 @@ def _resample_box(
     return F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-__all__ = ["ViTSegImageProcessor"]
+__all__ = [
+    "NO_TARGET",
+    "ViTSegImageProcessor",
+    "panoptic_to_instance_map",
+    "segmentation_map_to_targets",
+    "targets_to_labels",
+    "targets_to_masks",
+]
