@@ -198,10 +198,11 @@ def test_mask_ap_hand_computed():
     det_a = np.zeros_like(target)
     det_a[0, 2:4, 2:4] = True
     det_a[0, 2, 4] = True
-    metric = MaskAP(num_labels=3)
-    metric.update(np.concatenate([det_a, target]), torch.tensor([0.9, 0.8]), [1, 1], torch.from_numpy(target), [1])
-    result = metric.compute()
-    assert result["map"] == pytest.approx(0.65)
+    for max_detections in (2, 100):  # pycocotools' own summary says -1 for AP at 0.50:0.95 unless maxDets is 100
+        metric = MaskAP(num_labels=3, max_detections=max_detections)
+        metric.update(np.concatenate([det_a, target]), torch.tensor([0.9, 0.8]), [1, 1], torch.from_numpy(target), [1])
+        result = metric.compute()
+        assert result["map"] == pytest.approx(0.65) and result["mar"] == pytest.approx(1.0)
     assert (result["map_50"], result["map_75"]) == (pytest.approx(1.0), pytest.approx(0.5))
     assert result["per_class_map"][1] == pytest.approx(0.65) and np.isnan(result["per_class_map"][0])
     assert result["map_small"] == pytest.approx(0.65) and np.isnan(result["map_large"])

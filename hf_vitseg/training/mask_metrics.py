@@ -288,9 +288,9 @@ class MaskAP:
     `update` once per image with the predicted binary masks, scores and labels (e.g. from
     `post_process_instance_segmentation(..., return_binary_maps=True)`, or `masks_from_segmentation`)
     and the ground-truth masks and labels; masks are stored run-length encoded. `compute` returns
-    `map` (AP at IoU 0.50:0.95), `map_50`, `map_75`, `map_small`, `map_medium`, `map_large`, `mar_100`
-    (recall at `max_detections`) and `per_class_map` (list of `num_labels`), NaN where COCO has nothing
-    to measure (-1 in pycocotools' summary: no ground truth).
+    `map` (AP at IoU 0.50:0.95), `map_50`, `map_75`, `map_small`, `map_medium`, `map_large`, `mar`
+    (recall at `max_detections`, COCO's AR@100 by default) and `per_class_map` (list of `num_labels`), NaN where
+    COCO has nothing to measure (-1 in pycocotools' summary: no ground truth).
 
     Args:
         num_labels: K, the number of real classes (labels lie in [0, K)).
@@ -371,7 +371,7 @@ class MaskAP:
         names = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
         nan = float("nan")
         if not self.targets:
-            return {**dict.fromkeys(names, nan), "mar_100": nan, "per_class_map": [nan] * self.num_labels}
+            return {**dict.fromkeys(names, nan), "mar": nan, "per_class_map": [nan] * self.num_labels}
         ground_truth = COCO()
         ground_truth.dataset = {
             "images": self.images,
@@ -387,16 +387,7 @@ class MaskAP:
             evaluator.params.maxDets = [1, 10, self.max_detections]
             evaluator.evaluate()
             evaluator.accumulate()
-            evaluator.summarize()
-        stats = [nan if value < 0 else float(value) for value in evaluator.stats]
-        # precision: [IoU thresholds, recall points, classes, area ranges, max detections]; -1 = no ground truth
-        precision = evaluator.eval["precision"][:, :, :, 0, -1]
-        per_class = []
-        for k in range(self.num_labels):
-            values = precision[:, :, k]
-            values = values[values > -1]
-            per_class.append(float(values.mean()) if values.size else nan)
-        return {**dict(zip(names, stats[:6])), "mar_100": stats[8], "per_class_map": per_class}
+        return _summary(evaluator, self.num_labels)
 
     def _no_detections(self) -> dict[str, Any]:
         present = {target["category_id"] - 1 for target in self.targets if not target["iscrowd"]}
@@ -412,7 +403,7 @@ class MaskAP:
             "map_small": 0.0 if small else nan,
             "map_medium": 0.0 if medium else nan,
             "map_large": 0.0 if large else nan,
-            "mar_100": 0.0,
+            "mar": 0.0,
             "per_class_map": [0.0 if k in present else nan for k in range(self.num_labels)],
         }
 
@@ -425,6 +416,32 @@ class MaskAP:
         self.targets += [{**t, "image_id": t["image_id"] + offset} for t in other.targets]
         self.predictions += [{**p, "image_id": p["image_id"] + offset} for p in other.predictions]
         return self
+
+
+def _summary(evaluator, num_labels: int) -> dict[str, Any]:
+    """COCOeval's summary numbers at `maxDets[-1]` detections per image, read from `evaluator.eval` (pycocotools'
+    own `summarize` hard-codes 100 detections for AP at 0.50:0.95 and reports -1 for any other `maxDets`)."""
+    # precision: [IoU thresholds, recall points, classes, area ranges (all, small, medium, large), max detections];
+    # recall: [IoU thresholds, classes, area ranges, max detections]; -1 where a class has no ground truth
+    precision = evaluator.eval["precision"][..., -1]
+    recall = evaluator.eval["recall"][..., -1]
+    thresholds = evaluator.params.iouThrs
+
+    def mean(values: np.ndarray) -> float:
+        values = values[values > -1]
+        return float(values.mean()) if values.size else float("nan")
+
+    at = {iou: int(np.argmin(np.abs(thresholds - iou))) for iou in (0.5, 0.75)}
+    return {
+        "map": mean(precision[:, :, :, 0]),
+        "map_50": mean(precision[at[0.5], :, :, 0]),
+        "map_75": mean(precision[at[0.75], :, :, 0]),
+        "map_small": mean(precision[:, :, :, 1]),
+        "map_medium": mean(precision[:, :, :, 2]),
+        "map_large": mean(precision[:, :, :, 3]),
+        "mar": mean(recall[:, :, 0]),
+        "per_class_map": [mean(precision[:, :, k, 0]) for k in range(num_labels)],
+    }
 
 
 def _encode(mask_utils, masks: np.ndarray) -> list[dict[str, Any]]:
