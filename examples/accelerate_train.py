@@ -30,6 +30,13 @@ Two processes (two GPUs with NCCL; on a machine without GPUs, two CPU processes 
     torchrun --nproc_per_node 2 examples/accelerate_train.py ...                        (the same)
 
 `--batch-size` is per process: two processes with --batch-size 4 train like one with --batch-size 8.
+
+Mask transformers (`--head eomt` or `--head pmt`, a `ViTSegForUniversalSegmentation`) train through the same loop:
+the data pipeline gives per-image `mask_labels` / `class_labels`, `MaskAnnealing` lowers the masked attention to
+none over the run (EoMT's schedule; `annealer.step(step)` after each optimizer step), and the evaluation measures
+`--task semantic` (mIoU), `instance` (mask AP) or `panoptic` (PQ):
+
+    python examples/accelerate_train.py --backbone facebook/dinov2-small --head eomt --task panoptic ...
 """
 
 from __future__ import annotations
@@ -43,10 +50,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from hf_vitseg import ViTSegForSemanticSegmentation
+from hf_vitseg import ViTSegForSemanticSegmentation, ViTSegForUniversalSegmentation
 from hf_vitseg.data import load_image_folder, prepare_datasets, set_augmentation_epoch
 from hf_vitseg.data.collator import SegmentationCollator
-from hf_vitseg.training.loading import resolve_processor, unwrap_model, validate
+from hf_vitseg.modeling.head_base import MASK_HEAD_NAMES
+from hf_vitseg.training.loading import is_mask_model, resolve_processor, unwrap_model, validate
+from hf_vitseg.training.mask_annealing import MaskAnnealing
 from hf_vitseg.training.metrics import ConfusionMatrix, preprocess_logits_for_metrics
 from hf_vitseg.training.optim import param_groups, poly_schedule_with_warmup
 from hf_vitseg.training.run_dir import (
@@ -55,6 +64,8 @@ from hf_vitseg.training.run_dir import (
     resolve_output_dir,
     snapshot_files,
 )
+from hf_vitseg.training.trainer import MASK_MODEL_INPUTS, _void_pixels, check_task
+from hf_vitseg.training.universal_metrics import compute_universal_metrics, encode_mask_targets
 
 
 def default_accelerator(**accelerator_kwargs):
@@ -98,11 +109,13 @@ def train_with_accelerate(
     seed: int = 42,
     num_workers: int = 0,
     accelerator=None,
+    task: str | None = None,
 ):
     """Fine-tune `model` with a hand-written loop on `accelerate`; returns `(model, metrics)`.
 
     Args:
-        model: a `ViTSegForSemanticSegmentation` (build it before, under the same seed on every process).
+        model: a `ViTSegForSemanticSegmentation` or `ViTSegForUniversalSegmentation` (build it before, under the
+            same seed on every process).
         train_dataset, eval_dataset: `datasets.Dataset`s with `image` and `annotation` columns; validated,
             then given the augmentation of `prepare_datasets` (seeded: a sample's augmentation depends on
             `(seed, epoch, sample)`, not on which process loads it).
@@ -120,23 +133,29 @@ def train_with_accelerate(
         accelerator: an `accelerate.Accelerator`; default `default_accelerator(gradient_accumulation_steps=...)`.
             One of your own needs `DistributedDataParallelKwargs(find_unused_parameters=True)` for backbones
             with unused parameters (DINOv2), see `default_accelerator`.
+        task: a mask transformer's evaluation, as for `train`: `"semantic"` (default), `"instance"`,
+            `"panoptic"`.
 
     Returns:
         The trained model (unwrapped from DDP) and `{"train_loss": mean loss of the last logging window,
         "eval_mean_iou", "eval_pixel_accuracy", "eval_mean_accuracy", "eval_per_class_iou"}` (the `eval_*`
-        only with an `eval_dataset`), the same on every process.
+        only with an `eval_dataset`; a mask transformer's per `task`, e.g. `eval_pq`, `eval_map`), the same on
+        every process.
     """
     accelerator = accelerator or default_accelerator(gradient_accumulation_steps=gradient_accumulation_steps)
     set_seed(seed)
     config = model.config
+    mask_model = is_mask_model(model)
+    task = check_task(task, mask_model)
     processor = resolve_processor(processor, model)
     if output_dir is not None:
         resolve_output_dir(output_dir, overwrite_output_dir=overwrite_output_dir)
     for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         if dataset is not None:
             validate(dataset, config, processor, name)
+    targets = {"return_mask_labels": True} if mask_model else {}  # mask_labels / class_labels per image
     train_dataset, eval_dataset = prepare_datasets(
-        train_dataset, eval_dataset, processor, crop_size, **{"seed": seed, **(augment or {})}
+        train_dataset, eval_dataset, processor, crop_size, **{"seed": seed, **(augment or {}), **targets}
     )
     collator = SegmentationCollator(pad_multiple=unwrap_model(model).size_divisor, ignore_index=config.ignore_index)
     train_loader = DataLoader(
@@ -152,6 +171,10 @@ def train_with_accelerate(
     total_steps = max_steps or epochs * steps_per_epoch
     # Not `prepare`d: an Accelerate scheduler steps once per process per step; this one counts optimizer steps.
     scheduler = poly_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+    # a mask transformer: masked attention annealed to none by the end (EoMT), set after every optimizer step
+    annealer = MaskAnnealing(model, total_steps) if mask_model else None
+    if annealer is not None:
+        annealer.step(0)
 
     metrics, step, epoch, window_losses = {}, 0, 0, []
     progress = tqdm(total=total_steps, desc="training", disable=not accelerator.is_local_main_process)
@@ -160,6 +183,8 @@ def train_with_accelerate(
         set_augmentation_epoch(train_dataset, epoch)
         for batch in train_loader:
             with accelerator.accumulate(model):
+                if mask_model:  # the batch may carry more than the model takes (e.g. the padding mask)
+                    batch = {key: value for key, value in batch.items() if key in MASK_MODEL_INPUTS}
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -172,15 +197,21 @@ def train_with_accelerate(
             scheduler.step()
             step += 1
             progress.update(1)
+            if annealer is not None and step < total_steps:
+                annealer.step(step)
+            elif annealer is not None:
+                annealer.finish()  # plain attention from here on: the final evaluation and the saved model
             if step % logging_steps == 0 or step == total_steps:
                 metrics["train_loss"] = accelerator.reduce(torch.stack(window_losses).mean(), "mean").item()
                 window_losses.clear()
                 progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if eval_dataset is not None and (step == total_steps or (eval_steps and step % eval_steps == 0)):
                 metrics.update(evaluate_with_accelerate(
-                    model, eval_dataset, accelerator, collator, eval_batch_size or batch_size
+                    model, eval_dataset, accelerator, collator, eval_batch_size or batch_size,
+                    processor=processor, task=task,
                 ))
-                accelerator.print(f"step {step}: eval mean IoU {metrics['eval_mean_iou']:.4f}")
+                headline = next(k for k in ("eval_mean_iou", "eval_pq", "eval_map") if k in metrics)
+                accelerator.print(f"step {step}: {headline} {metrics[headline]:.4f}")
             if step == total_steps:
                 break
         epoch += 1
@@ -201,16 +232,29 @@ def train_with_accelerate(
 
 
 @torch.no_grad()
-def evaluate_with_accelerate(model, eval_dataset, accelerator, collator, batch_size: int) -> dict:
+def evaluate_with_accelerate(model, eval_dataset, accelerator, collator, batch_size: int, processor=None,
+                             task: str = "semantic") -> dict:
     """Streaming metrics of `model` on a prepared `eval_dataset`, every process taking every `N`-th sample.
 
     Each process evaluates its own shard (no sample twice, unlike a `prepare`d loader that pads the last
-    batch) and the confusion matrices are summed across processes.
+    batch) and the confusion matrices are summed across processes. A mask transformer is measured per `task`
+    with `compute_universal_metrics` (its post-processing needs the `processor`).
     """
     model = accelerator.unwrap_model(model)  # no DDP hooks: the shards may have different lengths
     was_training = model.training
     model.eval()
     shard = Subset(eval_dataset, range(accelerator.process_index, len(eval_dataset), accelerator.num_processes))
+    if is_mask_model(model):
+        metric = compute_universal_metrics(processor, task, model.config.num_labels, model.config.id2label)
+        for batch in DataLoader(shard, batch_size=batch_size, collate_fn=collator):
+            outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device))
+            metric.update(outputs, *encode_mask_targets(
+                batch["mask_labels"], batch["class_labels"], _void_pixels(batch, model.config),
+                size=tuple(batch["pixel_values"].shape[-2:]),
+            ))
+        results = metric.sync(accelerator).compute()
+        model.train(was_training)
+        return {f"eval_{name}": value for name, value in results.items()}
     confusion = ConfusionMatrix(model.config.num_labels, model.config.ignore_index)
     for batch in DataLoader(shard, batch_size=batch_size, collate_fn=collator):
         labels = batch["labels"].to(accelerator.device)
@@ -229,7 +273,9 @@ def evaluate_with_accelerate(model, eval_dataset, accelerator, collator, batch_s
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", required=True, help="Hub id or folder of a pretrained HF backbone")
-    parser.add_argument("--head", default="linear")
+    parser.add_argument("--head", default="linear", help="a pixel head, or eomt / pmt (mask transformers)")
+    parser.add_argument("--task", choices=["semantic", "instance", "panoptic"], default=None,
+                        help="a mask transformer's evaluation (default semantic)")
     parser.add_argument("--head-kwargs", type=json.loads, default=None, metavar="JSON")
     parser.add_argument("--num-labels", type=int, required=True)
     parser.add_argument("--freeze-backbone", action="store_true")
@@ -258,9 +304,11 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = default_accelerator(cpu=args.cpu, gradient_accumulation_steps=args.gradient_accumulation_steps)
     set_seed(args.seed)  # the same fresh head on every process
-    model = ViTSegForSemanticSegmentation.from_pretrained_backbone(
+    # eomt / pmt: a ViTSegForUniversalSegmentation (pmt freezes its backbone by default)
+    model_class = ViTSegForUniversalSegmentation if args.head in MASK_HEAD_NAMES else ViTSegForSemanticSegmentation
+    model = model_class.from_pretrained_backbone(
         args.backbone, head=args.head, num_labels=args.num_labels, head_kwargs=args.head_kwargs,
-        freeze_backbone=args.freeze_backbone,
+        **({"freeze_backbone": True} if args.freeze_backbone else {}),
     )
     train_dataset = load_image_folder(args.train_images, args.train_masks)
     eval_dataset = load_image_folder(args.eval_images, args.eval_masks) if args.eval_images else None
@@ -269,7 +317,7 @@ def main(argv=None):
         overwrite_output_dir=args.overwrite_output_dir, crop_size=args.crop_size,
         augment={"scale_range": tuple(args.scale_range)}, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, logging_steps=args.logging_steps,
-        seed=args.seed, accelerator=accelerator,
+        seed=args.seed, accelerator=accelerator, task=args.task,
     )
     accelerator.print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
     return accelerator, model, metrics

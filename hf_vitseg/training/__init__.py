@@ -1,9 +1,11 @@
-"""Training: `train` (Trainer), `evaluate_model`, streaming metrics, optimizer groups, recipes, LoRA, feature cache."""
+"""Training: `train` (Trainer), `evaluate_model`, streaming metrics, optimizer groups, recipes, LoRA, feature cache,
+mask annealing (mask transformers)."""
 
 from . import recipes
 from .evaluation import evaluate_model
 from .feature_cache import CachedBackboneModel, FeatureCache, train_head_on_cache
 from .lora import apply_lora, load_lora, save_lora
+from .mask_annealing import MaskAnnealing, MaskAnnealingCallback
 from .metrics import (
     ConfusionMatrix,
     compute_segmentation_metrics,
@@ -12,16 +14,20 @@ from .metrics import (
 )
 from .optim import OptimizerSettings, build_optimizer, param_groups, poly_schedule_with_warmup
 from .trainer import SegmentationTrainer, train
+from .universal_metrics import compute_universal_metrics
 
 __all__ = [
     "CachedBackboneModel",
     "ConfusionMatrix",
     "FeatureCache",
+    "MaskAnnealing",
+    "MaskAnnealingCallback",
     "OptimizerSettings",
     "SegmentationTrainer",
     "apply_lora",
     "build_optimizer",
     "compute_segmentation_metrics",
+    "compute_universal_metrics",
     "evaluate_model",
     "load_lora",
     "load_mean_iou_metric",

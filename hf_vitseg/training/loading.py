@@ -21,8 +21,30 @@ from .lora import VITSEG_CONFIG_FILE, load_lora
 
 
 # -- model and processor ----------------------------------------------------------------------------------------
+def is_mask_model(model_or_config) -> bool:
+    """Whether a model (PEFT / DDP wrappers looked through) or config is a mask transformer (head `eomt` or `pmt`:
+    `ViTSegForUniversalSegmentation`, trained on `mask_labels` / `class_labels`) rather than a pixel head."""
+    config = getattr(model_or_config, "config", None)
+    if config is None and hasattr(model_or_config, "module"):  # DDP / accelerate wrappers
+        config = getattr(model_or_config.module, "config", None)
+    if config is None:
+        config = model_or_config
+    return bool(getattr(config, "is_mask_transformer", False))
+
+
+def model_class_for(config):
+    """The model class a `ViTSegConfig` needs: `ViTSegForUniversalSegmentation` for a mask transformer
+    (`config.is_mask_transformer`), else `ViTSegForSemanticSegmentation`."""
+    if is_mask_model(config):
+        from ..modeling import ViTSegForUniversalSegmentation
+
+        return ViTSegForUniversalSegmentation
+    return ViTSegForSemanticSegmentation
+
+
 def load_trainable_model(model_or_path):
-    """A `ViTSegForSemanticSegmentation` to train or evaluate: given as is, or loaded from a saved folder (checked
+    """A `ViTSegForSemanticSegmentation` (or, for a mask-transformer config, `ViTSegForUniversalSegmentation`) to
+    train or evaluate: given as is, or loaded from a saved folder (checked
     first, see `check_model_folder`) or Hub id; a folder that `save_lora` wrote (the LoRA recipe's output) comes
     back as a trainable `PeftModel` (`lora.load_lora`).
 
@@ -37,8 +59,9 @@ def load_trainable_model(model_or_path):
         return model_or_path
     if all((Path(model_or_path) / name).is_file() for name in ("adapter_config.json", VITSEG_CONFIG_FILE)):
         return load_lora(model_or_path, is_trainable=True)
-    check_vitseg_model_type(load_config(model_or_path).model_type, model_or_path)
-    return ViTSegForSemanticSegmentation.from_pretrained(model_or_path)
+    config = load_config(model_or_path)
+    check_vitseg_model_type(config.model_type, model_or_path)
+    return model_class_for(config).from_pretrained(model_or_path)
 
 
 def resolve_processor(processor, model, model_or_path=None) -> ViTSegImageProcessor:
@@ -68,4 +91,4 @@ def validate(dataset, config, processor, name: str) -> None:
         raise ValueError(f"{name}: {error}") from error
 
 
-__all__ = ["load_trainable_model", "resolve_processor", "unwrap_model", "validate"]
+__all__ = ["is_mask_model", "load_trainable_model", "model_class_for", "resolve_processor", "unwrap_model", "validate"]

@@ -33,6 +33,7 @@ from pathlib import Path
 from torch import nn
 
 from ..modeling import ViTSegConfig, ViTSegForSemanticSegmentation
+from ..modeling.modeling_vitseg import ViTSegPreTrainedModel
 from ..unwrap import unwrap_model
 
 __all__ = ["apply_lora", "attention_projection_names", "load_lora", "save_lora"]
@@ -112,8 +113,9 @@ def apply_lora(
     peft = _require_peft()
     if isinstance(model, peft.PeftModel):
         raise ValueError("The model already carries PEFT adapters; apply_lora takes the plain ViTSeg model.")
-    if not isinstance(model, ViTSegForSemanticSegmentation):
-        raise TypeError(f"apply_lora takes a ViTSegForSemanticSegmentation, got {type(model).__name__}.")
+    if not isinstance(model, ViTSegPreTrainedModel):
+        raise TypeError(f"apply_lora takes a ViTSegForSemanticSegmentation or ViTSegForUniversalSegmentation, got "
+                        f"{type(model).__name__}.")
     for name in ("modules_to_save", "target_modules"):
         if name in lora_kwargs:
             raise ValueError(f"Pass {name} to apply_lora directly (the head is trained in full already).")
@@ -128,19 +130,31 @@ def apply_lora(
     return peft_model
 
 
+def _head_parts(model: nn.Module) -> list[str]:
+    """The model's parts outside the backbone: `HEAD_PARTS` of a semantic model, and whatever else a model keeps
+    beside its backbone (a mask transformer's query embedding, class and mask modules)."""
+    return [name for name, _ in model.named_children() if name != "backbone"]
+
+
 def _set_head_trainable(model: nn.Module, trainable: bool) -> None:
-    for name in HEAD_PARTS:
-        part = getattr(model, name, None)
-        if part is not None:
-            part.requires_grad_(trainable)
+    for name in _head_parts(model):
+        getattr(model, name).requires_grad_(trainable)
+    for param in model.parameters(recurse=False):
+        param.requires_grad_(trainable)
 
 
 def _head_state_dict(model: nn.Module) -> dict:
-    return {
+    """Everything outside the backbone, with the model's own parameters and buffers (a mask transformer's
+    `attn_mask_probs`: the annealed state, so that a reloaded LoRA model runs the attention it was trained to)."""
+    state = {
         f"{name}.{key}": value.detach().contiguous()
-        for name in HEAD_PARTS if getattr(model, name, None) is not None
+        for name in _head_parts(model)
         for key, value in getattr(model, name).state_dict().items()
     }
+    own = [*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)]
+    state.update({key: value.detach().contiguous() for key, value in own
+                  if key not in model._non_persistent_buffers_set})
+    return state
 
 
 def _recorded_base(model: ViTSegForSemanticSegmentation) -> str | None:
@@ -205,7 +219,7 @@ def save_lora(
 def _base_without_adapters(vitseg: ViTSegForSemanticSegmentation) -> ViTSegForSemanticSegmentation:
     """A copy of the model with the LoRA layers taken out (not merged): the base weights as they were."""
     state = {k.replace(".base_layer.", "."): v for k, v in vitseg.state_dict().items() if "lora_" not in k}
-    base = ViTSegForSemanticSegmentation(ViTSegConfig.from_dict(vitseg.config.to_dict()))
+    base = type(vitseg)(ViTSegConfig.from_dict(vitseg.config.to_dict()))
     base.load_state_dict(state, strict=True)
     return base
 
@@ -220,13 +234,13 @@ def _config_kwargs(config: ViTSegConfig) -> dict:
 
 def _load_base(source: str, config: ViTSegConfig, folder: Path) -> ViTSegForSemanticSegmentation:
     from ..hub.loading import load_config
-    from .loading import load_trainable_model  # the one loader of saved ViTSeg models (folder checked first)
+    from .loading import load_trainable_model, model_class_for  # the one loader of saved ViTSeg models
 
     if source == BASE_FOLDER and (folder / BASE_FOLDER).is_dir():  # saved with save_base=True
         return load_trainable_model(str(folder / BASE_FOLDER))
     if load_config(source).model_type == ViTSegConfig.model_type:
         return load_trainable_model(source)
-    return ViTSegForSemanticSegmentation.from_pretrained_backbone(source, **_config_kwargs(config))
+    return model_class_for(config).from_pretrained_backbone(source, **_config_kwargs(config))
 
 
 def load_lora(folder: str | Path, base_model: ViTSegForSemanticSegmentation | None = None, is_trainable: bool = False):

@@ -9,7 +9,8 @@ patch merging belongs to its last block. The head, the neck and the auxiliary he
 
 No weight decay on norms (LayerNorm, BatchNorm, GroupNorm, RMSNorm), biases and every other 1-D parameter
 (layer-scale gammas), position embeddings, CLS / distillation / register / mask tokens and relative
-position tables: decaying them towards zero has no regularising meaning, only a cost.
+position tables, and learned queries (`nn.Embedding`, the mask transformers'; Mask2Former's
+`WEIGHT_DECAY_EMBED = 0`): decaying them towards zero has no regularising meaning, only a cost.
 
 ```python
 optimizer, scheduler = build_optimizer(model, OptimizerSettings(lr=3e-5, layer_decay=0.9), num_training_steps=160_000)
@@ -51,11 +52,22 @@ HEAD_PARTS = ("head", "neck", "auxiliary_head")
 def _vitseg_model(model: nn.Module) -> nn.Module:
     """The `ViTSegForSemanticSegmentation` inside a PEFT model (or the model itself), checked to be one."""
     model = unwrap_model(model)
-    if not (hasattr(model, "backbone") and hasattr(model.backbone, "model") and hasattr(model, "head")):
+    if not (hasattr(model, "backbone") and hasattr(model.backbone, "model")):
         raise TypeError(
-            f"Expected a ViTSegForSemanticSegmentation (or a PEFT model around one), got {type(model).__name__}."
+            f"Expected a ViTSegForSemanticSegmentation or ViTSegForUniversalSegmentation (or a PEFT model around "
+            f"one), got {type(model).__name__}."
         )
     return model
+
+
+def _head_group(name: str, prefix: str, mask_transformer: bool) -> str:
+    """The group of a parameter outside the backbone: `"head"`, or for a mask transformer (`eomt`, `pmt`) its part,
+    named by the first two levels of its name (`"head.query"`, `"head.class_predictor"`, `"head.mask_head"`,
+    `"head.upscale_block"`, `pmt`'s `"head.layers"`): all learn at `head_lr`, but show apart in the groups."""
+    if not mask_transformer:
+        return "head"
+    parts = name[len(prefix):].split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 else parts[0]
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -68,7 +80,9 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}" if module_name else param_name
-            if _is_norm(module) or param.ndim <= 1 or any(k in name for k in NO_DECAY_NAME_KEYWORDS):
+            # nn.Embedding: learned queries (eomt, pmt), no decay as Mask2Former's `WEIGHT_DECAY_EMBED = 0`
+            if (_is_norm(module) or isinstance(module, nn.Embedding) or param.ndim <= 1
+                    or any(k in name for k in NO_DECAY_NAME_KEYWORDS)):
                 names.add(name)
     return names
 
@@ -122,7 +136,9 @@ def param_groups(
         A list of torch parameter groups, each a dict with `params`, `param_names`, `lr`, `weight_decay`,
         `lr_scale` (its `lr` over the base `lr` or `head_lr`) and a `name` for inspection:
         `"backbone.layer_{k}.decay"` / `".no_decay"` (`"backbone.decay"` without layer decay),
-        `"head.decay"`, `"head.no_decay"`. Empty groups are dropped.
+        `"head.decay"`, `"head.no_decay"`. Empty groups are dropped. A mask transformer (`eomt`, `pmt`) gets one
+        head group per part instead (`"head.query.no_decay"`, `"head.mask_head.decay"`, ..., all at `head_lr`);
+        `eomt`'s query blocks are backbone layers and decay with them, as in EoMT's recipe (`llrd_l2_enabled`).
     """
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}.")
@@ -136,6 +152,7 @@ def param_groups(
     prefix = _name_prefix(model, vitseg)
     no_decay = {prefix + n for n in _no_decay_names(vitseg)}
     layer_ids, num_layers = backbone_layer_ids(model) if layer_decay is not None else ({}, 0)
+    mask_transformer = bool(getattr(vitseg.config, "is_mask_transformer", False))
 
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
@@ -150,7 +167,7 @@ def param_groups(
                 scale = layer_decay ** (num_layers + 1 - layer_id)
                 key, group_lr = f"backbone.layer_{layer_id}.{decay}", lr * scale
         else:
-            key, group_lr, scale = f"head.{decay}", head_lr, 1.0
+            key, group_lr, scale = f"{_head_group(name, prefix, mask_transformer)}.{decay}", head_lr, 1.0
         group = groups.setdefault(key, {
             "name": key, "params": [], "param_names": [], "lr": group_lr, "lr_scale": scale,
             "weight_decay": weight_decay if decay == "decay" else 0.0,

@@ -32,11 +32,13 @@ from ..data.collator import SegmentationCollator
 from ..data.datasets import prepare_datasets
 from ..hub.push import push_checkpoint_to_hub, push_trainer_to_hub, remember_processor
 from ..modeling import ViTSegForSemanticSegmentation, ViTSegImageProcessor
+from ..modeling.modeling_vitseg import ViTSegPreTrainedModel
 from ..modeling.saving_vitseg import check_save_target
 from ..unwrap import is_peft_model, unwrap_model
 from . import recipes
-from .loading import load_trainable_model, resolve_processor, validate
+from .loading import is_mask_model, load_trainable_model, resolve_processor, validate
 from .lora import HEAD_WEIGHTS_FILE, save_lora
+from .mask_annealing import MaskAnnealingCallback
 from .metrics import compute_segmentation_metrics
 from .optim import param_groups, poly_schedule_with_warmup
 from .run_dir import (
@@ -48,6 +50,7 @@ from .run_dir import (
     resolve_output_dir,
     snapshot_files,
 )
+from .universal_metrics import TASKS, compute_universal_metrics, encode_mask_targets
 
 
 # -- the Trainer ----------------------------------------------------------------------------------------------------
@@ -66,6 +69,38 @@ class SegmentationTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # so that `model.push_to_hub` after training uploads the processor the model was trained with
         remember_processor(unwrap_model(self.model), self.processing_class)
+
+    # -- mask transformers (eomt, pmt): per-image target lists ---------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if is_mask_model(model):  # the batch may carry more (`labels`: the void map for the metrics)
+            inputs = {key: value for key, value in inputs.items() if key in MASK_MODEL_INPUTS}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """A mask model's evaluation step: loss, `(class_queries_logits, masks_queries_logits)` (the auxiliary
+        blocks' predictions dropped) and the targets as two padded tensors
+        (`universal_metrics.encode_mask_targets`), which Trainer pads, gathers and hands to the streaming
+        metric like any label tensor. Pixel heads: Trainer's own step."""
+        if not is_mask_model(model):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        model_inputs = {key: value for key, value in inputs.items() if key in MASK_MODEL_INPUTS}
+        has_targets = inputs.get("mask_labels") is not None and inputs.get("class_labels") is not None
+        if not has_targets:
+            model_inputs = {"pixel_values": inputs["pixel_values"]}
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**model_inputs)
+        loss = outputs.loss.detach().mean() if has_targets and outputs.loss is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        logits = (outputs.class_queries_logits.detach(), outputs.masks_queries_logits.detach())
+        if not has_targets:
+            return loss, logits, None
+        return loss, logits, encode_mask_targets(
+            inputs["mask_labels"], inputs["class_labels"], _void_pixels(inputs, unwrap_model(self.model).config),
+            size=tuple(inputs["pixel_values"].shape[-2:]),
+        )
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -128,10 +163,28 @@ class SegmentationTrainer(Trainer):
         push_checkpoint_to_hub(self, checkpoint_folder)
 
 
+# What a mask model's forward takes from a batch (the rest, e.g. `labels`, serves the metrics).
+MASK_MODEL_INPUTS = ("pixel_values", "mask_labels", "class_labels")
+
+
+def _void_pixels(inputs, config) -> torch.Tensor | None:
+    """(B, H, W) bool: the pixels of a mask model's batch that carry no label, or `None` when the batch does not
+    say: a `labels` map's `ignore_index`; the batch padding (`pixel_mask` 0, transformers' name) and a `void_mask`
+    (ignore pixels) when the collator gives them."""
+    if inputs.get("labels") is not None:
+        return inputs["labels"] == config.ignore_index
+    void = None
+    if inputs.get("pixel_mask") is not None:
+        void = inputs["pixel_mask"] == 0
+    if inputs.get("void_mask") is not None:
+        void = inputs["void_mask"].bool() if void is None else void | inputs["void_mask"].bool()
+    return void
+
+
 def _load_full_checkpoint(checkpoint, model) -> bool:
     """Load a `save_pretrained` checkpoint into `model` through `from_pretrained` (key renaming), strictly;
     `False` for what this does not cover (sharded weights), left to Trainer."""
-    if not isinstance(model, ViTSegForSemanticSegmentation) or not (Path(checkpoint) / "model.safetensors").is_file():
+    if not isinstance(model, ViTSegPreTrainedModel) or not (Path(checkpoint) / "model.safetensors").is_file():
         return False
     saved = load_trainable_model(str(checkpoint))  # checked folder: a truncated file is named
     model.load_state_dict(saved.state_dict(), strict=True)
@@ -175,6 +228,8 @@ def train(
     recipe=None,
     report_to: str | list[str] = "none",
     callbacks: list | None = None,
+    task: str | None = None,
+    mask_annealing: bool = True,
     **training_args,
 ) -> tuple[ViTSegForSemanticSegmentation, dict[str, float]]:
     """Fine-tune a segmentation model with `transformers.Trainer`; returns `(model, metrics)`.
@@ -214,13 +269,23 @@ def train(
             `lora.save_lora` (adapter, head weights, config); `load_model` / `evaluate_model` load such a folder.
         report_to: `TrainingArguments.report_to` (`"none"`, `"tensorboard"`, `"wandb"`, ...).
         callbacks: extra `TrainerCallback`s.
+        task: for a mask transformer (head `eomt` / `pmt`, a `ViTSegForUniversalSegmentation`): what the
+            evaluation measures, `"semantic"` (mIoU, per-class IoU), `"instance"` (COCO mask AP, AP50, AP75) or
+            `"panoptic"` (PQ, SQ, RQ, per-class PQ); default `"semantic"`. Its annotations are semantic maps, or
+            instance-id maps with an `instance_classes` column (`hf_vitseg.data.datasets.load_instance_folder`);
+            the data pipeline turns them into `mask_labels` / `class_labels`. Pixel heads: `None` or
+            `"semantic"`.
+        mask_annealing: for a mask transformer, anneal its masked attention to none with EoMT's schedule
+            (`MaskAnnealingCallback`), so that the trained model runs plain attention; `False` keeps the masks
+            as they are (`model.attn_mask_probs`).
         **training_args: any other `TrainingArguments` field (`dataloader_num_workers`, `save_total_limit`,
             `bf16`, `use_cpu`, ...); these win over the values set here.
 
     Returns:
         The trained model (on the training device) and a flat dict of the training metrics (`train_loss`,
         `train_runtime`, ...) and, with an `eval_dataset`, the final evaluation's (`eval_mean_iou`,
-        `eval_pixel_accuracy`, `eval_mean_accuracy`, `eval_iou_<class>`, `eval_loss`).
+        `eval_pixel_accuracy`, `eval_mean_accuracy`, `eval_iou_<class>`, `eval_loss`; a mask transformer's
+        per `task`, see `training.universal_metrics.compute_universal_metrics`).
     """
     check_training_arguments(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr,
@@ -230,6 +295,8 @@ def train(
     output_dir = Path(output_dir)
     set_seed(seed)  # a head initialised while loading the model is seeded too
     model = load_trainable_model(model_or_path)
+    mask_model = is_mask_model(model)
+    task = check_task(task, mask_model)
     recipe = resolve_recipe(recipe, model)
     hyper = _hyperparameters(recipe, lr=lr, head_lr=head_lr, layer_decay=layer_decay, weight_decay=weight_decay,
                              warmup_ratio=warmup_ratio, crop_size=crop_size)
@@ -248,8 +315,10 @@ def train(
             validate(dataset, config, processor, name)
     # seeded augmentation: a sample's crop and flip depend on (seed, epoch, sample), not on the order of draws,
     # so a run resumed mid-epoch sees what an uninterrupted one does
+    # a mask transformer learns from per-image masks and classes (mask_labels / class_labels)
+    targets = {"return_mask_labels": True} if mask_model else {}
     train_dataset, eval_dataset = prepare_datasets(
-        train_dataset, eval_dataset, processor, hyper["crop_size"], **{"seed": seed, **(augment or {})}
+        train_dataset, eval_dataset, processor, hyper["crop_size"], **{"seed": seed, **(augment or {}), **targets}
     )
     args = TrainingArguments(**{
         "output_dir": str(output_dir),
@@ -274,7 +343,7 @@ def train(
         "eval_do_concat_batches": False,
         # set_transform datasets read the raw `image` / `annotation` columns, which the model does not take
         "remove_unused_columns": False,
-        "label_names": ["labels"],
+        "label_names": ["mask_labels", "class_labels"] if mask_model else ["labels"],
         **training_args,
     })
     model = apply_recipe(recipe, model)  # changes the model: only once every check has passed
@@ -290,9 +359,13 @@ def train(
             pad_multiple=unwrap_model(model).size_divisor, ignore_index=config.ignore_index
         ),
         processing_class=processor,
-        compute_metrics=compute_segmentation_metrics(config.num_labels, config.ignore_index, config.id2label),
+        compute_metrics=(
+            compute_universal_metrics(processor, task, config.num_labels, config.id2label) if mask_model
+            else compute_segmentation_metrics(config.num_labels, config.ignore_index, config.id2label)
+        ),
         callbacks=[
-            AugmentationEpochCallback(train_dataset), RunManifestCallback(output_dir, before), *(callbacks or []),
+            AugmentationEpochCallback(train_dataset), RunManifestCallback(output_dir, before),
+            *([MaskAnnealingCallback()] if mask_model and mask_annealing else []), *(callbacks or []),
         ],
         head_lr=hyper["head_lr"],
         layer_decay=hyper["layer_decay"],
@@ -309,6 +382,19 @@ def train(
     if trainer.is_world_process_zero():
         record_run_files(output_dir, before)
     return trainer.model, metrics
+
+
+def check_task(task: str | None, mask_model: bool) -> str:
+    """The evaluation task of a run: `task` checked against the model (a pixel head measures `"semantic"` only; a
+    mask transformer any of `universal_metrics.TASKS`), default `"semantic"`."""
+    if task is None:
+        return "semantic"
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}.")
+    if task != "semantic" and not mask_model:
+        raise ValueError(f"task={task!r} needs a mask-transformer model (head 'eomt' or 'pmt'); pixel heads "
+                         "segment semantically. Train one with head='eomt' or head='pmt'.")
+    return task
 
 
 def resolve_recipe(recipe, model):
