@@ -17,6 +17,7 @@ COMMANDS = {
     "predict": ("hf_vitseg.cli.predict", "write label maps and colour overlays for images"),
     "push": ("hf_vitseg.cli.push", "upload a saved model folder to the Hugging Face Hub with a model card"),
     "demo": ("hf_vitseg.cli.demo", "fine-tune and evaluate on the embedded nuclei sample (offline, CPU)"),
+    "app": ("hf_vitseg.cli.app", "serve a web page to segment uploaded images with a model (Gradio)"),
 }
 
 
