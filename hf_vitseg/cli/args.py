@@ -147,6 +147,63 @@ def add_data_flags(group) -> None:
                        help="masks stored as 0 / 255 (black / white): 255 becomes class 1 (use with --num-labels 2)")
 
 
+def add_channel_flags(group) -> None:
+    """The input-channel flags of a fresh model (`train --backbone`): channel count and per-channel statistics."""
+    group.add_argument("--num-channels", type=positive_int, default=None, metavar="K",
+                       help="input channels when not RGB (1 = grayscale, 4, 13 = Sentinel-2, ...): the pretrained "
+                            "patch embedding is adapted (timm's rule), images are taken with K channels as they are")
+    group.add_argument("--image-mean", type=finite_float, nargs="+", default=None, metavar="M",
+                       help="per-channel mean on the [0, 1] scale, one value per channel (or one for all)")
+    group.add_argument("--image-std", type=positive_float, nargs="+", default=None, metavar="S",
+                       help="per-channel standard deviation, as --image-mean")
+    group.add_argument("--image-stats", choices=["auto"], default=None,
+                       help="auto: compute --image-mean / --image-std from the training images (one pass; logged, "
+                            "and saved in the model's config and image processor)")
+
+
+CHANNEL_FLAGS = ("--num-channels", "--image-mean", "--image-std", "--image-stats")
+
+
+def channel_settings(args, train_dataset) -> dict:
+    """`num_channels`, `image_mean`, `image_std` for `from_pretrained_backbone` from the channel flags (only those
+    given; `--image-stats auto` computes the statistics from `train_dataset`, printing them on stderr).
+
+    Raises:
+        CliError: statistics of the wrong length, only one of --image-mean / --image-std, or --image-stats with
+            either (naming the flags); an image the channel count does not fit.
+    """
+    settings = {}
+    if args.num_channels is not None:
+        settings["num_channels"] = args.num_channels
+    channels = args.num_channels or 3
+    if args.image_stats and (args.image_mean or args.image_std):
+        raise CliError("--image-stats auto computes --image-mean and --image-std from the training images; give "
+                       "either --image-stats auto or both values, not both.")
+    if (args.image_mean is None) != (args.image_std is None):
+        given, missing = ("--image-mean", "--image-std") if args.image_std is None else ("--image-std", "--image-mean")
+        raise CliError(f"{given} needs {missing} too (one value per channel each), or use --image-stats auto.")
+    if args.image_mean is not None:
+        for flag, values in (("--image-mean", args.image_mean), ("--image-std", args.image_std)):
+            if len(values) not in (1, channels):
+                raise CliError(f"{flag} has {len(values)} values for {channels} input channel(s) (--num-channels "
+                               f"{channels}); give {channels} (one per channel) or 1 (for all).")
+        settings["image_mean"] = list(args.image_mean) * (channels if len(args.image_mean) == 1 else 1)
+        settings["image_std"] = list(args.image_std) * (channels if len(args.image_std) == 1 else 1)
+    elif args.image_stats == "auto":
+        from ..data.channels import channel_statistics
+        from ..modeling import ViTSegImageProcessor
+
+        try:
+            mean, std = channel_statistics(train_dataset, ViTSegImageProcessor(num_channels=channels))
+        except (ValueError, ImportError) as error:
+            raise CliError(f"--image-stats auto: {cli_message(error)}") from error
+        print(f"hf-vitseg: --image-stats auto: {len(train_dataset)} training images, {channels} channel(s): "
+              f"image_mean {mean}, image_std {std} (saved in the model's config and image processor)",
+              file=sys.stderr)
+        settings["image_mean"], settings["image_std"] = mean, std
+    return settings
+
+
 def load_dataset_from_args(args, images_dir, masks_dir, split, role: str):
     """The dataset the command line names: an image folder pair or `--dataset` with a split; `--binary-masks`
     applied. `role` is the flags' prefix (`train`, `eval`, or `""` for `--images` / `--masks`)."""

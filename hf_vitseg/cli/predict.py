@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .args import (
     CliError,
@@ -30,6 +30,7 @@ from .args import (
     check_model_folder,
     loading,
     model_source,
+    non_negative_int,
     positive_float,
     positive_int,
     report,
@@ -45,7 +46,8 @@ MAX_PLAIN_TOKENS = 16_384
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (any format PIL reads)")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                        help="image files (any format PIL reads; TIFF with every channel, via tifffile)")
     parser.add_argument("--model", required=True, help="a saved model folder or a Hub repo id")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     parser.add_argument("--sliding-window", action="store_true", help="predict window by window (large images)")
@@ -61,28 +63,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="test-time scales, e.g. 0.75 1 1.25 (probabilities are averaged)")
     parser.add_argument("--flip", action="store_true", help="also predict the mirrored image (test-time augmentation)")
     parser.add_argument("--alpha", type=unit_float, default=0.5, help="weight of the class colours in the overlay")
+    parser.add_argument("--display-channels", type=non_negative_int, nargs="+", default=None, metavar="C",
+                        help="which image channels the overlay shows: three (as red, green, blue) or one (grey), "
+                             "counted from 0 (default: the first three, or the first for fewer than 3)")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier predict run in --out (never other files)")
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image (EXIF orientation applied); a `ValueError` naming the file if it cannot be."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not an image; give image files (e.g. {path}/*.png).")
-    if not path.is_file():
-        raise FileNotFoundError(f"Image {path} does not exist.")
+def read_image(path: str | Path) -> Image.Image | np.ndarray:
+    """Open and fully decode an image: a PIL image (EXIF orientation applied), or for TIFF files a NumPy array with
+    every channel (`hf_vitseg.data.channels.read_image_file`); a `ValueError` naming the file if it cannot be."""
+    from ..data.channels import read_image_file
+
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file fails here, not halfway through the run
-            image = ImageOps.exif_transpose(image)
-    except Exception as error:  # UnidentifiedImageError, OSError (truncated), DecompressionBombError, ...
-        raise ValueError(f"Cannot decode image {path}: {error}") from error
-    if image.mode.startswith("F") and not np.isfinite(np.asarray(image)).all():
-        # one NaN makes every logit NaN and the whole prediction class 0
-        raise ValueError(f"Image {path} holds NaN or infinite pixel values; replace them (e.g. with 0) first.")
-    return image
+        return read_image_file(path)
+    except ImportError as error:  # a TIFF that needs tifffile
+        raise ValueError(str(error)) from error
 
 
 def output_paths(images: list[Path], out: Path) -> list[tuple[Path, Path]]:
@@ -106,9 +103,10 @@ def label_map_image(label_map: np.ndarray, num_labels: int) -> Image.Image:
     return Image.fromarray(label_map.astype(np.uint16))  # mode I;16, saved as a 16-bit PNG
 
 
-def predict_label_map(model, processor, image: Image.Image, scales=(1.0,), flip=False, sliding_window=None,
-                      device=None, large_image_window=None) -> np.ndarray:
-    """The `(height, width)` class-id map of one PIL image, at the image's size.
+def predict_label_map(model, processor, image: Image.Image | np.ndarray, scales=(1.0,), flip=False,
+                      sliding_window=None, device=None, large_image_window=None) -> np.ndarray:
+    """The `(height, width)` class-id map of one image (PIL, or an array in the processor's layout rule), at the
+    image's size.
 
     Plain inference unless `scales` / `flip` / `sliding_window` ask for more (see
     `hf_vitseg.inference.predict_logits`). The processor's padding is cut away exactly. With
@@ -119,6 +117,7 @@ def predict_label_map(model, processor, image: Image.Image, scales=(1.0,), flip=
 
     from ..inference.tta import predict_logits
 
+    height, width = image_size(image, processor)
     inputs = processor(image, return_input_sizes=True, return_tensors="pt")
     inputs.pop("input_sizes")
     input_boxes = inputs.pop("input_boxes")  # the exact geometry, for padded and centre-cropped inputs alike
@@ -128,7 +127,7 @@ def predict_label_map(model, processor, image: Image.Image, scales=(1.0,), flip=
         from tqdm.auto import tqdm
 
         window = "x".join(map(str, large_image_window["crop_size"]))
-        tqdm.write(f"hf-vitseg predict: {image.width}x{image.height} is {int(tokens):,} patch tokens (more than "
+        tqdm.write(f"hf-vitseg predict: {width}x{height} is {int(tokens):,} patch tokens (more than "
                    f"{MAX_PLAIN_TOKENS:,}): predicting it in sliding {window} windows (--sliding-window --crop-size "
                    "to choose).", file=sys.stderr)
         sliding_window = large_image_window
@@ -141,10 +140,25 @@ def predict_label_map(model, processor, image: Image.Image, scales=(1.0,), flip=
         logits = predict_logits(model, pixel_values.to(parameter.dtype), scales=tuple(scales), flip=flip,
                                 sliding_window=sliding_window, device=device).float().cpu()
     label_map = processor.post_process_semantic_segmentation(
-        logits, target_sizes=[(image.height, image.width)], input_boxes=input_boxes,
+        logits, target_sizes=[(height, width)], input_boxes=input_boxes,
         padded_size=tuple(pixel_values.shape[-2:]),
     )[0]
     return label_map.numpy()
+
+
+def image_size(image: Image.Image | np.ndarray, processor) -> tuple[int, int]:
+    """`(height, width)` of a PIL image, or of an array read by the processor's channel-layout rule."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    return tuple(processor.image_channels_first(image).shape[1:])
+
+
+def display_image(image: Image.Image | np.ndarray, processor) -> Image.Image | np.ndarray:
+    """What an overlay shows of `image`: a PIL image as it is; an array channels-last (`(H, W, C)`, the processor's
+    layout rule), in its own dtype, for `overlay(..., display_channels=...)` to pick from."""
+    if isinstance(image, Image.Image):
+        return image
+    return np.moveaxis(processor.image_channels_first(image), 0, -1)
 
 
 def _sliding_window_settings(args, model, force: bool = False) -> dict | None:
@@ -276,7 +290,7 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..hub.loading import load_image_processor, load_model
-    from ..inference.overlays import overlay
+    from ..inference.overlays import check_display_channels, overlay
 
     paths = output_paths(list(args.images), args.out)  # the folder is claimed for them (`run`)
     for path in args.images:  # decode everything first: fail before loading the model or writing anything
@@ -293,6 +307,11 @@ def _run(args: argparse.Namespace) -> int:
     with loading("--model", source, errors=(OSError, ValueError)):  # ValueError: e.g. a Hub model of another type
         model = load_model(source, device=device)
     processor = load_image_processor(source, model)
+    if args.display_channels is not None:  # before the first image: the flag's error, not the image's
+        try:
+            check_display_channels(args.display_channels, processor.num_channels)
+        except ValueError as error:
+            raise CliError(f"--display-channels: {error}") from None
     sliding_window = _sliding_window_settings(args, model)
     large_image_window = _sliding_window_settings(args, model, force=True)
     num_labels = model.config.num_labels
@@ -307,7 +326,8 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError as error:  # e.g. the processor refusing the pixels: name the file
             raise ValueError(f"{image_path}: {error}") from error
         label_map_image(label_map, num_labels).save(labels_path)
-        picture = overlay(image, label_map, alpha=args.alpha, id2label=model.config.id2label, ignore_index=None)
+        picture = overlay(display_image(image, processor), label_map, alpha=args.alpha,
+                          id2label=model.config.id2label, ignore_index=None, display_channels=args.display_channels)
         picture.save(overlay_path)
         tqdm.write(f"{image_path} -> {labels_path}, {overlay_path}", file=sys.stdout)
     return 0

@@ -20,8 +20,11 @@ import json
 import sys
 
 from .args import (
+    CHANNEL_FLAGS,
     CliError,
+    add_channel_flags,
     add_data_flags,
+    channel_settings,
     check_model_folder,
     fraction,
     json_object,
@@ -59,6 +62,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--ignore-index", type=int, default=None,
                        help="label value that carries no label (default: 255; a --model keeps its own)")
     model.add_argument("--freeze-backbone", action="store_true", help="train the head only")
+    add_channel_flags(model)
     model.add_argument("--recipe", choices=["linear_probe", "full_finetune", "lora"],
                        help="a documented recipe (hf_vitseg.training.recipes): its settings fill what is not given")
 
@@ -140,7 +144,8 @@ def _train_from_args(args: argparse.Namespace) -> dict:
     if args.model:
         check_model_folder(source, "--model")
         fresh_head_only = [flag for flag, value in (("--head", args.head), ("--head-kwargs", args.head_kwargs),
-                           ("--config", args.config), ("--num-labels", args.num_labels), ("--id2label", args.id2label))
+                           ("--config", args.config), ("--num-labels", args.num_labels), ("--id2label", args.id2label),
+                           *((flag, getattr(args, flag[2:].replace("-", "_"))) for flag in CHANNEL_FLAGS))
                            if value is not None]
         if fresh_head_only:
             raise CliError(f"{', '.join(fresh_head_only)} set up a fresh head and apply with --backbone only; the "
@@ -162,6 +167,8 @@ def _train_from_args(args: argparse.Namespace) -> dict:
     if args.eval_images or args.eval_masks or (args.dataset and args.eval_split):
         eval_dataset = load_dataset_from_args(args, args.eval_images, args.eval_masks, args.eval_split, "eval")
 
+    channel_kwargs = channel_settings(args, train_dataset) if args.backbone else {}
+
     set_seed(args.seed)  # the fresh head's initialisation
     if args.backbone:
         recipe_kwargs = getattr(recipes, args.recipe)().model_kwargs if args.recipe else {}
@@ -171,7 +178,7 @@ def _train_from_args(args: argparse.Namespace) -> dict:
         try:
             with loading("--backbone", source):
                 model = ViTSegForSemanticSegmentation.from_pretrained_backbone(
-                    resolve_backbone(source), head=head, **label_kwargs, **config_kwargs
+                    resolve_backbone(source), head=head, **label_kwargs, **config_kwargs, **channel_kwargs
                 )
         except CliError:
             raise

@@ -30,6 +30,7 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from ..modeling.image_processing_vitseg import reduce_labels
+from .channels import decode_image
 
 # "Light" jitter: each factor is drawn uniformly from [1 - s, 1 + s].
 DEFAULT_PHOTOMETRIC = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2}
@@ -167,7 +168,7 @@ class SegmentationTransform:
                 "TrainingArguments(remove_unused_columns=False): otherwise Trainer drops 'image' and 'annotation' "
                 "before this transform runs."
             )
-        images = list(batch["image"])
+        images = [decode_image(value) for value in batch["image"]]  # undecoded TIFFs ({"path", "bytes"}) too
         annotations = batch.get("annotation")
         if annotations is None and self.train:
             raise KeyError(
@@ -371,7 +372,8 @@ def _check_photometric(photometric) -> dict[str, float]:
 
 
 def _jitter(image: np.ndarray, factors: Mapping[str, float]) -> np.ndarray:
-    """Brightness, contrast, saturation (torchvision's definitions) on a `(3, H, W)` 0..255 image."""
+    """Brightness, contrast, saturation (torchvision's definitions) on a `(3, H, W)` 0..255 image. Other channel
+    counts (no colour): brightness, and contrast around the mean of all channels; saturation does not apply."""
     image = np.array(image, dtype=np.float32)  # a copy: the caller's array may be the processor's view
 
     def blend_towards(target, factor: float) -> None:  # image = target + factor * (image - target), clipped
@@ -382,9 +384,10 @@ def _jitter(image: np.ndarray, factors: Mapping[str, float]) -> np.ndarray:
 
     if "brightness" in factors:
         blend_towards(np.float32(0.0), factors["brightness"])
+    rgb = image.shape[0] == 3
     if "contrast" in factors:
-        blend_towards(np.float32(_luma(image).mean()), factors["contrast"])
-    if "saturation" in factors:
+        blend_towards(np.float32((_luma(image) if rgb else image).mean()), factors["contrast"])
+    if "saturation" in factors and rgb:
         blend_towards(_luma(image)[None], factors["saturation"])
     return image
 

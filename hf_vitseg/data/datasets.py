@@ -26,6 +26,7 @@ from PIL import ExifTags, Image
 from ..modeling.image_processing_vitseg import ViTSegImageProcessor
 from ..modeling.image_processing_vitseg import reduce_labels as _reduce_labels
 from .augment import SegmentationTransform
+from .channels import decode_image, is_tiff
 
 IMAGE_COLUMN = "image"
 ANNOTATION_COLUMN = "annotation"
@@ -148,7 +149,10 @@ def load_image_folder(
             f"image files are those ending in {sorted(IMAGE_EXTENSIONS)}. Check the folders, image_glob and "
             "mask_suffix."
         )
-    features = datasets.Features({IMAGE_COLUMN: datasets.Image(), ANNOTATION_COLUMN: datasets.Image()})
+    # TIFF images stay undecoded ({"path", "bytes"}): PIL cannot read multi-channel or float TIFFs, so every reader
+    # decodes them with tifffile (hf_vitseg.data.channels.decode_image), keeping all channels and the dtype
+    decode = not any(is_tiff(images[key]) for key in keys)
+    features = datasets.Features({IMAGE_COLUMN: datasets.Image(decode=decode), ANNOTATION_COLUMN: datasets.Image()})
     return datasets.Dataset.from_dict(
         {IMAGE_COLUMN: [str(images[key]) for key in keys], ANNOTATION_COLUMN: [str(masks[key][0]) for key in keys]},
         features=features,
@@ -363,6 +367,7 @@ def validate_dataset(
     ignore_index: int,
     reduce_labels: bool = False,
     max_samples: int | None = None,
+    num_channels: int = 3,
 ) -> int:
     r"""
     Scan a dataset's masks before training and raise a clear error at the first bad sample.
@@ -381,6 +386,8 @@ def validate_dataset(
         ignore_index (`int`): the label that is ignored (the config's / processor's `ignore_index`).
         reduce_labels (`bool`, defaults to `False`): the processor's `do_reduce_labels`.
         max_samples (`int`, *optional*): check only the first `max_samples` rows (for a quick look at big data).
+        num_channels (`int`, defaults to 3): the model's input channels (`ViTSegConfig.num_channels`); with another
+            count than 3 every image must have exactly that many channels (the image processor's rule).
 
     Returns:
         `int`: the number of samples checked.
@@ -409,7 +416,7 @@ def validate_dataset(
         if max_samples is not None and index >= max_samples:
             break
         where = _where(index, row)
-        image_hw = _check_image(row[IMAGE_COLUMN], where)
+        image_hw = _check_image(row[IMAGE_COLUMN], where, num_channels)
         try:
             mask = _MASK_READER.process_segmentation_map(_decode(row[ANNOTATION_COLUMN], where))
         except (ValueError, TypeError) as error:
@@ -474,18 +481,19 @@ def _where(index: int, row: dict) -> str:
 
 def _decode(value, where: str):
     """A stored image (dict of path / bytes, PIL image, array, nested list) -> PIL image or array."""
-    if isinstance(value, dict):
-        return datasets.Image().decode_example(value)
-    if isinstance(value, list):
-        return np.asarray(value)
     if value is None:
         raise ValueError(f"Sample {where} has no value.")
-    return value
+    return decode_image(value)
 
 
-def _check_image(value, where: str) -> tuple[int, int]:
+def _check_image(value, where: str, num_channels: int = 3) -> tuple[int, int]:
     """(H, W) of a stored image, decoded in full so that a truncated or undecodable file, or non-finite pixel
     values (NaN / inf in a float image), stop the run here with the sample named rather than mid-training."""
+    if isinstance(value, dict) and (is_tiff(value.get("path") or "") or num_channels != 3):
+        try:
+            value = decode_image(value)  # TIFF: tifffile, every channel kept
+        except (ValueError, OSError, ImportError) as error:
+            raise ValueError(f"Sample {where}: {error}") from error
     if isinstance(value, dict):
         if value.get("bytes") is not None:
             source = BytesIO(value["bytes"])
@@ -504,6 +512,11 @@ def _check_image(value, where: str) -> tuple[int, int]:
                              "truncated or corrupt. Replace or remove it.") from error
         return (width, height) if orientation in _TRANSPOSING_ORIENTATIONS else (height, width)
     _check_finite(value, where)
+    if num_channels != 3:  # no conversion: the image must have the model's channels (the processor's layout rule)
+        try:
+            return tuple(ViTSegImageProcessor(num_channels=num_channels).image_channels_first(value).shape[1:])
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"Sample {where}: {error}") from error
     if isinstance(value, Image.Image):
         return value.size[::-1]
     array = np.asarray(value)

@@ -74,21 +74,43 @@ def _label_array(label_map) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _rgb_array(image) -> np.ndarray:
-    """A `(H, W, 3)` uint8 array from a PIL image or a numpy `(H, W)` / `(H, W, C)` array.
+def check_display_channels(display_channels: Sequence[int], num_channels: int) -> list[int]:
+    """`display_channels` as a list, checked against an image of `num_channels` channels: three indices (shown as
+    red, green, blue) or one (grey), each in `[0, num_channels)`; a `ValueError` saying what fits otherwise."""
+    channels = [int(c) for c in display_channels]
+    if len(channels) not in (1, 3):
+        raise ValueError(f"give three channels (red, green, blue) or one (grey), got {len(channels)}: {channels}.")
+    if any(not 0 <= c < num_channels for c in channels):
+        raise ValueError(f"channels {channels} do not all exist in an image of {num_channels} channel(s); count "
+                         f"from 0 to {num_channels - 1}.")
+    return channels
 
-    uint8 is taken as is; floats within [0, 1] are scaled by 255; anything else (uint16 microscopy,
-    floats out of [0, 1], e.g. normalised pixels) is min-max stretched to [0, 255].
+
+def _rgb_array(image, display_channels: Sequence[int] | None = None) -> np.ndarray:
+    """A `(H, W, 3)` uint8 array from a PIL image or a numpy `(H, W)` / `(H, W, C)` array (any C).
+
+    The channels shown: `display_channels` (three as RGB, or one as grey), else for C in 1, 3, 4 grey / RGB / RGB
+    without alpha, for C = 2 the first as grey, for C > 4 the first three. uint8 is taken as is; floats within
+    [0, 1] are scaled by 255; anything else (uint16 microscopy, floats out of [0, 1], e.g. normalised pixels) is
+    min-max stretched to [0, 255] over the channels shown.
     """
     if isinstance(image, Image.Image):
-        if image.mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "HSV"):
+        if display_channels is None and image.mode in (
+            "1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "HSV"
+        ):
             return np.asarray(image.convert("RGB"))
         image = np.asarray(image)  # 16-bit and float modes: stretch below instead of clipping
     array = np.asarray(image)
-    if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
-        array = array[..., :3] if array.shape[-1] != 1 else array[..., 0]
+    if display_channels is not None:
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.ndim == 3:
+            array = array[..., check_display_channels(display_channels, array.shape[-1])]
+    if array.ndim == 3:
+        count = array.shape[-1]
+        array = array[..., 0] if count in (1, 2) else array[..., :3]
     if array.ndim not in (2, 3):
-        raise ValueError(f"image must be (H, W) or (H, W, C) with C in 1, 3, 4; got shape {array.shape}.")
+        raise ValueError(f"image must be (H, W) or (H, W, C); got shape {array.shape}.")
     if array.dtype != np.uint8:
         array = array.astype(np.float64)
         low, high = np.nanmin(array), np.nanmax(array)
@@ -194,6 +216,7 @@ def overlay(
     id2label: Mapping | None = None,
     legend: bool = True,
     ignore_index: int | None = 255,
+    display_channels: Sequence[int] | None = None,
 ) -> Image.Image:
     """The image blended with the colours of a label map, with a legend strip below it.
 
@@ -203,7 +226,8 @@ def overlay(
     `legend=False` too, when no strip is drawn).
 
     Args:
-        image: PIL image or numpy `(H, W)` / `(H, W, C)` array, uint8, uint16 or float.
+        image: PIL image or numpy `(H, W)` / `(H, W, C)` array (any number of channels C, channels last),
+            uint8, uint16 or float.
         label_map: `(H, W)` class ids (numpy, torch or PIL), the size of `image`.
         palette: `(N, 3)` uint8 colours; default `make_palette` over the classes of `id2label` and
             `label_map`.
@@ -211,11 +235,13 @@ def overlay(
         id2label: class names, e.g. `model.config.id2label`; default the class ids.
         legend: draw the legend strip (the result is then taller than the image).
         ignore_index: the label of pixels to leave uncoloured, or None.
+        display_channels: which channels of `image` to show: three (as red, green, blue) or one (grey), counted
+            from 0; default the first three (grey for images of 1 or 2 channels), see `check_display_channels`.
 
     Returns:
         a PIL RGB image, `(W, H)` plus the legend strip's height.
     """
-    rgb = _rgb_array(image)
+    rgb = _rgb_array(image, display_channels)
     labels = _label_array(label_map)
     if labels.shape != rgb.shape[:2]:
         raise ValueError(f"label_map {labels.shape} and image {rgb.shape[:2]} must have the same (H, W).")

@@ -95,6 +95,14 @@ class BackboneAdapter(nn.Module):
         """The backbone's patch embedding module."""
         return self.model.get_input_embeddings()
 
+    def patch_embedding_conv(self) -> nn.Conv2d:
+        """The convolution that turns pixels into patch tokens (the only weight that sees the input channels).
+
+        Raises:
+            ValueError: for a backbone whose patch embedding is not one `nn.Conv2d` (none of the supported families).
+        """
+        return patch_embedding_conv(self.model, self.family.name)
+
     def unused_parameters(self) -> list[nn.Parameter]:
         """Backbone parameters the taps never use: layers (stages) past the deepest tap, the final norm when taps
         are not normed, mask tokens. They get no gradient, which would stall plain DDP and waste optimizer state."""
@@ -170,7 +178,8 @@ class BackboneAdapter(nn.Module):
         if c != self.num_channels:
             raise ValueError(
                 f"pixel_values has {c} channels but the backbone expects {self.num_channels}. Convert images "
-                "with ViTSegImageProcessor (it turns grayscale, RGBA, palette and 16-bit images into RGB)."
+                "with ViTSegImageProcessor.for_model(model) (for an RGB model it turns grayscale, RGBA, palette and "
+                "16-bit images into RGB; for another channel count it takes images with that many channels)."
             )
         d = self.size_divisor
         if h % d or w % d:
@@ -423,3 +432,51 @@ class _AttentionRecorder:
         for module, cls in self._swapped:
             module.__class__ = cls
         return False
+
+
+def patch_embedding_conv(model: nn.Module, family_name: str = "") -> nn.Conv2d:
+    """The one `nn.Conv2d` of `model.get_input_embeddings()` (the module itself or inside it): every supported
+    family (ViT, DeiT, DINOv2 (+ registers), DINOv3, CLIP, SigLIP, BEiT, SAM, Swin) embeds patches with one.
+
+    Raises:
+        ValueError: when the input embedding holds no conv or more than one, naming the family.
+    """
+    embeddings = model.get_input_embeddings()
+    convs = list({id(m): m for m in embeddings.modules() if isinstance(m, nn.Conv2d)}.values())
+    if len(convs) != 1:
+        raise ValueError(
+            f"The {family_name or type(model).__name__} backbone's patch embedding ({type(embeddings).__name__}) is "
+            f"not one Conv2d ({len(convs)} found), so its input channels cannot be adapted; num_channels other than "
+            "the checkpoint's works for backbones with a convolutional patch embedding only."
+        )
+    return convs[0]
+
+
+def adapt_input_conv(weight: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """A pretrained patch-embedding weight `(out, 3, kh, kw)` adapted to `num_channels` input channels, by the rule
+    of timm's `adapt_input_conv`: 1 channel gets the sum of the RGB filters; any other count the RGB filters
+    repeated cyclically (R, G, B, R, ...; 2 channels: R, G) and scaled by `3 / num_channels`, which keeps the
+    response on the RGB scale (a constant image gives the RGB response exactly for 1 channel and multiples of 3).
+    Computed in float32, returned in the weight's dtype.
+
+    Raises:
+        ValueError: a weight that is not 4-D, or whose input channels are not 3 (when `num_channels` differs).
+    """
+    if weight.ndim != 4:
+        raise ValueError(f"A patch-embedding conv weight is 4-D (out, in, kh, kw); got shape {tuple(weight.shape)}.")
+    in_channels = weight.shape[1]
+    if num_channels == in_channels:
+        return weight
+    if in_channels != 3:
+        raise ValueError(
+            f"The pretrained patch embedding takes {in_channels} channels; adapting it to {num_channels} is defined "
+            "for RGB (3-channel) checkpoints only. Use the checkpoint's own channel count."
+        )
+    dtype = weight.dtype
+    weight = weight.float()
+    if num_channels == 1:
+        adapted = weight.sum(dim=1, keepdim=True)
+    else:
+        repeats = -(-num_channels // 3)
+        adapted = weight.repeat(1, repeats, 1, 1)[:, :num_channels] * (3 / float(num_channels))
+    return adapted.to(dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 from transformers import AutoConfig, PreTrainedConfig
 
@@ -10,6 +11,22 @@ from .backbones import BackboneFamily, family_for, vision_config_of
 from .head_base import MASK_HEAD_NAMES
 from .heads import get_head_class
 from .mask_transformer import mask_head_settings
+
+
+def check_channel_statistic(name: str, values, num_channels: int) -> None:
+    """Refuse a per-channel `image_mean` / `image_std` (or None) whose length is not `num_channels`, or that holds
+    a non-finite value (or, for the std, one at or below 0), with a `ValueError` naming the setting."""
+    if values is None:
+        return
+    values = list(values)
+    if len(values) != num_channels:
+        raise ValueError(
+            f"{name} has {len(values)} value(s) but the model takes {num_channels} input channel(s) (the backbone "
+            f"config's num_channels); give one value per channel."
+        )
+    if not all(math.isfinite(v) and (name != "image_std" or v > 0) for v in values):
+        above = " above 0" if name == "image_std" else ""
+        raise ValueError(f"{name} must hold finite values{above}, got {values}.")
 
 
 def evenly_spaced_indices(num_levels: int, num_taps: int) -> list[int]:
@@ -77,6 +94,14 @@ class ViTSegConfig(PreTrainedConfig):
             No gradients into the backbone, which stays in eval mode (dropout, drop-path off) while the head trains.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Std of the normal initialisation of the head's linear and conv layers.
+        image_mean (`list[float]`, *optional*):
+            Per-channel mean the model's inputs are normalised with, one value per input channel
+            (`num_channels`, the backbone config's `num_channels`), on the [0, 1] scale the image processor
+            rescales to. `None`: the backbone's own processor's (or ImageNet's) for 3 channels.
+            `ViTSegImageProcessor.for_model` builds the processor with it; `hf-vitseg train --image-mean /
+            --image-stats auto` sets it.
+        image_std (`list[float]`, *optional*):
+            Per-channel standard deviation, as `image_mean` (every value above 0).
     """
 
     model_type = "vitseg"
@@ -101,6 +126,8 @@ class ViTSegConfig(PreTrainedConfig):
         auxiliary_channels: int = 256,
         freeze_backbone: bool | None = None,
         initializer_range: float = 0.02,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
         **kwargs,
     ):
         if backbone_config is None:
@@ -157,6 +184,8 @@ class ViTSegConfig(PreTrainedConfig):
         self.auxiliary_channels = auxiliary_channels
         self.freeze_backbone = (head == "pmt") if freeze_backbone is None else freeze_backbone
         self.initializer_range = initializer_range
+        self.image_mean = [float(v) for v in image_mean] if image_mean is not None else None
+        self.image_std = [float(v) for v in image_std] if image_std is not None else None
         super().__init__(**kwargs)
         self.backbone_out_indices = self._normalize_indices(
             backbone_out_indices, family.num_levels(backbone_config), family.kind,
@@ -182,6 +211,8 @@ class ViTSegConfig(PreTrainedConfig):
             raise ValueError(f"num_labels must be at least 1, got {self.num_labels}.")
         if self.class_weights is not None and len(self.class_weights) != self.num_labels:
             raise ValueError(f"class_weights has {len(self.class_weights)} entries for {self.num_labels} labels.")
+        for name in ("image_mean", "image_std"):
+            check_channel_statistic(name, getattr(self, name), self.num_channels)
         if 0 <= self.ignore_index < self.num_labels:
             raise ValueError(
                 f"ignore_index={self.ignore_index} is a valid class id for num_labels={self.num_labels}; "
@@ -307,6 +338,11 @@ class ViTSegConfig(PreTrainedConfig):
         if self.neck == "auto":
             return get_head_class(self.head).wants_pyramid and self.backbone_kind != "hierarchical"
         return self.neck == "pyramid"
+
+    @property
+    def num_channels(self) -> int:
+        """Input channels of the model: the backbone config's `num_channels` (3 for RGB backbones)."""
+        return int(getattr(self.backbone_config, "num_channels", 3))
 
     @property
     def backbone_kind(self) -> str:

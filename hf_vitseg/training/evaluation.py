@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..data.channels import decode_image
 from ..modeling import ViTSegImageProcessor
 from .loading import load_trainable_model, resolve_processor, validate
 from .metrics import compute_segmentation_metrics
@@ -64,7 +65,8 @@ def evaluate_model(
     raw = dataset.with_format(None)
     for start in range(0, len(raw), batch_size):
         rows = raw[start : start + batch_size]
-        inputs = processor(images=rows["image"], segmentation_maps=rows["annotation"], return_tensors="pt")
+        images = [decode_image(value) for value in rows["image"]]  # undecoded TIFFs ({"path", "bytes"}) too
+        inputs = processor(images=images, segmentation_maps=rows["annotation"], return_tensors="pt")
         pixel_values, labels = inputs["pixel_values"].to(device), inputs["labels"].to(device)
         if sliding_window:
             logits = sliding_window_inference(model, pixel_values, config.num_labels, crop_size, stride, blend=blend)

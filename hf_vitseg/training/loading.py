@@ -86,7 +86,8 @@ def validate(dataset, config, processor, name: str) -> None:
     """`validate_dataset` against the model's classes and `ignore_index` and the processor's label reduction,
     its error naming the dataset (`name`: train or eval)."""
     try:
-        validate_dataset(dataset, config.num_labels, config.ignore_index, processor.do_reduce_labels)
+        validate_dataset(dataset, config.num_labels, config.ignore_index, processor.do_reduce_labels,
+                         num_channels=int(getattr(processor, "num_channels", 3)))
     except ValueError as error:
         raise ValueError(f"{name}: {error}") from error
 
