@@ -5,7 +5,7 @@ Not imported by `import hf_vitseg` (it pulls in `datasets`); import `hf_vitseg.d
 
 from .augment import AugmentationEpochCallback, SegmentationTransform, set_augmentation_epoch
 from .collator import SegmentationCollator
-from .datasets import load_hf_dataset, load_image_folder, prepare_datasets, validate_dataset
+from .datasets import load_hf_dataset, load_image_folder, load_instance_folder, prepare_datasets, validate_dataset
 
 __all__ = [
     "AugmentationEpochCallback",
@@ -13,6 +13,7 @@ __all__ = [
     "SegmentationTransform",
     "load_hf_dataset",
     "load_image_folder",
+    "load_instance_folder",
     "prepare_datasets",
     "set_augmentation_epoch",
     "validate_dataset",

@@ -20,6 +20,7 @@ or not, see it.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from ..modeling.image_processing_vitseg import reduce_labels
+from ..modeling.image_processing_vitseg import NO_TARGET, reduce_labels, targets_to_labels, targets_to_masks
 from .channels import decode_image
 
 # "Light" jitter: each factor is drawn uniformly from [1 - s, 1 + s].
@@ -37,6 +38,9 @@ DEFAULT_PHOTOMETRIC = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2}
 # ITU-R 601 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale use.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _UNSET_EPOCH = -1
+# The optional column that says a dataset's annotations are instance-id maps, and each instance's class: per sample a
+# dict {instance id: class id}, one class id for every instance, or either as JSON text (load_instance_folder).
+INSTANCE_CLASSES_COLUMN = "instance_classes"
 # How many samples a seeded transform remembers to notice that epochs repeat without set_epoch (memory stays O(1)).
 _TRACKED_SAMPLES = 64
 # The processor's per-sample steps this transform runs (so training sees exactly what inference sees).
@@ -85,6 +89,13 @@ class SegmentationTransform:
             `processor.ignore_index`. Match the model config's `ignore_index`.
         seed (`int`, *optional*): makes every sample's augmentation a function of `(seed, epoch, its pixels)`;
             see the module docstring. `None` draws from torch's global generator.
+        return_mask_labels (`bool`, *optional*): yield mask-classification targets, `mask_labels` `[(N, H, W)
+            float32]` and `class_labels` `[(N,) int64]`, instead of `labels` (for `ViTSegForUniversalSegmentation`);
+            default `processor.return_mask_labels`. A semantic map gives one mask per class present; when the batch
+            has an `instance_classes` column (`load_instance_folder`), its annotations are instance-id maps and give
+            one mask per instance (without `return_mask_labels`, each instance's class as `labels`). Targets go
+            through the same resize, crop, flip and padding as labels (as one map of target indices, nearest-
+            neighbour), so masks stay aligned with the image; a target the crop leaves no pixel of is dropped.
 
     Example:
 
@@ -107,6 +118,7 @@ class SegmentationTransform:
         photometric: bool | Mapping[str, float] = True,
         ignore_index: int | None = None,
         seed: int | None = None,
+        return_mask_labels: bool | None = None,
     ):
         missing = [name for name in _PROCESSOR_STEPS if not hasattr(processor, name)]
         if missing:
@@ -126,6 +138,15 @@ class SegmentationTransform:
         if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
             raise ValueError(f"`seed` must be a non-negative int or None, got {seed!r}.")
         self.seed = None if seed is None else int(seed)
+        if return_mask_labels is None:
+            return_mask_labels = bool(getattr(processor, "return_mask_labels", False))
+        self.return_mask_labels = bool(return_mask_labels)
+        if self.return_mask_labels and not hasattr(processor, "segmentation_map_to_targets"):
+            raise TypeError(
+                f"return_mask_labels needs an image processor with segmentation_map_to_targets; "
+                f"{type(processor).__name__} lacks it (saved by an older hf-vitseg?). Build one with "
+                "hf_vitseg.ViTSegImageProcessor(...)."
+            )
         # Shared memory: `set_epoch` in the main process reaches dataloader workers, even persistent ones.
         self._epoch = torch.full((), _UNSET_EPOCH, dtype=torch.int64).share_memory_()
         # The first few samples seen while no epoch is set: seeing one again means an epoch repeats (see warning).
@@ -179,25 +200,43 @@ class SegmentationTransform:
         if len(annotations) != len(images):
             raise ValueError(f"Got {len(images)} images but {len(annotations)} annotations in one batch.")
 
-        pixel_values, labels = [], []
+        instance_classes = batch.get(INSTANCE_CLASSES_COLUMN)
+
+        pixel_values, labels, mask_labels, class_labels = [], [], [], []
         for position, (raw_image, raw_mask) in enumerate(zip(images, annotations)):
-            image, mask = self._convert(raw_image, raw_mask, position)
+            mapping = None if instance_classes is None else instance_mapping(instance_classes[position])
+            as_targets = self.return_mask_labels or mapping is not None
+            image, mask = self._convert(raw_image, raw_mask, position, reduce=not as_targets)
+            classes, fill = None, None
+            if as_targets and mask is not None:
+                # Targets travel as a target map through the same resize / crop / flip, padded with NO_TARGET
+                mask, classes = self.processor.segmentation_map_to_targets(mask, mapping, self.ignore_index)
+                fill = NO_TARGET
             if self.train:
-                image, mask = self._augment(image, mask, self._generator(raw_image, raw_mask))
+                image, mask = self._augment(image, mask, self._generator(raw_image, raw_mask), fill)
             else:
                 image, mask = self.processor.resize_sample(image, mask, self._scaled_size(image.shape[1:], 1.0))
                 image = self.processor.normalize_sample(image)
-                image, mask = self._pad_to_patch_grid(image, mask)
+                image, mask = self._pad_to_patch_grid(image, mask, fill)
             pixel_values.append(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)))
-            if mask is not None:
+            if classes is not None and self.return_mask_labels:
+                masks, kept_classes = targets_to_masks(mask, classes)
+                mask_labels.append(torch.from_numpy(masks))
+                class_labels.append(torch.from_numpy(kept_classes))
+            elif classes is not None:
+                labels.append(torch.from_numpy(targets_to_labels(mask, classes, self.ignore_index)))
+            elif mask is not None:
                 labels.append(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)))
         output = {"pixel_values": pixel_values}
         if labels:
             output["labels"] = labels
+        if class_labels:
+            output["mask_labels"], output["class_labels"] = mask_labels, class_labels
         return output
 
-    def _convert(self, raw_image, raw_mask, position: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw inputs -> `(3, H, W)` float32 on the 0..255 scale and `(H, W)` int64 (labels reduced if asked)."""
+    def _convert(self, raw_image, raw_mask, position: int, reduce: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw inputs -> `(3, H, W)` float32 on the 0..255 scale and `(H, W)` int64 (labels reduced if asked and
+        `reduce`; mask targets reduce their own way, in `segmentation_map_to_targets`)."""
         try:
             image = self.processor.process_image(_from_list(raw_image))
             mask = None if raw_mask is None else self.processor.process_segmentation_map(_from_list(raw_mask))
@@ -216,7 +255,7 @@ class SegmentationTransform:
                 "Fix or remove that pair; `hf_vitseg.data.datasets.validate_dataset` lists the dataset index of "
                 "the first such sample before training."
             )
-        if self.processor.do_reduce_labels:
+        if self.processor.do_reduce_labels and reduce:
             mask = reduce_labels(mask, self.ignore_index)
         return image, mask
 
@@ -246,7 +285,7 @@ class SegmentationTransform:
         elif len(self._seen_without_epoch) < _TRACKED_SAMPLES:
             self._seen_without_epoch.add(key)
 
-    def _augment(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+    def _augment(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, fill: int | None = None):
         # Fixed order, photometric last: turning hflip or jitter off leaves a sample's scale and crop unchanged.
         scale = rng.uniform(*self.scale_range)
         out_hw = self._scaled_size(image.shape[1:], scale)
@@ -265,8 +304,8 @@ class SegmentationTransform:
             image = _jitter(image, factors)
         image = self.processor.normalize_sample(image)
         if self.crop_size is None:
-            return self._pad_to_patch_grid(image, mask)
-        return self.processor.pad_sample(image, mask, self.crop_size, self.ignore_index)
+            return self._pad_to_patch_grid(image, mask, fill)
+        return self.processor.pad_sample(image, mask, self.crop_size, self.ignore_index if fill is None else fill)
 
     # ----------------------------------------------------------------------------------------------
     # The processor's steps, one sample at a time
@@ -278,11 +317,11 @@ class SegmentationTransform:
         base_hw = processor.resized_size(input_hw)
         return tuple(max(1, int(round(side * scale))) for side in base_hw)
 
-    def _pad_to_patch_grid(self, image: np.ndarray, mask: np.ndarray | None):
+    def _pad_to_patch_grid(self, image: np.ndarray, mask: np.ndarray | None, fill: int | None = None):
         """As the processor: centre-crop (size_divisor_mode="crop") or pad to a patch multiple / `pad_to_size`."""
         image, mask, _ = self.processor.crop_to_multiple(image, mask, self.patch_size)
         target_hw = self.processor.padded_size([image.shape[1:]], self.patch_size)
-        return self.processor.pad_sample(image, mask, target_hw, self.ignore_index)
+        return self.processor.pad_sample(image, mask, target_hw, self.ignore_index if fill is None else fill)
 
 
 class AugmentationEpochCallback(TrainerCallback):
@@ -314,6 +353,24 @@ def set_augmentation_epoch(dataset_or_transform, epoch: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def instance_mapping(value):
+    """One sample's `instance_classes` entry -> `instance_id_to_semantic_id` for the processor: `None` (the
+    annotation is a semantic map), an int (the class of every instance) or a dict `{instance id: class id}`; JSON
+    text (as `load_instance_folder` stores it) is decoded."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Cannot read the instance classes {value[:80]!r} as JSON: {error}") from error
+    is_class_id = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if value is None or isinstance(value, dict) or is_class_id:
+        return value
+    raise ValueError(
+        f"An {INSTANCE_CLASSES_COLUMN!r} entry must be a dict {{instance id: class id}}, an int (the class of every "
+        f"instance), JSON text of either, or None; got {value!r}."
+    )
 
 
 def _find_transform(item) -> SegmentationTransform:
@@ -429,6 +486,8 @@ def _describe(raw_image, raw_mask, position: int) -> str:
 __all__ = [
     "AugmentationEpochCallback",
     "DEFAULT_PHOTOMETRIC",
+    "INSTANCE_CLASSES_COLUMN",
     "SegmentationTransform",
+    "instance_mapping",
     "set_augmentation_epoch",
 ]

@@ -1,4 +1,5 @@
-"""Batching for semantic segmentation: samples of different sizes padded to one patch-aligned size."""
+"""Batching for segmentation: samples of different sizes padded to one patch-aligned size, with semantic `labels` or
+per-image lists of mask-classification targets (`mask_labels` / `class_labels`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ class SegmentationCollator:
     `ignore_index`, so padding never reaches the loss. `labels` is optional (inference), but must be given for
     every sample or for none. Any other key is batched with `torch.utils.data.default_collate`.
 
+    Mask-classification targets (`ViTSegForUniversalSegmentation`): samples with `mask_labels` `(N_i, H, W)` and
+    `class_labels` `(N_i,)` (from `SegmentationTransform(..., return_mask_labels=True)`) come out as lists, one entry
+    per image, as the model takes them: `mask_labels` `[(N_i, H', W')]` float32, padded with 0 (padding belongs to
+    no target), and `class_labels` `[(N_i,)]` int64. `N_i` may be 0.
+
     Args:
         pad_multiple (`int`, defaults to 14): the backbone's patch size (14 for DINOv2, 16 for ViT / DeiT / SAM).
         ignore_index (`int`, defaults to 255): the model config's `ignore_index`.
@@ -35,7 +41,7 @@ class SegmentationCollator:
     def __repr__(self) -> str:
         return f"SegmentationCollator(pad_multiple={self.pad_multiple}, ignore_index={self.ignore_index})"
 
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Pad and stack one batch."""
         if len(features) == 0:
             raise ValueError("SegmentationCollator got an empty batch.")
@@ -78,10 +84,36 @@ class SegmentationCollator:
                 labels[index, : label.shape[0], : label.shape[1]] = label
             batch["labels"] = labels
 
+        if any("mask_labels" in feature or "class_labels" in feature for feature in features):
+            batch["mask_labels"], batch["class_labels"] = _mask_targets(features, images, (height, width))
+
         for key in features[0]:
-            if key not in ("pixel_values", "labels"):
+            if key not in ("pixel_values", "labels", "mask_labels", "class_labels"):
                 batch[key] = default_collate([feature[key] for feature in features])
         return batch
+
+
+def _mask_targets(features, images, padded_hw) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-image `mask_labels` padded with 0 to `padded_hw`, and `class_labels`, checked against each other."""
+    mask_labels, class_labels = [], []
+    for index, (feature, image) in enumerate(zip(features, images)):
+        if feature.get("mask_labels") is None or feature.get("class_labels") is None:
+            raise ValueError(
+                f"Sample {index} of the batch lacks 'mask_labels' or 'class_labels' while others have them; every "
+                "sample needs both (SegmentationTransform(..., return_mask_labels=True) gives them)."
+            )
+        masks = torch.as_tensor(feature["mask_labels"], dtype=torch.float32)
+        classes = torch.as_tensor(feature["class_labels"], dtype=torch.int64).reshape(-1)
+        if masks.ndim != 3 or tuple(masks.shape[1:]) != tuple(image.shape[1:]) or len(masks) != len(classes):
+            raise ValueError(
+                f"Sample {index}: mask_labels have shape {tuple(masks.shape)} and class_labels {tuple(classes.shape)}, "
+                f"but must be (N, H, W) and (N,) with (H, W) = {tuple(image.shape[1:])}, the pixel_values' size."
+            )
+        padded = masks.new_zeros((len(masks), *padded_hw))
+        padded[:, : masks.shape[1], : masks.shape[2]] = masks
+        mask_labels.append(padded)
+        class_labels.append(classes)
+    return mask_labels, class_labels
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -1,6 +1,8 @@
 """Datasets for semantic segmentation: `datasets.Dataset`s with an `image` and an `annotation` column.
 
 - `load_image_folder(images_dir, masks_dir)`: a local folder of images and one of masks, paired by file name.
+- `load_instance_folder(images_dir, masks_dir)`: the same with instance-id masks (and a class per instance), for
+  mask-classification models (`ViTSegForUniversalSegmentation`).
 - `load_hf_dataset(name_or_dataset)`: any Hugging Face dataset (or a `save_to_disk` folder), its image and mask
   columns renamed to `image` / `annotation` (the `scene_parse_150` names are the default).
 - `validate_dataset(dataset, num_labels, ignore_index)`: scans every sample before training; a clear error names the
@@ -25,7 +27,7 @@ from PIL import ExifTags, Image
 
 from ..modeling.image_processing_vitseg import ViTSegImageProcessor
 from ..modeling.image_processing_vitseg import reduce_labels as _reduce_labels
-from .augment import SegmentationTransform
+from .augment import INSTANCE_CLASSES_COLUMN, SegmentationTransform, instance_mapping
 from .channels import decode_image, is_tiff
 
 IMAGE_COLUMN = "image"
@@ -157,6 +159,73 @@ def load_image_folder(
         {IMAGE_COLUMN: [str(images[key]) for key in keys], ANNOTATION_COLUMN: [str(masks[key][0]) for key in keys]},
         features=features,
     )
+
+
+def load_instance_folder(
+    images_dir: str | os.PathLike,
+    masks_dir: str | os.PathLike,
+    *,
+    instance_class: int | None = 0,
+    class_map_suffix: str | None = None,
+    image_glob: str = "*",
+    mask_suffix: str = "",
+    on_unmatched: str = "error",
+) -> datasets.Dataset:
+    r"""
+    A folder of images with instance masks: `load_image_folder`'s pairing, plus an `instance_classes` column that
+    says each annotation is an instance-id map (0 = background) and gives each instance's class.
+
+    Masks are one-channel instance-id images, PNG or TIFF (8, 16 or 32 bit, e.g. stardist / Cellpose label images):
+    one id per object, 0 for background. `SegmentationTransform(..., return_mask_labels=True)` turns each into one
+    binary mask per instance (for `ViTSegForUniversalSegmentation`), or, without `return_mask_labels`, into a semantic
+    map of the instances' classes.
+
+    Args:
+        images_dir, masks_dir, image_glob, mask_suffix, on_unmatched: as for `load_image_folder`.
+        instance_class (`int`, defaults to 0): the class of every instance, when there are no class maps.
+        class_map_suffix (`str`, *optional*): read each mask's classes from the file beside it whose name is the
+            mask's with its extension replaced by this suffix (`class_map_suffix=".json"`: `masks/cat.png` ->
+            `masks/cat.json`), a JSON object `{"<instance id>": <class id>, ...}`. An id that the map does not name
+            is an error when the mask is read, except 0 (background).
+
+    Returns:
+        `datasets.Dataset` with `image`, `annotation` and `instance_classes` (JSON text: the class map, or the one
+        class) columns.
+
+    Raises:
+        `ValueError`: as `load_image_folder`, and for a missing or unreadable class map (all listed).
+    """
+    if class_map_suffix is None and instance_class is None:
+        raise ValueError("Give instance_class (the class of every instance) or class_map_suffix (a map per mask).")
+    valid_class = isinstance(instance_class, int) and not isinstance(instance_class, bool) and instance_class >= 0
+    if class_map_suffix is None and not valid_class:
+        raise ValueError(f"instance_class must be a class id >= 0, got {instance_class!r}.")
+    dataset = load_image_folder(images_dir, masks_dir, image_glob=image_glob, mask_suffix=mask_suffix,
+                                on_unmatched=on_unmatched)
+    if class_map_suffix is None:
+        return dataset.add_column(INSTANCE_CLASSES_COLUMN, [json.dumps(instance_class)] * len(dataset))
+    mask_paths = dataset.cast_column(ANNOTATION_COLUMN, datasets.Image(decode=False))[ANNOTATION_COLUMN]
+    entries, problems = [], []
+    for value in mask_paths:
+        class_file = Path(value["path"]).with_suffix(class_map_suffix)
+        try:
+            mapping = json.loads(class_file.read_text(encoding="utf-8"))
+            if not isinstance(mapping, dict):
+                raise ValueError("not a JSON object")
+            entries.append(json.dumps({str(int(key)): int(class_id) for key, class_id in mapping.items()}))
+        except FileNotFoundError:
+            problems.append(f"{class_file.name} (missing)")
+        except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
+            problems.append(f"{class_file.name} ({error})")
+    if problems:
+        listed = ", ".join(problems[:_MAX_LISTED]) + (f" ... and {len(problems) - _MAX_LISTED} more"
+                                                       if len(problems) > _MAX_LISTED else "")
+        raise ValueError(
+            f"{len(problems)} class map(s) in {str(masks_dir)!r} are missing or unreadable: {listed}. Each mask needs "
+            f"one, named like the mask with {class_map_suffix!r} for its extension, holding a JSON object "
+            '{"<instance id>": <class id>}; or pass instance_class for one class for all.'
+        )
+    return dataset.add_column(INSTANCE_CLASSES_COLUMN, entries)
 
 
 def _image_files(folder: Path, pattern: str) -> list[Path]:
@@ -427,6 +496,18 @@ def validate_dataset(
                 f"{tuple(mask.shape)}; they must match. Fix or remove that pair (the mask must be drawn on the image "
                 "at its full resolution)."
             )
+        if row.get(INSTANCE_CLASSES_COLUMN) is not None:  # an instance map: check the classes its instances get
+            try:
+                _, classes = _MASK_READER.segmentation_map_to_targets(
+                    mask, instance_mapping(row[INSTANCE_CLASSES_COLUMN]), ignore_index, reduce_labels)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"Sample {where}: {error}") from error
+            bad = np.unique(classes[classes >= num_labels])
+            if bad.size:
+                raise ValueError(f"Sample {where}: instances of class(es) {bad.tolist()[:10]}, outside [0, "
+                                 f"num_labels={num_labels}); fix the class map or num_labels.")
+            checked += 1
+            continue
         labels = _reduce_labels(mask, ignore_index) if reduce_labels else mask
         values = np.unique(labels)
         bad = values[((values < 0) | (values >= num_labels)) & (values != ignore_index)]
@@ -589,7 +670,8 @@ def prepare_datasets(train_dataset, eval_dataset, processor, crop_size, **augmen
         raise TypeError("prepare_datasets sets `train` itself (True for the training set, False for evaluation).")
     transforms = {
         "train": SegmentationTransform(processor, train=True, crop_size=crop_size, **augment_kwargs),
-        "eval": SegmentationTransform(processor, train=False, ignore_index=augment_kwargs.get("ignore_index")),
+        "eval": SegmentationTransform(processor, train=False, ignore_index=augment_kwargs.get("ignore_index"),
+                                      return_mask_labels=augment_kwargs.get("return_mask_labels")),
     }
     for role, dataset in (("train", train_dataset), ("eval", eval_dataset)):
         if dataset is None:
@@ -615,6 +697,7 @@ __all__ = [
     "binary_masks",
     "load_hf_dataset",
     "load_image_folder",
+    "load_instance_folder",
     "prepare_datasets",
     "validate_dataset",
 ]
