@@ -139,12 +139,13 @@ def ensure_heads(names: list[str] | None) -> list[str]:
 
 
 def head_layers(head: str, num_layers: int, linear_layers: str) -> list[int]:
-    """The backbone layers a head taps: its default (`num_default_taps` evenly spaced), `linear` the last four."""
-    from hf_vitseg.modeling.configuration_vitseg import evenly_spaced_indices
+    """The backbone layers a head taps: its default (`ViTSegConfig.default_out_indices`: `linear` the last four,
+    multi-level heads evenly spaced ones); `--linear-layers last` gives `linear` the last layer alone."""
+    from hf_vitseg import ViTSegConfig
 
-    if head == "linear":
-        return list(range(num_layers - 3, num_layers + 1)) if linear_layers == "last4" else [num_layers]
-    return evenly_spaced_indices(num_layers, hf_vitseg.get_head_class(head).num_default_taps)
+    if head == "linear" and linear_layers != "last4":
+        return [num_layers]
+    return ViTSegConfig.default_out_indices(num_layers, hf_vitseg.get_head_class(head))
 
 
 def build_model(backbone: str, head: str, layers: list[int], seed: int, freeze: bool = True):

@@ -149,8 +149,10 @@ def test_pixel_values_kept_exactly_when_the_head_declares_it(image_head):
     torch.testing.assert_close(got, expected)
     without = FeatureCache.build(model, data, keep_pixel_values=False)
     assert without.pixel_values is None
+    with pytest.raises(ValueError, match="reads the image, but this feature cache holds none"):
+        CachedBackboneModel(model, without)
     with pytest.raises(ValueError, match="reads the image .*carry no pixel_values"):
-        CachedBackboneModel(model, without)(**without.batch([0, 1]))
+        CachedBackboneModel(model)(**without.batch([0, 1]))
     # unet reads the image through its stem, and only then
     pyramid = {"head": "unet", "backbone_out_indices": [1, 2, 3, 4], "freeze_backbone": True}
     unet = tiny_model(**pyramid, head_kwargs={"decoder_channels": [8, 8, 8, 8], "stem_channels": [4]})
@@ -207,9 +209,13 @@ def test_save_load_and_compatibility(tmp_path):
     loaded = FeatureCache.load(path)
     assert torch.equal(loaded.feature_maps[0], cache.feature_maps[0]) and torch.equal(loaded.labels, cache.labels)
     assert loaded.strides == cache.strides and loaded.meta == cache.meta
-    other = tiny_model(freeze_backbone=True, backbone_out_indices=[3])
-    with pytest.raises(ValueError, match="another backbone configuration"):
+    assert cache.layers == [1, 2, 3, 4]  # linear's default: the last four layers
+    other = tiny_model(freeze_backbone=True, backbone_out_indices=[0])
+    with pytest.raises(ValueError, match=r"Layers \[0\] are not in this feature cache \(it holds layers \[1, 2, 3, 4\]\)"):
         CachedBackboneModel(other, loaded)
+    unnormed = tiny_model(freeze_backbone=True, backbone_apply_layernorm=False)
+    with pytest.raises(ValueError, match="another backbone configuration"):
+        CachedBackboneModel(unnormed, loaded)
 
 
 def test_bad_input():

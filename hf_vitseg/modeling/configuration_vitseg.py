@@ -52,8 +52,9 @@ class ViTSegConfig(PreTrainedConfig):
             Which backbone layers to tap, sorted and unique. For ViT families and SAM these are transformer
             layers `0..num_hidden_layers` (0 is the embedding output, negative values count from the end);
             for hierarchical backbones they are stages `1..num_stages` (0 is the stem). Defaults to the
-            head's choice: the last layer for single-map heads, four evenly spaced layers for multi-level
-            heads (the last layer alone on a backbone with fewer layers than that). The backbone runs only as
+            head's choice: the last four layers for `linear` (DINOv2's multi-layer linear head), the last layer
+            for the other single-map heads, four evenly spaced layers for multi-level heads (the last layer
+            alone on a backbone with fewer layers than that). The backbone runs only as
             deep as the deepest tap.
         backbone_apply_layernorm (`bool`, *optional*, defaults to `True`):
             Apply the backbone's final layer norm to every tapped layer, as DINOv2's linear evaluation does.
@@ -290,9 +291,12 @@ class ViTSegConfig(PreTrainedConfig):
 
     @staticmethod
     def default_out_indices(num_levels: int, head_cls) -> list[int]:
-        """The head's `num_default_taps` evenly spaced layers; on a backbone shallower than that, the last layer
-        alone (a pyramid neck and multi-level heads take 1 tap, not 2 or 3)."""
+        """The head's `num_default_taps` evenly spaced layers (its last ones with `head_cls.default_taps_last`,
+        e.g. `linear`: 9, 10, 11, 12 of 12); on a backbone shallower than that, the last layer alone (a pyramid
+        neck and multi-level heads take 1 tap, not 2 or 3)."""
         num_taps = head_cls.num_default_taps if num_levels >= head_cls.num_default_taps else 1
+        if getattr(head_cls, "default_taps_last", False):
+            return list(range(num_levels - num_taps + 1, num_levels + 1))
         return evenly_spaced_indices(num_levels, num_taps)
 
     @staticmethod

@@ -137,8 +137,11 @@ class BaseHead(nn.Module):
 
     Class attributes (the head contract; the model, config, feature cache and ONNX export read them):
         head_name: the registry name, set by `@register_head`.
-        num_default_taps: how many evenly spaced backbone layers the head taps when the config gives
-            no `backbone_out_indices` (1 = the last layer).
+        num_default_taps: how many backbone layers the head taps when the config gives no
+            `backbone_out_indices` (1 = the last layer): evenly spaced ones ending at the last layer, or the
+            last ones with `default_taps_last`.
+        default_taps_last: the default taps are the last `num_default_taps` layers (`linear`: DINOv2's last
+            four) rather than evenly spaced ones (multi-level heads: 3, 6, 9, 12 of 12).
         wants_pyramid: the head expects a multi-scale pyramid (strides 4, 8, 16, 32); on a single-stride
             ViT the model puts a pyramid neck in front of it.
         uses_prefix_tokens: the head reads `features.prefix_tokens` (CLS, distillation, register tokens).
@@ -173,6 +176,7 @@ class BaseHead(nn.Module):
 
     head_name: str = ""
     num_default_taps: int = 1
+    default_taps_last: bool = False
     wants_pyramid: bool = False
     uses_prefix_tokens: bool = False
     prefix_tokens_optional: bool = False

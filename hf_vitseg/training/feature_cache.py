@@ -15,16 +15,39 @@ cache = FeatureCache.build(model, train_dataset, batch_size=16, dtype=torch.floa
 # a plain loop
 train_head_on_cache(model, cache, epochs=50, optimizer=torch.optim.AdamW(model.head.parameters(), 1e-3))
 # or transformers.Trainer
-trainer = Trainer(model=CachedBackboneModel(model), args=args, train_dataset=cache,
+trainer = Trainer(model=CachedBackboneModel(model, cache), args=args, train_dataset=cache,
                   data_collator=FeatureCache.collate)
 model.save_pretrained("out")  # the head trained in place: a normal checkpoint
 ```
 
-Augmentation: the cache holds one fixed view per sample and view function (`views=[None, hflip_view]`
-caches each image and its mirror). Random augmentation applied by the dataset is frozen at build time:
-the same random crop every epoch. Use the cache where fixed views are acceptable (quick linear probes,
-small datasets, head and hyper-parameter searches); the published linear-probe protocols augment at random
-and recompute features every step.
+Several heads, one cache: `FeatureCache.build([model_a, model_b, ...], data)` runs the backbone once with the
+union of the models' taps (and keeps the images when any of their heads reads them, `unet`'s stem); each model
+then reads its own taps with `cache.for_model(model)` (`cache.select(layers)` for any subset), a view that shares
+the stored tensors (no copy). `train_head_on_cache` and `CachedBackboneModel` do that selection themselves.
+`hf-vitseg compare` trains every head this way.
+
+```python
+models = [ViTSegForSemanticSegmentation.from_pretrained_backbone(path, head=h, num_labels=2, freeze_backbone=True)
+          for h in ("linear", "upernet", "unet")]
+cache = FeatureCache.build(models, train_dataset)      # one backbone pass; layers = union of the three
+for model in models:
+    train_head_on_cache(model, cache, epochs=20, optimizer=..., crop_size=224, hflip=True)
+```
+
+Augmentation: random crops and flips on the cached maps (`crop_size=`, `hflip=` of `batch`, `iter_batches` and
+`train_head_on_cache`): each sample of a batch is cut to a `crop_size` window whose offsets are multiples of the
+coarsest stride (`FeatureCache.crop_alignment`, the patch size for ViT families), so every map, the image and
+the labels are cut at the same place, and mirrored left-right with probability 1/2. What this is and is not:
+the labels and the image are cut and mirrored exactly as `crop`/`flip` on the images would; the maps are the
+crop and mirror of the *whole image's* features, whose tokens attended to the whole image, where the backbone
+run on the cropped (or mirrored) image would give somewhat different tokens (less context; position embeddings
+are not mirror-symmetric). That is the usual price of a feature cache, and cheap crops of a few large images
+still give a head many different training windows. Prefix tokens (CLS, registers) are kept as they are.
+Fixed views are the other way: `views=[None, hflip_view]` caches each image and its mirror through the
+backbone. Random augmentation done by the dataset itself is frozen at build time (the same random crop every
+epoch). Use the cache where this is acceptable (quick linear probes, small datasets, head and
+hyper-parameter searches); the published linear-probe protocols augment at random and recompute features
+every step.
 
 Memory: per sample, `sum over taps of C * h * w` values, plus `P * C` per tap for `P` prefix tokens, plus
 `3 * H * W` when the head reads the image (`unet`'s stem), at 4 bytes (float32) or 2 (float16/bfloat16),
@@ -87,6 +110,53 @@ def _check_frozen(model: nn.Module) -> None:
             f"A feature cache needs a frozen backbone, but {len(trainable)} backbone parameters train "
             f"(e.g. {trainable[0]}). Call model.freeze_backbone() or build the model with freeze_backbone=True."
         )
+
+
+def _architecture(model: nn.Module) -> dict:
+    """The backbone config without the taps (which hierarchical configs record as `out_indices`)."""
+    settings = model.config.backbone_config.to_dict()
+    return {k: v for k, v in settings.items() if k not in ("out_indices", "out_features")}
+
+
+def _union_tap_model(models: list[nn.Module]) -> nn.Module:
+    """One model whose backbone taps the union of `models`' layers, with their (shared, identical) backbone
+    weights: what `FeatureCache.build` runs for several models. A model that already taps the union is used
+    as is; otherwise a copy of the backbone with the union of taps is built (a `linear` head, never run)."""
+    first = models[0]
+    shared = ("backbone_model_type", "backbone_apply_layernorm", "num_prefix_tokens")
+    reference = _backbone_signature(first)
+    for model in models[1:]:
+        signature = _backbone_signature(model)
+        wrong = [k for k in shared if signature[k] != reference[k]]
+        if wrong or _architecture(model) != _architecture(first):
+            raise ValueError(
+                f"One feature cache serves models with the same backbone only; {type(model).__name__} differs in "
+                f"{', '.join(wrong) or 'backbone_config'}. Build one cache per backbone."
+            )
+    union = sorted({i for model in models for i in model.config.backbone_out_indices})
+    weights: dict[str, torch.Tensor] = {}
+    for model in models:
+        for name, tensor in model.backbone.state_dict().items():
+            if name in weights and not torch.equal(weights[name], tensor):
+                raise ValueError(
+                    f"The models' backbones hold different weights ({name}); a shared feature cache needs one "
+                    "frozen backbone. Build them from the same pretrained backbone."
+                )
+            weights.setdefault(name, tensor)
+    for model in models:
+        if list(model.config.backbone_out_indices) == union:
+            return model
+    from ..modeling import ViTSegConfig, ViTSegForSemanticSegmentation
+
+    settings = {**first.config.to_dict(), "backbone_out_indices": union, "head": "linear", "head_kwargs": {},
+                "neck": None, "auxiliary_loss_weight": 0.0, "freeze_backbone": True}
+    tapper = ViTSegForSemanticSegmentation(ViTSegConfig.from_dict(settings))
+    expected = tapper.backbone.state_dict()
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise ValueError(f"The models' backbones lack weights the union of their taps needs ({missing[0]}).")
+    tapper.backbone.load_state_dict({k: weights[k] for k in expected}, strict=True)
+    return tapper.to(next(first.parameters()).device).requires_grad_(False)
 
 
 def _smallest_label_dtype(labels: torch.Tensor) -> torch.dtype:
@@ -152,12 +222,15 @@ class FeatureCache(Dataset):
         collate_fn: Callable | None = None,
         num_workers: int = 0,
         storage_device: torch.device | str = "cpu",
+        progress: str | None = None,
     ) -> FeatureCache:
-        """Run the frozen backbone of `model` over `data` once and store its features.
+        """Run the frozen backbone of `model` (or of several models) over `data` once and store its features.
 
         Args:
             model: a `ViTSegForSemanticSegmentation` whose backbone is frozen (no parameter with
-                `requires_grad`). The backbone runs in eval mode, as it does during frozen training.
+                `requires_grad`), or a list of such models with the same backbone (weights included) and any
+                heads and taps: the cache then holds the union of their taps, and each reads its own with
+                `cache.for_model(model)`. The backbone runs in eval mode, as it does during frozen training.
             data: a `DataLoader`, or a dataset (a `datasets.Dataset` with a transform, any map-style torch
                 dataset) of dicts with `pixel_values` `(3, H, W)` and optionally `labels` `(H, W)`; every
                 sample must have the same size (crop or pad to a fixed size).
@@ -166,22 +239,29 @@ class FeatureCache(Dataset):
             device: where the backbone runs; default the model's device.
             dtype: storage dtype of features and images: `torch.float32` (exact), `torch.float16` or
                 `torch.bfloat16` (half the memory).
-            keep_pixel_values: store the images too: `True`, `False`, or `"auto"`: exactly when the head
-                declares that it reads them (`model.head.uses_pixel_values`: `unet`'s image stem).
+            keep_pixel_values: store the images too: `True`, `False`, or `"auto"`: exactly when a head
+                declares that it reads them (`model.head.uses_pixel_values`: `unet`'s image stem), for a list
+                of models when any of them does. A cache without images refuses such a head (`for_model`), so
+                build a cache meant for other heads later with `True` (or with those heads' models in the list).
             views: fixed views of every batch, each a function `(pixel_values, labels) -> (pixel_values,
                 labels)` or `None` for the batch as is (e.g. `[None, hflip_view]`). The cache holds
                 `len(views)` entries per sample: per loader batch, its samples in view 0, then in view 1, ...
             storage_device: where the cache lives (CPU memory by default).
+            progress: show a progress bar (tqdm) over the samples, with this description.
         """
-        model = _cacheable_model(model)
-        _check_frozen(model)
+        models = [_cacheable_model(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+        if not models:
+            raise ValueError("Give at least one model to build a feature cache with.")
+        for m in models:
+            _check_frozen(m)
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
         if keep_pixel_values not in (True, False, "auto"):
             raise ValueError(f"keep_pixel_values must be True, False or 'auto', got {keep_pixel_values!r}.")
         views = list(views) if views else [None]
         if keep_pixel_values == "auto":
-            keep_pixel_values = model.head.uses_pixel_values
+            keep_pixel_values = any(m.head.uses_pixel_values for m in models)
+        model = models[0] if len(models) == 1 else _union_tap_model(models)
         device = torch.device(device) if device is not None else next(model.parameters()).device
         loader = data if isinstance(data, DataLoader) else DataLoader(
             data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers
@@ -190,6 +270,10 @@ class FeatureCache(Dataset):
         model.eval()  # the backbone as in frozen training; nothing else trains here
         maps, prefixes, images, labels = [], [], [], []
         first_shapes = has_labels = None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(loader.dataset) if hasattr(loader.dataset, "__len__") else None, desc=progress,
+                   unit="image", disable=progress is None)
         try:
             for batch in loader:
                 if not isinstance(batch, Mapping) or "pixel_values" not in batch:
@@ -225,7 +309,9 @@ class FeatureCache(Dataset):
                         images.append(view_pixels.to(storage_device, dtype))
                     if view_labels is not None:
                         labels.append(view_labels.to(storage_device))
+                bar.update(len(pixel_values))
         finally:
+            bar.close()
             model.train(was_training)
         if not maps:
             raise ValueError("The dataset is empty: nothing to cache.")
@@ -268,13 +354,32 @@ class FeatureCache(Dataset):
                 batch[key] = torch.stack([s[key] for s in samples])
         return batch
 
-    def batch(self, indices: torch.Tensor | Sequence[int], device: torch.device | str | None = None) -> dict:
-        """The samples at `indices` as one batch (what `collate` makes of them, without per-item work)."""
+    def batch(
+        self,
+        indices: torch.Tensor | Sequence[int],
+        device: torch.device | str | None = None,
+        crop_size: int | Sequence[int] | None = None,
+        hflip: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict:
+        """The samples at `indices` as one batch (what `collate` makes of them, without per-item work).
+
+        Args:
+            indices: which samples.
+            device: where the batch goes (default: where the cache lives).
+            crop_size: `(height, width)` (or an int) of a random window cut from each sample's maps, image and
+                labels, its offsets drawn from `generator` in multiples of `crop_alignment` (both sides must be
+                such multiples); `None`: whole samples. See the module docstring for what a crop of cached
+                maps is.
+            hflip: mirror each sample left-right with probability 1/2 (maps, image and labels together).
+            generator: draws the crops and flips (default: torch's global generator).
+        """
         indices = torch.as_tensor(indices, dtype=torch.long, device=self.feature_maps[0].device)
         device = device if device is not None else self.feature_maps[0].device
+        crop = self._check_crop(crop_size)
 
         def take(t: torch.Tensor) -> torch.Tensor:
-            return t.index_select(0, indices).to(device, non_blocking=True)
+            return t.index_select(0, indices)
 
         batch = {"feature_maps": [take(m) for m in self.feature_maps]}
         if self.prefix_tokens is not None:
@@ -283,7 +388,13 @@ class FeatureCache(Dataset):
             batch["pixel_values"] = take(self.pixel_values)
         if self.labels is not None:
             batch["labels"] = take(self.labels).long()
-        return batch
+        if crop is not None or hflip:
+            batch = self._crop_and_flip(batch, crop, hflip, generator)
+        return {
+            key: [t.to(device, non_blocking=True) for t in value] if isinstance(value, list)
+            else value.to(device, non_blocking=True)
+            for key, value in batch.items()
+        }
 
     def iter_batches(
         self,
@@ -292,14 +403,125 @@ class FeatureCache(Dataset):
         generator: torch.Generator | None = None,
         drop_last: bool = False,
         device: torch.device | str | None = None,
+        crop_size: int | Sequence[int] | None = None,
+        hflip: bool = False,
     ) -> Iterator[dict]:
-        """Batches over the whole cache: in order, or in `torch.randperm(len(self), generator=generator)` order."""
+        """Batches over the whole cache: in order, or in `torch.randperm(len(self), generator=generator)` order;
+        `crop_size` / `hflip` as in `batch` (drawn from the same `generator`)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         stop = len(self) - len(self) % batch_size if drop_last else len(self)
         for start in range(0, stop, batch_size):
-            yield self.batch(order[start : start + batch_size], device=device)
+            yield self.batch(order[start : start + batch_size], device=device, crop_size=crop_size, hflip=hflip,
+                             generator=generator)
+
+    # -- random crops and flips on the cached maps --------------------------------------------------------------
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`(H, W)` of the images the features came from (the labels' size when stored)."""
+        for t in (self.labels, self.pixel_values):
+            if t is not None:
+                return tuple(t.shape[-2:])
+        height, width = self.feature_maps[0].shape[-2:]
+        return height * int(self.strides[0]), width * int(self.strides[0])
+
+    @property
+    def crop_alignment(self) -> int:
+        """What crop offsets and sizes must be multiples of: the least common multiple of the maps' strides (the
+        patch size for ViT families), so that one window falls on whole cells of every map."""
+        strides = [float(s) for s in self.strides]
+        if any(s != int(s) for s in strides):
+            raise ValueError(f"Cannot crop cached maps with fractional strides {self.strides}.")
+        return math.lcm(*(int(s) for s in strides))
+
+    def _check_crop(self, crop_size) -> tuple[int, int] | None:
+        if crop_size is None:
+            return None
+        crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        align, size = self.crop_alignment, self.image_size
+        if len(crop) != 2 or any(not isinstance(c, int) or c < 1 or c % align for c in crop):
+            raise ValueError(
+                f"crop_size must be one or two positive multiples of {align} (the cached maps' stride), got "
+                f"{crop_size!r}."
+            )
+        if crop[0] > size[0] or crop[1] > size[1]:
+            raise ValueError(f"crop_size {crop} is larger than the cached images {size}.")
+        return crop
+
+    def _crop_and_flip(self, batch: dict, crop, hflip: bool, generator) -> dict:
+        """Each sample of `batch` cut to a random `crop` window (offsets in multiples of `crop_alignment`) and
+        mirrored with probability 1/2; the maps at their own strides, the image and labels at full size."""
+        count = batch["feature_maps"][0].shape[0]
+        height, width = self.image_size
+        align = self.crop_alignment
+        windows = []
+        for _ in range(count):
+            top = left = 0
+            if crop is not None:
+                top = int(torch.randint((height - crop[0]) // align + 1, (1,), generator=generator)) * align
+                left = int(torch.randint((width - crop[1]) // align + 1, (1,), generator=generator)) * align
+            flip = bool(hflip and torch.rand((), generator=generator) < 0.5)
+            windows.append((top, left, flip))
+        crop_h, crop_w = crop if crop is not None else (height, width)
+
+        def cut(t: torch.Tensor, stride: int) -> torch.Tensor:
+            parts = []
+            for i, (top, left, flip) in enumerate(windows):
+                part = t[i, ..., top // stride : (top + crop_h) // stride, left // stride : (left + crop_w) // stride]
+                parts.append(part.flip(-1) if flip else part)
+            return torch.stack(parts)
+
+        out = dict(batch)
+        out["feature_maps"] = [cut(m, int(s)) for m, s in zip(batch["feature_maps"], self.strides)]
+        for key in ("pixel_values", "labels"):
+            if key in batch:
+                out[key] = cut(batch[key], 1)
+        return out
+
+    # -- one cache, several heads -------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int] | None:
+        """The backbone layers (stages) the maps were tapped at, in order; `None` when the cache does not say."""
+        layers = self.meta.get("backbone_out_indices")
+        return None if layers is None else list(layers)
+
+    def select(self, layers: Sequence[int]) -> FeatureCache:
+        """A cache of these backbone `layers` only (each must be in `self.layers`), sharing this one's tensors
+        (no copy); the image and labels come along."""
+        cached = self.layers
+        if cached is None:
+            raise ValueError("This cache does not record its layers (meta['backbone_out_indices']); cannot select.")
+        layers = list(layers)
+        missing = [layer for layer in layers if layer not in cached]
+        if missing or not layers:
+            raise ValueError(
+                f"Layers {missing or layers} are not in this feature cache (it holds layers {cached}). Build the "
+                "cache with every model that will use it: FeatureCache.build([model_a, model_b, ...], data)."
+            )
+        positions = [cached.index(layer) for layer in layers]
+        meta = {**self.meta, "backbone_out_indices": layers}
+        if "out_channels" in meta:
+            meta["out_channels"] = [meta["out_channels"][i] for i in positions]
+        return FeatureCache(
+            [self.feature_maps[i] for i in positions], [self.strides[i] for i in positions],
+            None if self.prefix_tokens is None else [self.prefix_tokens[i] for i in positions],
+            self.pixel_values, self.labels, meta,
+        )
+
+    def for_model(self, model: nn.Module) -> FeatureCache:
+        """The part of this cache `model` reads: its taps (`select`), checked against its backbone; refused when
+        its head reads the image and the cache holds none."""
+        model = _cacheable_model(model)
+        layers = list(model.config.backbone_out_indices)
+        view = self if self.layers in (None, layers) else self.select(layers)
+        view.check_compatible(model)
+        if model.head.uses_pixel_values and view.pixel_values is None:
+            raise ValueError(
+                f"Head {model.config.head!r} reads the image, but this feature cache holds none. Build it with "
+                "keep_pixel_values=True, or with this model among those given to FeatureCache.build."
+            )
+        return view
 
     @property
     def bytes_per_sample(self) -> int:
@@ -318,6 +540,12 @@ class FeatureCache(Dataset):
         channels = [m.shape[1] for m in self.feature_maps]
         if channels != expected["out_channels"]:
             wrong["feature map channels"] = (channels, expected["out_channels"])
+        layers = self.layers
+        if "backbone_out_indices" in wrong and layers and set(expected["backbone_out_indices"]) <= set(layers):
+            raise ValueError(
+                f"This feature cache holds layers {layers}, the model taps {expected['backbone_out_indices']}: "
+                "pass cache.for_model(model), the model's own selection."
+            )
         if wrong:
             details = "; ".join(f"{k}: cache {a}, model {b}" for k, (a, b) in wrong.items())
             raise ValueError(
@@ -366,7 +594,9 @@ class CachedBackboneModel(nn.Module):
     """A ViTSeg model's neck, head and loss run on cached backbone features; usable with `Trainer`.
 
     It shares every module with `model`, so training it trains `model`'s head in place: save `model`
-    afterwards. `forward` takes a `FeatureCache.collate` batch and returns `model`'s `SemanticSegmenterOutput`.
+    afterwards. `forward` takes a `FeatureCache.collate` (or `FeatureCache.batch`) batch and returns `model`'s
+    `SemanticSegmenterOutput`. Given the `cache` it will read (checked against the model), batches of a cache
+    shared by several models (more taps than this model's) work too: the model's own taps are picked out.
     """
 
     main_input_name = "feature_maps"
@@ -375,8 +605,12 @@ class CachedBackboneModel(nn.Module):
         super().__init__()
         self.model = _cacheable_model(model)
         _check_frozen(self.model)
+        self.tap_positions = None  # which maps of a shared cache's batches are this model's taps
         if cache is not None:
-            cache.check_compatible(self.model)
+            cache.for_model(self.model)
+            layers, own = cache.layers, list(self.model.config.backbone_out_indices)
+            if layers is not None and layers != own:
+                self.tap_positions = [layers.index(layer) for layer in own]
 
     @property
     def config(self):
@@ -391,6 +625,10 @@ class CachedBackboneModel(nn.Module):
         return_dict: bool | None = None,
     ):
         dtype = next(self.model.head.parameters()).dtype
+        if self.tap_positions is not None and len(feature_maps) != len(self.tap_positions):
+            feature_maps = [feature_maps[i] for i in self.tap_positions]
+            if prefix_tokens is not None:
+                prefix_tokens = [prefix_tokens[i] for i in self.tap_positions]
         features = BackboneFeatures(
             feature_maps=[m.to(dtype) for m in feature_maps],
             strides=list(self.model.backbone.out_strides),
@@ -412,13 +650,17 @@ def train_head_on_cache(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     max_grad_norm: float | None = None,
+    crop_size: int | Sequence[int] | None = None,
+    hflip: bool = False,
 ) -> list[float]:
     """A plain training loop over a `FeatureCache`: the head (+ neck, auxiliary head) of `model` learns in place.
 
-    Batches follow `cache.iter_batches(batch_size, shuffle, generator)`, one `torch.randperm` per epoch from
-    `generator` (default: a new one seeded with `seed`; pass the same generator to successive calls to go on
-    with a run epoch by epoch). So a run is reproducible, and comparable with a loop over images that draws
-    its order the same way. `scheduler.step()` runs after every optimizer step.
+    Batches follow `cache.iter_batches(batch_size, shuffle, generator, crop_size=..., hflip=...)`, one
+    `torch.randperm` per epoch from `generator` (default: a new one seeded with `seed`; pass the same generator
+    to successive calls to go on with a run epoch by epoch). So a run is reproducible, and comparable with a
+    loop over images that draws its order the same way. `scheduler.step()` runs after every optimizer step.
+    The cache may be shared by several models (`FeatureCache.build([...])`): the model's taps are selected.
+    `crop_size` / `hflip`: random crops and flips of the cached maps (see `FeatureCache.batch`).
 
     Returns:
         The mean training loss of each epoch.
@@ -427,6 +669,7 @@ def train_head_on_cache(
         raise ValueError("The cache holds no labels: build it from a dataset with 'labels' to train on it.")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
+    cache = cache.for_model(model)
     wrapper = CachedBackboneModel(model, cache)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     generator = generator if generator is not None else torch.Generator().manual_seed(seed)
@@ -435,7 +678,8 @@ def train_head_on_cache(
     history = []
     for _ in range(epochs):
         total, count = 0.0, 0
-        for batch in cache.iter_batches(batch_size, shuffle=shuffle, generator=generator, device=device):
+        for batch in cache.iter_batches(batch_size, shuffle=shuffle, generator=generator, device=device,
+                                        crop_size=crop_size, hflip=hflip):
             loss = wrapper(**batch, return_dict=True).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

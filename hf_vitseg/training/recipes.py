@@ -147,7 +147,8 @@ def linear_probe(
     warmup_steps: int = 1500,
 ) -> Recipe:
     """DINOv2's linear segmentation probe: frozen backbone, `linear` head (BatchNorm + 1x1 conv on the last
-    layer's patch tokens after the backbone's final norm), AdamW, poly schedule with linear warm-up.
+    layer's patch tokens after the backbone's final norm: `backbone_out_indices=[-1]`, where the `linear`
+    head's own default is the last four layers), AdamW, poly schedule with linear warm-up.
 
     Source: Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", TMLR 2024, sec. 7.4,
     and its released config `dinov2_vitb14_ade20k_linear_config.py` (mmseg 0.x): AdamW(lr=1e-3,
@@ -161,7 +162,8 @@ def linear_probe(
     return _recipe(
         "linear_probe",
         "DINOv2 (Oquab et al., TMLR 2024) sec. 7.4, dinov2_vit*14_ade20k_linear_config.py",
-        model_kwargs={"head": "linear", "freeze_backbone": True, "backbone_apply_layernorm": True},
+        model_kwargs={"head": "linear", "backbone_out_indices": [-1], "freeze_backbone": True,
+                      "backbone_apply_layernorm": True},
         optimizer=settings, patch_size=patch_size, crop_size=crop_size, batch_size=batch_size, max_steps=max_steps,
     )
 
