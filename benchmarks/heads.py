@@ -29,15 +29,9 @@ import torch
 
 import hf_vitseg
 from hf_vitseg import ViTSegConfig, ViTSegForSemanticSegmentation
-from hf_vitseg.bench import BackboneOnly, gflops, measure_head, peak_training_memory_mb
+from hf_vitseg.bench import BackboneOnly, dinov2_small_config, gflops, measure_head, peak_training_memory_mb, write_json
 
 PAPER_PRESET_HEADS = ("setr_pup", "dpt", "upernet")
-
-
-def dinov2_small_config():
-    from transformers import Dinov2Config
-
-    return Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518)
 
 
 class PeerUperNet(torch.nn.Module):
@@ -156,8 +150,7 @@ def main(argv=None):
     memory = f", peak training-step memory {ref_mem:.0f} MB" if ref_mem else ""
     print(f"backbone alone: {ref_flops:.1f} GFLOPs{memory}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(args.json, rows)
     return rows
 
 

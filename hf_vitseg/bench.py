@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -35,15 +36,64 @@ import torch
 
 __all__ = [
     "BackboneOnly",
+    "build_model",
+    "dinov2_small_config",
     "forward_ratio",
     "gflops",
     "head_parameters_m",
     "measure_head",
     "peak_training_memory_mb",
+    "model_from_spec",
     "prediction_cost",
+    "random_image",
     "time_forward",
     "time_train_step",
+    "write_json",
 ]
+
+
+def dinov2_small_config():
+    """The config of DINOv2 ViT-S/14 (`facebook/dinov2-small`), built here: no download, random weights."""
+    from transformers import Dinov2Config
+
+    return Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518)
+
+
+def build_model(backbone_config, head: str, num_labels: int = 150, seed: int = 0, **config_kwargs):
+    """A `ViTSegForSemanticSegmentation` with random weights (speed does not depend on them) on `backbone_config`."""
+    from .modeling import ViTSegConfig, ViTSegForSemanticSegmentation
+
+    torch.manual_seed(seed)
+    config = ViTSegConfig(backbone_config=backbone_config, head=head, num_labels=num_labels, **config_kwargs)
+    return ViTSegForSemanticSegmentation(config)
+
+
+def model_from_spec(spec: str) -> torch.nn.Module:
+    """The model a JSON spec names, for `peak_training_memory_mb`'s subprocess: `{"config": backbone config dict,
+    "head": name or null (the backbone alone), "num_labels": n}`."""
+    from transformers import AutoConfig
+
+    fields = json.loads(spec)
+    config_dict = dict(fields["config"])
+    backbone_config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    model = build_model(backbone_config, fields["head"] or "linear", fields["num_labels"])
+    return BackboneOnly(model) if fields["head"] is None else model
+
+
+def random_image(size: tuple[int, int], channels: int = 3, seed: int = 0):
+    """A random uint8 image `(H, W, C)` (`(H, W)` for one channel) for the prediction cost."""
+    import numpy as np
+
+    shape = (size[0], size[1]) if channels == 1 else (size[0], size[1], channels)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def write_json(path: str | os.PathLike, rows) -> None:
+    """Write `rows` as JSON atomically (a temporary file beside it, then a rename)."""
+    temporary = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(rows, f, indent=2)
+    os.replace(temporary, path)
 
 
 class BackboneOnly(torch.nn.Module):

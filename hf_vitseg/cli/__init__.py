@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": ("hf_vitseg.cli.evaluate", "report mIoU and accuracy of a saved model on a dataset"),
     "predict": ("hf_vitseg.cli.predict", "write label maps and colour overlays for images"),
     "push": ("hf_vitseg.cli.push", "upload a saved model folder to the Hugging Face Hub with a model card"),
+    "bench": ("hf_vitseg.cli.bench", "speed, FLOPs and memory of heads on a backbone, and of one prediction"),
     "demo": ("hf_vitseg.cli.demo", "fine-tune and evaluate on the embedded nuclei sample (offline, CPU)"),
     "app": ("hf_vitseg.cli.app", "serve a web page to segment uploaded images with a model (Gradio)"),
 }
