@@ -18,6 +18,7 @@ COMMANDS = {
     "push": ("hf_vitseg.cli.push", "upload a saved model folder to the Hugging Face Hub with a model card"),
     "bench": ("hf_vitseg.cli.bench", "speed, FLOPs and memory of heads on a backbone, and of one prediction"),
     "demo": ("hf_vitseg.cli.demo", "fine-tune and evaluate on the embedded nuclei sample (offline, CPU)"),
+    "compare": ("hf_vitseg.cli.compare", "train every head on one frozen backbone under one budget: which to use"),
     "app": ("hf_vitseg.cli.app", "serve a web page to segment uploaded images with a model (Gradio)"),
 }
 

@@ -47,6 +47,9 @@ PYTHON_TO_FLAG = {
     "sliding_window needs crop_size": "--sliding-window needs --crop-size",
     "train_dataset: ": "training data: ",
     "eval_dataset: ": "evaluation data: ",
+    "heads (--heads)": "--heads",
+    "num_labels (--num-labels) or id2label (--id2label)": "--num-labels or --id2label",
+    "a smaller crop_size (--crop-size)": "a smaller --crop-size",
 }
 
 
@@ -232,6 +235,30 @@ def load_dataset_from_args(args, images_dir, masks_dir, split, role: str):
         dataset = load_image_folder(images_dir, masks_dir, mask_suffix=args.mask_suffix,
                                     on_unmatched="warn" if args.skip_unmatched else "error")
     return binary_masks(dataset) if args.binary_masks else dataset
+
+
+def add_training_data_flags(group) -> None:
+    """The data flags of the commands that train (`train`, `compare`): training and evaluation image folders or
+    `--dataset` with its splits, the shared data flags (`add_data_flags`), the training crop."""
+    group.add_argument("--train-images", help="folder of training images")
+    group.add_argument("--train-masks", help="folder of training masks, paired with the images by file name")
+    group.add_argument("--eval-images", help="folder of evaluation images")
+    group.add_argument("--eval-masks", help="folder of evaluation masks")
+    add_data_flags(group)
+    group.add_argument("--train-split", default="train")
+    group.add_argument("--eval-split", default=None, help="e.g. validation (default: no evaluation)")
+    group.add_argument("--crop-size", type=positive_int, nargs="+", metavar="N",
+                       help="training crop: N or H W, patch multiples")
+
+
+def add_label_flags(group, ignore_index_note: str = "") -> None:
+    """The class flags of a fresh head (`train --backbone`, `compare`): `--num-labels`, `--id2label`,
+    `--ignore-index` (`ignore_index_note` ends the latter's help)."""
+    group.add_argument("--num-labels", type=positive_int, help="number of classes (or give --id2label)")
+    group.add_argument("--id2label", type=json_object, metavar="JSON",
+                       help='class names: \'{"0": "bg", "1": "cell"}\' or a .json file')
+    group.add_argument("--ignore-index", type=int, default=None,
+                       help=f"label value that carries no label (default: 255{ignore_index_note})")
 
 
 # -- paths, models, devices ----------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from .args import (
     CHANNEL_FLAGS,
     CliError,
     add_channel_flags,
-    add_data_flags,
+    add_label_flags,
+    add_training_data_flags,
     channel_settings,
     check_model_folder,
     fraction,
@@ -56,26 +57,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--config", type=json_object, default=None, metavar="JSON",
                        help='more ViTSegConfig settings, e.g. '
                             '\'{"backbone_out_indices": [9, 12], "dice_loss_weight": 0.5}\'')
-    model.add_argument("--num-labels", type=positive_int, help="number of classes (or give --id2label)")
-    model.add_argument("--id2label", type=json_object, metavar="JSON",
-                       help='class names: \'{"0": "bg", "1": "cell"}\' or a .json file')
-    model.add_argument("--ignore-index", type=int, default=None,
-                       help="label value that carries no label (default: 255; a --model keeps its own)")
+    add_label_flags(model, "; a --model keeps its own")
     model.add_argument("--freeze-backbone", action="store_true", help="train the head only")
     add_channel_flags(model)
     model.add_argument("--recipe", choices=["linear_probe", "full_finetune", "lora"],
                        help="a documented recipe (hf_vitseg.training.recipes): its settings fill what is not given")
 
     data = parser.add_argument_group("data (image folders or a Hugging Face dataset)")
-    data.add_argument("--train-images", help="folder of training images")
-    data.add_argument("--train-masks", help="folder of training masks, paired with the images by file name")
-    data.add_argument("--eval-images", help="folder of evaluation images")
-    data.add_argument("--eval-masks", help="folder of evaluation masks")
-    add_data_flags(data)
-    data.add_argument("--train-split", default="train")
-    data.add_argument("--eval-split", default=None, help="e.g. validation (default: no evaluation)")
-    data.add_argument("--crop-size", type=positive_int, nargs="+", metavar="N",
-                      help="training crop: N or H W, patch multiples")
+    add_training_data_flags(data)
     data.add_argument("--no-augment", action="store_true", help="no random resize, flip or colour jitter")
 
     run = parser.add_argument_group("training")
