@@ -2,12 +2,20 @@
 
 The files are listed before anything is sent; `--dry-run` only lists them. See `hf_vitseg.hub.push_to_hub` for
 what is uploaded (only what hf-vitseg wrote for the model) and what is never overwritten.
+
+    hf-vitseg push runs/nuclei username/nuclei-seg --space username/nuclei-seg-demo
+
+`--space SPACE_ID` then writes a Gradio Space serving the model with `hf-vitseg app`'s page: `app.py` (loads the
+model repo with trust_remote_code=True), `requirements.txt`, its card, and the source of this hf-vitseg (the Space
+does not need hf-vitseg installed); see `hf_vitseg.hub.space`. A file of the Space that hf-vitseg did not write
+stops that part of the push.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +43,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "folder's eval_results.json / all_results.json / trainer_state.json")
     parser.add_argument("--overwrite-card", action="store_true",
                         help="replace a README.md on the Hub that hf-vitseg did not write, or that was edited")
+    parser.add_argument("--space", default=None, metavar="SPACE_ID",
+                        help="also write a Gradio Space serving the model, e.g. username/my-model-demo")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the files that would be uploaded and send nothing (no network)")
 
@@ -44,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     cannot be reached."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    from ..hub.push import DEFAULT_COMMIT_MESSAGE, HubUnreachableError, push_to_hub
+    from ..hub.push import DEFAULT_COMMIT_MESSAGE, HubUnreachableError, check_repo_id, push_to_hub
 
     card_data = {
         key: value
@@ -59,6 +69,13 @@ def run(args: argparse.Namespace) -> int:
         if value is not None
     }
     try:
+        if args.space is not None:  # before anything is sent: a bad Space id must not leave the model pushed alone
+            try:
+                check_repo_id(args.space)
+            except ValueError as error:
+                raise ValueError(f"--space: {error}") from None
+            if args.space == args.repo_id:
+                raise ValueError(f"--space {args.space}: give the Space its own id (the model repo is {args.repo_id}).")
         if args.eval_results is not None:
             try:
                 card_data["eval_results"] = json.loads(args.eval_results.read_text(encoding="utf-8"))
@@ -86,18 +103,53 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for path, reason in result.skipped.items():
         print(f"Not uploaded: {path}: {reason}")
+    if not result.dry_run:
+        print(f"Uploaded {len(result.uploaded)} files to {result.repo_id}: {', '.join(result.uploaded)}")
+        commit_url = getattr(result.commit, "commit_url", None)
+        if commit_url:
+            print(commit_url)
+    if args.space is not None:
+        status = _push_space(args, result.repo_id)
+        if status:
+            return status
     if result.dry_run:
         print("Dry run: nothing was sent.")
-        return 0
-    print(f"Uploaded {len(result.uploaded)} files to {result.repo_id}: {', '.join(result.uploaded)}")
-    commit_url = getattr(result.commit, "commit_url", None)
-    if commit_url:
-        print(commit_url)
     return 0
 
 
-def _print_plan(files: dict[str, str], repo_id: str, dry_run: bool) -> None:
+def _push_space(args: argparse.Namespace, model_id: str) -> int:
+    """`--space`: write the Space serving `model_id` (pushed just before); 1 with a one-line error."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from ..hub.push import HubUnreachableError
+    from ..hub.space import push_space
+
+    try:
+        space = push_space(model_id, args.space, private=args.private or None, token=args.token,
+                           dry_run=args.dry_run, on_plan=lambda files: _print_plan(files, f"Space {args.space}",
+                                                                                    args.dry_run, brief=True))
+    except (ValueError, FileNotFoundError, HubUnreachableError) as error:
+        print(f"hf-vitseg push: error: {error}" + ("" if args.dry_run else f" The model is on {model_id}."),
+              file=sys.stderr)
+        return 1
+    except HfHubHTTPError as error:
+        reason = str(error).strip().splitlines()[0]
+        print(f"hf-vitseg push: error: the Hub refused the Space {args.space} ({reason}); the model is on {model_id}. "
+              "Pass --token with write access.", file=sys.stderr)
+        return 1
+    if not space.dry_run:
+        print(f"Wrote the Space {space.space_id}: https://huggingface.co/spaces/{space.space_id}")
+    return 0
+
+
+def _print_plan(files: dict[str, str], repo_id: str, dry_run: bool, brief: bool = False) -> None:
+    """List `files`; with `brief`, the `hf_vitseg/` source files as one line (their count and folder)."""
     print(f"{'Would upload' if dry_run else 'Uploading'} {len(files)} files to {repo_id}:")
-    width = max(map(len, files))
-    for name, source in files.items():
+    package = {name: source for name, source in files.items() if brief and name.startswith("hf_vitseg/")}
+    listed = {name: source for name, source in files.items() if name not in package}
+    width = max(map(len, listed), default=0)
+    for name, source in listed.items():
         print(f"  {name:<{width}}  from {source}")
+    if package:
+        folder = os.path.commonpath(list(package.values()))
+        print(f"  hf_vitseg/ ({len(package)} Python files)  from {folder} and its subfolders (hf-vitseg's own source)")

@@ -120,6 +120,10 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | 
     JSON or a config naming an unknown head gets an error naming the file and the value; a model of another
     type (a folder's config, or a Hub repo's once loaded) is refused (`check_vitseg_model_type`).
 
+    With `trust_remote_code=True` the model runs the code saved with the checkpoint (its `auto_map`), even where
+    `import hf_vitseg` has registered its own classes, which transformers would otherwise prefer: a Space that
+    carries hf-vitseg (`hf-vitseg push --space`) still runs each model with the code it was pushed with.
+
     Args:
         name_or_path: a folder written by `save_pretrained`, or a Hub repo id.
         device: move the model there (default: stay on the CPU).
@@ -129,6 +133,19 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | 
 
     if os.path.isdir(name_or_path):
         check_model_folder(name_or_path)
+    if kwargs.get("trust_remote_code"):
+        from transformers import PretrainedConfig
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
+        config = PretrainedConfig.get_config_dict(name_or_path, **hub_kwargs)[0]
+        check_vitseg_model_type(config.get("model_type"), name_or_path)
+        reference = (config.get("auto_map") or {}).get("AutoModelForSemanticSegmentation")
+        if reference:
+            model_class = get_class_from_dynamic_module(reference, name_or_path, **hub_kwargs)
+            kwargs = {key: value for key, value in kwargs.items() if key != "trust_remote_code"}
+            model = model_class.from_pretrained(name_or_path, **kwargs)
+            return (model.to(device) if device is not None else model).eval()
     model = AutoModelForSemanticSegmentation.from_pretrained(name_or_path, **kwargs)
     check_vitseg_model_type(getattr(model.config, "model_type", None), name_or_path)  # a Hub id: known only now
     if device is not None:
