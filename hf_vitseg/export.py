@@ -87,7 +87,8 @@ def _example_input(model: nn.Module, example_size, batch_size: int) -> torch.Ten
         raise ValueError(f"example_size {example_size} must be multiples of model.size_divisor ({divisor}).")
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch_size, 3, height, width, generator=generator).to(parameter.device, parameter.dtype)
+    channels = int(getattr(model.config, "num_channels", 3))  # the model's input channels (1, 4, 13, ...)
+    return torch.randn(batch_size, channels, height, width, generator=generator).to(parameter.device, parameter.dtype)
 
 
 def export_program(model: nn.Module, example_size: tuple[int, int] | None = None, dynamic: bool = True):
@@ -216,8 +217,9 @@ def compare_with_onnxruntime(
     generator = torch.Generator().manual_seed(seed)
     errors = {}
     for height, width in sizes:
-        pixel_values = torch.randn(batch_size, 3, int(height), int(width), generator=generator)
-        with torch.no_grad():
+        pixel_values = torch.randn(batch_size, int(getattr(model.config, "num_channels", 3)), int(height), int(width),
+                                   generator=generator)
+        with torch.no_grad(), plain_attention(model):
             inputs = pixel_values.to(parameter.device, parameter.dtype)
             expected = model(pixel_values=inputs).logits.float().cpu()
         try:

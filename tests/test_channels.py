@@ -373,3 +373,42 @@ def test_cli_channel_errors_name_the_flag(tmp_path, tiny_backbone_dir, capsys):
     err = capsys.readouterr().err
     assert "--display-channels: channels [0, 3, 1] do not all exist in an image of 3 channel(s)" in err
     assert not (tmp_path / "pred").exists()
+
+
+# -- heads that read the image, export ----------------------------------------------------------------------------
+
+
+def test_unet_stem_reads_every_channel(tmp_path):
+    from conftest import tiny_backbone_config
+
+    backbone_config = tiny_backbone_config("dinov2")
+    backbone_config.num_channels = 4
+    model = tiny_model("unet", backbone_config=backbone_config, slim=True, num_labels=2)
+    stem_conv = model.head.stem[0][0][0]
+    assert stem_conv.in_channels == 4
+    assert "image_channels" not in model.head.init_kwargs()  # the model sets it, not head_kwargs
+    x, y = torch.randn(2, 4, 32, 48), torch.randint(0, 2, (2, 32, 48))
+    model(x, labels=y).loss.backward()
+    assert stem_conv.weight.grad is not None and stem_conv.weight.grad.abs().sum() > 0
+    model.eval()
+    model.save_pretrained(tmp_path / "unet4")
+    reloaded = ViTSegForSemanticSegmentation.from_pretrained(tmp_path / "unet4").eval()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reloaded(x).logits)
+
+
+@pytest.mark.slow
+def test_a_k_channel_model_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra: pip install hf-vitseg[onnx]")
+    from conftest import tiny_backbone_config
+
+    from hf_vitseg.export import export_onnx
+
+    backbone_config = tiny_backbone_config("dinov2")
+    backbone_config.num_channels = 2
+    model = tiny_model("linear", backbone_config=backbone_config, num_labels=2).eval()
+    export_onnx(model, tmp_path / "two.onnx", example_size=(32, 48))  # checked against onnxruntime inside
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "two.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1] == 2

@@ -149,7 +149,8 @@ class BaseHead(nn.Module):
             backbones); otherwise `check_backbone` refuses such backbones at config construction.
         uses_pixel_values: the head reads `features.pixel_values`, the image (`unet`'s stem). The feature cache
             stores the images exactly when this is true. A head may set it per instance in `__init__` when it
-            depends on its arguments (`unet` without a stem reads no image).
+            depends on its arguments (`unet` without a stem reads no image). A head whose constructor takes
+            `image_channels` is given the model's input channels (`ViTSegConfig.num_channels`: 1, 3, 13, ...).
         onnx_exportable: `hf_vitseg.export.export_onnx` can export a model with this head; when false, export
             stops before trying and shows `onnx_export_reason`.
         onnx_dynamic_size: the export can keep height and width symbolic; when false only a fixed-size export
@@ -247,7 +248,8 @@ class BaseHead(nn.Module):
             names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
             if not any(p.kind is p.VAR_KEYWORD for p in parameters):
                 break
-        return names - {"self", "in_channels", "in_strides", "num_labels", "num_prefix_tokens"}
+        # `image_channels`: the model's input channels, which the model passes to heads that read the image
+        return names - {"self", "in_channels", "in_strides", "num_labels", "num_prefix_tokens", "image_channels"}
 
     @classmethod
     def check_backbone(cls, is_hierarchical: bool, num_prefix_tokens: int, head_kwargs: dict | None = None) -> None:

@@ -47,6 +47,7 @@ class UNetHead(BaseHead):
             stem, which then reads no image.
         dropout: dropout before the classifier.
         in_index: which pyramid levels to read (default: all); each is one skip, the deepest the start.
+        image_channels: channels of the image the stem reads; the model passes its `num_channels`.
     """
 
     num_default_taps = 4
@@ -55,7 +56,7 @@ class UNetHead(BaseHead):
 
     def __init__(self, in_channels: list[int], in_strides: list[float], num_labels: int, num_prefix_tokens: int = 0,
                  decoder_channels: Sequence[int] = (256, 128, 64, 32), stem_channels: Sequence[int] = (32, 64),
-                 dropout: float = 0.1, in_index: int | list[int] | None = None):
+                 dropout: float = 0.1, in_index: int | list[int] | None = None, image_channels: int = 3):
         super().__init__(in_channels, in_strides, num_labels, num_prefix_tokens, channels=None, dropout=dropout,
                          in_index=in_index, input_transform="multiple_select")
         channels, strides = self.selected_channels, self.selected_strides
@@ -63,7 +64,7 @@ class UNetHead(BaseHead):
             raise ValueError("unet: needs at least two pyramid levels or an image stem to have skips.")
         self.uses_pixel_values = bool(stem_channels)
         self.deepest = max(range(len(strides)), key=lambda i: strides[i])
-        stem_in = [3] + list(stem_channels)
+        stem_in = [image_channels] + list(stem_channels)
         self.stem = nn.ModuleList([
             nn.Sequential(ConvNormAct(stem_in[i], c, stride=2), ConvNormAct(c, c)) for i, c in enumerate(stem_channels)
         ])

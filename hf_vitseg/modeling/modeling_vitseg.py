@@ -15,6 +15,7 @@ torch and transformers.
 from __future__ import annotations
 
 import os
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -172,11 +173,15 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         if config.uses_pyramid_neck:
             self.neck = PyramidNeck(channels, strides, out_channels=config.neck_channels)
             channels, strides = self.neck.out_channels, self.neck.out_strides
-        self.head = get_head_class(config.head)(
+        head_cls = get_head_class(config.head)
+        # a head that reads the image (unet's stem) is told how many channels it has
+        image = {"image_channels": config.num_channels} if "image_channels" in signature(head_cls).parameters else {}
+        self.head = head_cls(
             in_channels=channels,
             in_strides=strides,
             num_labels=config.num_labels,
             num_prefix_tokens=self.backbone.num_prefix_tokens,
+            **image,
             **config.head_kwargs,
         )
         self.auxiliary_head = None
