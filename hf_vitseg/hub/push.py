@@ -446,7 +446,7 @@ def _collect_operations(folder: Path, files: dict[str, Path], processor, staging
     processor_files, processor = _processor_files(folder, processor, config, staging)
     contents.update(processor_files)
     sources.update({name: str(path) for name, path in processor_files.items()})
-    config = dict(config, custom_pipelines=pipeline_module.CUSTOM_PIPELINES)
+    config = dict(config, custom_pipelines=pipeline_module.custom_pipelines(config))
     contents["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
     sources["config.json"] = f"{files['config.json']} (+ custom_pipelines)"
     contents[pipeline_module.PIPELINE_FILENAME] = Path(pipeline_module.__file__).read_bytes()

@@ -1,7 +1,9 @@
 """`ViTSegSegmentationPipeline`: transformers' image-segmentation pipeline, with the padding cut away exactly.
 
 transformers' `ImageSegmentationPipeline` works with an hf-vitseg model as it is: it returns one mask per class
-present, with its label. Two things it cannot know about hf-vitseg, which this subclass adds:
+present (semantic models), or one per segment or instance (mask-classification models,
+`ViTSegForUniversalSegmentation`, with `subtask="panoptic"`, `"instance"` or `"semantic"`), with its label. Two things
+it cannot know about hf-vitseg, which this subclass adds:
 
 - the image processor pads (or centre-crops) each image to a multiple of the model's size divisor, and the
   logits cover that padded canvas. The stock pipeline calls `post_process_semantic_segmentation(outputs,
@@ -39,18 +41,43 @@ CUSTOM_PIPELINES = {
         "type": "image",
     }
 }
+# The auto class transformers' pipeline() loads a model with, by the model class in config.json's `architectures`.
+_AUTO_CLASSES = {"ViTSegForUniversalSegmentation": "AutoModelForUniversalSegmentation"}
+SUBTASKS = ("panoptic", "instance", "semantic")
+
+
+def custom_pipelines(config: dict) -> dict:
+    """`config.json`'s `custom_pipelines` entry for a saved model's config (a dict): `CUSTOM_PIPELINES`, with the
+    auto class that loads this model (`AutoModelForUniversalSegmentation` for `ViTSegForUniversalSegmentation`)."""
+    architectures = config.get("architectures") or []
+    auto_class = next((_AUTO_CLASSES[name] for name in architectures if name in _AUTO_CLASSES), None)
+    if auto_class is None:
+        return CUSTOM_PIPELINES
+    entry = dict(CUSTOM_PIPELINES["image-segmentation"], pt=[auto_class])
+    return {"image-segmentation": entry}
 
 
 class ViTSegSegmentationPipeline(ImageSegmentationPipeline):
-    """Semantic segmentation with an hf-vitseg model: one `{"label", "mask", "score"}` per class present.
+    """Segmentation with an hf-vitseg model: a list of `{"score", "label", "mask"}`, as transformers' pipeline.
 
-    `mask` is an `L`-mode PIL image the size of the input, 255 where the class is predicted; `score` is `None`
-    (semantic segmentation has no per-segment confidence), as in transformers' pipeline. Takes the same inputs
-    as `ImageSegmentationPipeline` (PIL images, local paths, URLs, or lists of them); `subtask` may only be
-    `None` or `"semantic"`.
+    `mask` is an `L`-mode PIL image the size of the input, 255 where the segment is. Semantic models
+    (`ViTSegForSemanticSegmentation`): one entry per class present, `score` `None` (no per-segment confidence);
+    `subtask` may only be `None` or `"semantic"`. Mask-classification models (`ViTSegForUniversalSegmentation`):
+    `subtask="panoptic"` (the default, as transformers' order), `"instance"` or `"semantic"`, through the image
+    processor's `post_process_*_segmentation` with the exact geometry; panoptic and instance entries carry each
+    segment's `score`, and `threshold` (default 0.9), `mask_threshold` (0.5), `overlap_mask_area_threshold` (0.5)
+    and, for panoptic, `label_ids_to_fuse` pass through. Takes the same inputs as `ImageSegmentationPipeline` (PIL
+    images, local paths, URLs, or lists of them).
     """
 
     _load_video_processor = False  # the stock pipeline probes for one and prompts about remote code
+
+    def _sanitize_parameters(self, **kwargs):
+        label_ids_to_fuse = kwargs.pop("label_ids_to_fuse", None)
+        preprocess_kwargs, forward_kwargs, postprocess_kwargs = super()._sanitize_parameters(**kwargs)
+        if label_ids_to_fuse is not None:
+            postprocess_kwargs["label_ids_to_fuse"] = label_ids_to_fuse
+        return preprocess_kwargs, forward_kwargs, postprocess_kwargs
 
     def check_model_type(self, supported_models):
         if getattr(self.model.config, "model_type", None) == "vitseg":
@@ -86,16 +113,36 @@ class ViTSegSegmentationPipeline(ImageSegmentationPipeline):
         model_outputs["padded_size"] = padded_size
         return model_outputs
 
-    def postprocess(self, model_outputs, subtask=None, **kwargs) -> list[dict[str, Any]]:
-        if subtask not in (None, "semantic"):
-            raise ValueError(f"hf-vitseg models do semantic segmentation only; got subtask={subtask!r}.")
-        label_map = self.image_processor.post_process_semantic_segmentation(
-            model_outputs,
-            target_sizes=model_outputs["target_size"],
-            padded_size=model_outputs["padded_size"],
-            **model_outputs["geometry"],
-        )[0].numpy()
+    def postprocess(self, model_outputs, subtask=None, threshold=0.9, mask_threshold=0.5,
+                    overlap_mask_area_threshold=0.5, label_ids_to_fuse=None) -> list[dict[str, Any]]:
+        geometry = {"target_sizes": model_outputs["target_size"], "padded_size": model_outputs["padded_size"],
+                    **model_outputs["geometry"]}
         id2label = self.model.config.id2label
+        mask_model = getattr(model_outputs, "class_queries_logits", None) is not None
+        if subtask not in (None, *SUBTASKS):
+            raise ValueError(f"subtask must be one of {SUBTASKS} or None, got {subtask!r}.")
+        if not mask_model and subtask not in (None, "semantic"):
+            raise ValueError(
+                f"{type(self.model).__name__} does semantic segmentation only; got subtask={subtask!r}. Panoptic and "
+                "instance segmentation need a mask-classification model (ViTSegForUniversalSegmentation, head eomt "
+                "or pmt)."
+            )
+        if mask_model and subtask in (None, "panoptic", "instance"):
+            thresholds = {"threshold": threshold, "mask_threshold": mask_threshold,
+                          "overlap_mask_area_threshold": overlap_mask_area_threshold}
+            if subtask == "instance":
+                result = self.image_processor.post_process_instance_segmentation(model_outputs, **thresholds,
+                                                                                 **geometry)[0]
+            else:
+                result = self.image_processor.post_process_panoptic_segmentation(
+                    model_outputs, **thresholds, label_ids_to_fuse=label_ids_to_fuse, **geometry)[0]
+            segmentation = result["segmentation"].cpu().numpy()
+            return [
+                {"score": segment["score"], "label": id2label[segment["label_id"]],
+                 "mask": Image.fromarray(((segmentation == segment["id"]) * 255).astype(np.uint8), mode="L")}
+                for segment in result["segments_info"]
+            ]
+        label_map = self.image_processor.post_process_semantic_segmentation(model_outputs, **geometry)[0].numpy()
         annotation = []
         for class_id in np.unique(label_map):
             mask = Image.fromarray(((label_map == class_id) * 255).astype(np.uint8), mode="L")
@@ -114,7 +161,7 @@ def add_to_saved_model(folder) -> None:
         shutil.copyfile(source, folder / PIPELINE_FILENAME)
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["custom_pipelines"] = CUSTOM_PIPELINES
+    config["custom_pipelines"] = custom_pipelines(config)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -122,12 +169,13 @@ def segmentation_pipeline(model, **kwargs) -> ViTSegSegmentationPipeline:
     """`transformers.pipeline("image-segmentation", model=model, pipeline_class=ViTSegSegmentationPipeline)`.
 
     Args:
-        model: a saved model folder, a Hub repo id, or a loaded `ViTSegForSemanticSegmentation` (then pass
-            `image_processor=` too).
+        model: a saved model folder, a Hub repo id, or a loaded `ViTSegForSemanticSegmentation` /
+            `ViTSegForUniversalSegmentation` (then pass `image_processor=` too).
         kwargs: passed to `transformers.pipeline` (`device`, `image_processor`, `trust_remote_code`, ...).
 
     Example:
         >>> segmenter = segmentation_pipeline("path/to/saved_model")
         >>> [(segment["label"], segment["mask"].size) for segment in segmenter("image.png")]
+        >>> segmenter("image.png", subtask="instance", threshold=0.5)  # a mask-classification model
     """
     return pipeline("image-segmentation", model=model, pipeline_class=ViTSegSegmentationPipeline, **kwargs)
