@@ -292,3 +292,48 @@ def test_padding_is_cut_exactly(method):
 
 def test_no_target_is_minus_one():
     assert NO_TARGET == -1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Overlays of instances
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_overlay_instances_distinct_colours_and_contours():
+    from hf_vitseg.inference import make_palette, overlay_instances
+
+    image = np.full((20, 30, 3), 100, np.uint8)
+    ids = np.zeros((20, 30), np.int64)
+    ids[2:10, 2:12] = 4
+    ids[2:10, 12:22] = 9  # touching the first: a per-class overlay would merge them
+    result = overlay_instances(image, ids, alpha=0.5)
+    drawn = np.asarray(result).astype(int)
+    palette = make_palette(2).astype(int)
+    assert [entry[:2] for entry in result.info["instances"]] == [(4, "#4"), (9, "#9")]
+    assert not np.array_equal(palette[0], palette[1])
+    np.testing.assert_array_equal(drawn[ids == 0], 100)  # background untouched
+    np.testing.assert_array_equal(drawn[2, 5], palette[0])  # top edge: the contour, opaque
+    np.testing.assert_array_equal(drawn[5, 11], palette[0])  # the shared border is drawn for each instance
+    np.testing.assert_array_equal(drawn[5, 12], palette[1])
+    np.testing.assert_array_equal(drawn[5, 6], np.round(0.5 * 100 + 0.5 * palette[0]))  # inside: blended
+    thick = np.asarray(overlay_instances(image, ids, alpha=0.5, contour_width=2)).astype(int)
+    np.testing.assert_array_equal(thick[3, 6], palette[0])
+
+
+def test_overlay_instances_from_post_processing_outputs():
+    from hf_vitseg.inference import overlay_instances
+
+    outputs = mask_outputs(batch=1, height=24, width=32, seed=1)
+    processor = ViTSegImageProcessor()
+    image = np.zeros((24, 32), np.uint16)  # 16-bit grey, stretched for display
+    panoptic = processor.post_process_panoptic_segmentation(outputs, threshold=0.5)[0]
+    drawn = overlay_instances(image, panoptic["segmentation"], panoptic["segments_info"],
+                              id2label={0: "a", 1: "b", 2: "c"}, legend=True)
+    assert drawn.height > 24  # the legend strip
+    captions = [caption for _, caption, _ in drawn.info["instances"]]
+    assert captions == [f"{'abc'[s['label_id']]} {s['score']:.2f}" for s in panoptic["segments_info"]]
+    instances = processor.post_process_instance_segmentation(outputs, threshold=0.1, return_binary_maps=True)[0]
+    binary = overlay_instances(image, instances["segmentation"], instances["segments_info"])
+    assert len(binary.info["instances"]) == len(instances["segments_info"]) > 0
+    with pytest.raises(ValueError, match="must have the same"):
+        overlay_instances(np.zeros((5, 5)), panoptic["segmentation"])

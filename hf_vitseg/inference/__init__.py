@@ -1,7 +1,7 @@
 """Inference beyond one forward pass: the pipeline, sliding windows, test-time augmentation, overlays."""
 
 from ..modeling.pipeline_vitseg import ViTSegSegmentationPipeline, segmentation_pipeline
-from .overlays import colorize, make_palette, overlay, side_by_side
+from .overlays import colorize, make_palette, overlay, overlay_instances, side_by_side
 from .sliding_window import (
     forward_logits,
     gaussian_importance_map,
@@ -17,6 +17,7 @@ __all__ = [
     "gaussian_importance_map",
     "make_palette",
     "overlay",
+    "overlay_instances",
     "predict_logits",
     "segmentation_pipeline",
     "side_by_side",

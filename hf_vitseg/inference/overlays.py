@@ -266,6 +266,104 @@ def overlay(
     return result
 
 
+def overlay_instances(
+    image,
+    instances,
+    segments_info: Sequence[Mapping] | None = None,
+    id2label: Mapping | None = None,
+    alpha: float = 0.45,
+    contour_width: int = 1,
+    background: int | None = 0,
+    legend: bool = False,
+    display_channels: Sequence[int] | None = None,
+) -> Image.Image:
+    """The image with every instance (or panoptic segment) in its own colour, filled translucently and outlined.
+
+    Colours come from `make_palette(number of instances)`: distinct for neighbours of the same class, which a
+    per-class `overlay` would merge. Each instance's contour (its pixels within `contour_width` of a pixel outside it)
+    is drawn opaque in its colour, its inside blended with weight `alpha`; pixels of no instance keep the image's
+    colour. The returned image carries `result.info["instances"]`: `(id, caption, (r, g, b))` per instance drawn, the
+    caption being its class name and score when `segments_info` gives them, else `#id`.
+
+    Args:
+        image: PIL image or numpy `(H, W)` / `(H, W, C)` array, as for `overlay`.
+        instances: an `(H, W)` id map (numpy, torch or PIL), e.g. the `segmentation` of
+            `post_process_instance_segmentation` / `post_process_panoptic_segmentation`, or a ground-truth instance
+            map; or `(N, H, W)` binary masks (`return_binary_maps=True`, `mask_labels`), drawn in order.
+        segments_info: the post-processing's `segments_info` (`id`, `label_id`, `score`): only these segments are
+            drawn, captioned with their class and score. For `(N, H, W)` masks, one entry per mask (its `id` unused).
+        id2label: class names for the captions, e.g. `model.config.id2label`.
+        alpha: the weight of the colour inside an instance (0: the image only, 1: colour only).
+        contour_width: the contour's width in pixels (0: no contour).
+        background: without `segments_info`, the id of pixels of no instance in an id map (negative ids are never
+            drawn); None draws every id.
+        legend: add a strip below listing the instances' colours and captions.
+        display_channels: which channels of `image` to show, as for `overlay`.
+
+    Returns:
+        a PIL RGB image (taller with `legend`).
+    """
+    rgb = _rgb_array(image, display_channels)
+    masks, ids = _instance_masks(instances, segments_info, background)
+    if masks.shape[1:] != rgb.shape[:2]:
+        raise ValueError(f"instances {masks.shape[1:]} and image {rgb.shape[:2]} must have the same (H, W).")
+    if not 0.0 <= alpha <= 1.0 or contour_width < 0:
+        raise ValueError(f"alpha must lie in [0, 1] and contour_width be >= 0; got {alpha} and {contour_width}.")
+    palette = make_palette(len(masks))
+    result = rgb.astype(np.float64)
+    entries = []
+    for index, (mask, instance_id) in enumerate(zip(masks, ids)):
+        color = palette[index].astype(np.float64)
+        result[mask] = (1 - alpha) * rgb[mask] + alpha * color
+        result[mask & ~_eroded(mask, contour_width)] = color
+        caption = f"#{instance_id}"
+        if segments_info is not None:
+            info = segments_info[index]
+            caption = _class_name(int(info["label_id"]), id2label) if "label_id" in info else caption
+            if info.get("score") is not None:
+                caption += f" {float(info['score']):.2f}"
+        entries.append((int(instance_id), caption, tuple(int(c) for c in palette[index])))
+    drawn = Image.fromarray(np.round(result).astype(np.uint8))
+    if legend and entries:
+        strip = _legend_strip(entries, drawn.width)
+        with_legend = Image.new("RGB", (drawn.width, drawn.height + strip.height), "white")
+        with_legend.paste(drawn, (0, 0))
+        with_legend.paste(strip, (0, drawn.height))
+        drawn = with_legend
+    drawn.info["instances"] = entries
+    return drawn
+
+
+def _instance_masks(instances, segments_info, background) -> tuple[np.ndarray, list[int]]:
+    """`(N, H, W)` bool masks and their ids from an id map or from binary masks (see `overlay_instances`)."""
+    if hasattr(instances, "detach"):  # torch.Tensor, without importing torch here
+        instances = instances.detach().cpu().numpy()
+    array = np.asarray(instances)
+    if array.ndim == 3:
+        if segments_info is not None and len(segments_info) != len(array):
+            raise ValueError(f"{len(segments_info)} segments_info entries for {len(array)} masks; give one per mask.")
+        return array > 0.5, list(range(len(array)))
+    if array.ndim != 2:
+        raise ValueError(f"instances must be an (H, W) id map or (N, H, W) masks, got shape {array.shape}.")
+    if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+        raise ValueError("An instance id map must hold whole numbers.")
+    array = array.astype(np.int64)
+    if segments_info is not None:
+        ids = [int(info["id"]) for info in segments_info]
+    else:
+        ids = [int(i) for i in np.unique(array) if i >= 0 and (background is None or i != background)]
+    return array[None] == np.array(ids, dtype=np.int64).reshape(-1, 1, 1), ids
+
+
+def _eroded(mask: np.ndarray, width: int) -> np.ndarray:
+    """`mask` minus its pixels within `width` (4-connected steps) of a pixel outside it or of the image's edge."""
+    inside = mask.copy()
+    for _ in range(width):
+        padded = np.pad(inside, 1, constant_values=False)
+        inside = inside & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return inside
+
+
 def side_by_side(panels: Sequence, titles: Sequence[str] | None = None, gap: int = 8) -> Image.Image:
     """Panels in a row, each under its title, on white: e.g. image | ground truth | prediction.
 
