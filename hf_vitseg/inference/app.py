@@ -141,17 +141,18 @@ class SegmentationApp:
         return cls(model, processor, sliding_window=windows if sliding_window else None, large_image_window=windows,
                    device=device, **kwargs)
 
-    def predict(self, image: str | os.PathLike | Image.Image) -> AppPrediction:
-        """Segment one image (a file path, decoded as `hf-vitseg predict` decodes it, or a PIL image).
+    def predict(self, image: str | os.PathLike | Image.Image | np.ndarray) -> AppPrediction:
+        """Segment one image: a file path (decoded as `hf-vitseg predict` decodes it), a PIL image or an array.
 
         Raises:
             ValueError: an image that cannot be decoded or holds NaN / infinite pixels (the message names it).
+            FileNotFoundError: no such file.
         """
         from ..cli.predict import label_map_image, predict_label_map, read_image
         from .overlays import overlay
 
         stem = "image"
-        if not isinstance(image, Image.Image):
+        if isinstance(image, (str, os.PathLike)):
             stem = Path(image).stem
             image = read_image(image)
         start = time.perf_counter()
@@ -167,6 +168,11 @@ class SegmentationApp:
         return AppPrediction(label_map=label_map, overlay=picture, areas=class_areas(label_map, id2label, colors),
                              label_map_file=label_map_file, seconds=seconds)
 
+    @property
+    def num_channels(self) -> int:
+        """The number of image channels the model takes (3 unless its backbone says otherwise)."""
+        return int(getattr(self.model.config.backbone_config, "num_channels", 3) or 3)
+
     def _on_upload(self, path):
         """The page's handler: the overlay, the area table, the label map file and a status line."""
         gradio = import_gradio()
@@ -174,7 +180,7 @@ class SegmentationApp:
             return None, [], None, ""
         try:
             result = self.predict(path)
-        except ValueError as error:
+        except (ValueError, OSError) as error:
             raise gradio.Error(str(error)) from error
         height, width = result.label_map.shape
         status = (f"{width} x {height} pixels, {len(result.areas)} classes present, predicted in "
@@ -188,8 +194,12 @@ class SegmentationApp:
         with gradio.Blocks(title=self.title, analytics_enabled=False) as page:
             gradio.Markdown(f"## {self.title}\nUpload an image to segment it. Classes: {labels}.")
             with gradio.Row():
-                image = gradio.Image(type="filepath", image_mode=None, label="image", sources=["upload"],
-                                     elem_id="hf-vitseg-input")
+                if self.num_channels == 3:
+                    image = gradio.Image(type="filepath", image_mode=None, label="image", sources=["upload"],
+                                         elem_id="hf-vitseg-input")
+                else:  # a browser cannot show a 4- or 13-channel TIFF: a file field, the overlay shows it
+                    image = gradio.File(type="filepath", label=f"image ({self.num_channels} channels, e.g. TIFF)",
+                                        elem_id="hf-vitseg-input")
                 overlay = gradio.Image(type="pil", label="segmentation (overlay and legend)", interactive=False,
                                        format="png", elem_id="hf-vitseg-overlay")
             status = gradio.Markdown(elem_id="hf-vitseg-status")
