@@ -19,6 +19,13 @@ dropped or need no weights: the first residual unit of the coarsest fusion layer
 it), the final x2 upsampling of the head (hf-vitseg leaves it to the loss and post-processing) and the
 auxiliary head (hf-vitseg's own auxiliary head reads a backbone tap, not the fused maps).
 
+EoMT:
+`convert_eomt(model_or_path)` turns a whole `EomtForUniversalSegmentation` (its own DINOv2-with-registers ViT) into
+a `ViTSegForUniversalSegmentation` with a `dinov2_with_registers` backbone and head `eomt`, and an
+`EomtDinov3ForUniversalSegmentation` into one with a `dinov3_vit` backbone: same layers, weights copied one to one,
+equal outputs (tests/test_convert_eomt.py). EoMT's position embedding covers the patches only; DINOv2's has a CLS
+position too, set to zero, so the CLS token enters unchanged as in EoMT.
+
 The backbone is not converted: DPT's taps are raw layer outputs, so a ViTSeg model that should reproduce a
 DPT checkpoint taps the same layers (DPT's 0-based `backbone_out_indices` + 1) with
 `backbone_apply_layernorm=False` and `head_kwargs` matching the DPT config, see `dpt_head_kwargs`.
@@ -26,6 +33,7 @@ DPT checkpoint taps the same layers (DPT's 0-based `backbone_out_indices` + 1) w
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -221,3 +229,127 @@ def _load_dpt_peer_weights(vitseg_model, dpt_model) -> None:
     if head.readout != expected["readout"]:
         raise ValueError(f"Readout differs: the head has {head.readout!r}, the DPT model {expected['readout']!r}.")
     head.load_state_dict(convert_dpt_neck_and_head(dpt_model.state_dict()), strict=True)
+
+
+# -- EoMT ------------------------------------------------------------------------------------------------------
+# (EoMT key prefix, ours) per EoMT model type; layer keys keep their tail, but for the attention output projection.
+_EOMT_LAYOUT = {
+    "eomt": {"layers": "backbone.model.encoder.layer.", "layernorm": "backbone.model.layernorm.",
+             "embeddings": "backbone.model.embeddings.", "family": "dinov2_with_registers"},
+    "eomt_dinov3": {"layers": "backbone.model.model.layer.", "layernorm": "backbone.model.norm.",
+                    "embeddings": "backbone.model.embeddings.", "family": "dinov3_vit"},
+}
+
+
+def _eomt_backbone_config(eomt_config):
+    """The backbone config of our model that has EoMT's ViT layout."""
+    from transformers import Dinov2WithRegistersConfig, DINOv3ViTConfig
+
+    common = {k: getattr(eomt_config, k) for k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "hidden_act", "initializer_range",
+        "layer_norm_eps", "image_size", "patch_size", "num_channels", "layerscale_value", "drop_path_rate",
+        "num_register_tokens",
+    )}
+    if eomt_config.model_type == "eomt":
+        return Dinov2WithRegistersConfig(
+            **common, mlp_ratio=eomt_config.mlp_ratio, use_swiglu_ffn=eomt_config.use_swiglu_ffn, qkv_bias=True,
+            hidden_dropout_prob=eomt_config.hidden_dropout_prob,
+            attention_probs_dropout_prob=eomt_config.attention_dropout,
+        )
+    rope = getattr(eomt_config, "rope_parameters", None) or {}
+    return DINOv3ViTConfig(
+        **common, intermediate_size=eomt_config.intermediate_size, attention_dropout=eomt_config.attention_dropout,
+        rope_theta=rope.get("rope_theta", 100.0), query_bias=eomt_config.query_bias, key_bias=eomt_config.key_bias,
+        value_bias=eomt_config.value_bias, proj_bias=eomt_config.proj_bias, mlp_bias=eomt_config.mlp_bias,
+        use_gated_mlp=eomt_config.use_gated_mlp, pos_embed_shift=eomt_config.pos_embed_shift,
+        pos_embed_jitter=eomt_config.pos_embed_jitter, pos_embed_rescale=eomt_config.pos_embed_rescale,
+    )
+
+
+def convert_eomt_state_dict(state_dict: dict[str, torch.Tensor], model_type: str = "eomt") -> dict[str, torch.Tensor]:
+    """transformers' EoMT (`model_type` `"eomt"` or `"eomt_dinov3"`) weights -> `ViTSegForUniversalSegmentation`
+    weights (head `eomt`, backbone `dinov2_with_registers` or `dinov3_vit`). The loss's `empty_weight` buffer is
+    dropped (ours rebuilds it from `no_object_weight`)."""
+    if model_type not in _EOMT_LAYOUT:
+        raise ValueError(f"convert_eomt_state_dict converts model types {sorted(_EOMT_LAYOUT)}, got {model_type!r}.")
+    layout = _EOMT_LAYOUT[model_type]
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith("criterion."):
+            continue
+        if key == "embeddings.position_embeddings.weight":  # (N, C) patches only -> (1, 1 + N, C), CLS position 0
+            value = torch.cat([value.new_zeros(1, value.shape[-1]), value], dim=0)[None]
+            converted[layout["embeddings"] + "position_embeddings"] = value
+        elif key.startswith("embeddings."):
+            converted[layout["embeddings"] + key[len("embeddings."):]] = value
+        elif key.startswith("layers."):
+            tail = key[len("layers."):].replace(".attention.out_proj.", ".attention.o_proj.")
+            converted[layout["layers"] + tail] = value
+        elif key.startswith("layernorm."):
+            converted[layout["layernorm"] + key[len("layernorm."):]] = value
+        elif key.startswith("upscale_block.block."):
+            converted["head.upscale_block." + key[len("upscale_block.block."):]] = value
+        elif key.startswith(("query.", "mask_head.", "class_predictor.")):
+            converted["head." + key] = value
+        elif key == "attn_mask_probs":
+            converted[key] = value
+        else:
+            raise ValueError(f"convert_eomt_state_dict: unexpected EoMT weight {key!r}.")
+    return converted
+
+
+def convert_eomt(model_or_path, **config_kwargs):
+    """A transformers EoMT model as a `ViTSegForUniversalSegmentation` with head `eomt`, equal outputs.
+
+    Args:
+        model_or_path: an `EomtForUniversalSegmentation` (-> a `dinov2_with_registers` backbone) or
+            `EomtDinov3ForUniversalSegmentation` (-> a `dinov3_vit` backbone) instance, or a local folder or Hub id
+            of one.
+        **config_kwargs: other `ViTSegConfig` fields (e.g. `ignore_index`).
+
+    Returns:
+        the converted model, in the mode (train / eval) and dtype of the given one (eval when loaded from a path),
+        with its `attn_mask_probs`, labels (`id2label`) and loss settings. Unlike transformers' EoMT, it runs at any
+        input size that is a multiple of the patch size (position embeddings interpolated, DINOv3: RoPE per grid).
+
+    Raises:
+        ValueError: a model or folder that is not EoMT.
+    """
+    from transformers import AutoConfig, EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation
+
+    from .modeling import ViTSegConfig, ViTSegForUniversalSegmentation
+
+    classes = {"eomt": EomtForUniversalSegmentation, "eomt_dinov3": EomtDinov3ForUniversalSegmentation}
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model_type = getattr(AutoConfig.from_pretrained(str(model_or_path)), "model_type", None)
+        if model_type not in classes:
+            raise ValueError(
+                f"{model_or_path} holds a {model_type!r} model; convert_eomt converts EoMT checkpoints "
+                "(model_type 'eomt' or 'eomt_dinov3')."
+            )
+        eomt = classes[model_type].from_pretrained(str(model_or_path)).eval()
+    else:
+        eomt = model_or_path
+        model_type = getattr(getattr(eomt, "config", None), "model_type", None)
+        if not isinstance(eomt, nn.Module) or model_type not in classes:
+            raise ValueError(
+                f"convert_eomt takes an EomtForUniversalSegmentation or EomtDinov3ForUniversalSegmentation (or a "
+                f"folder of one), got {type(model_or_path).__name__}."
+            )
+    eomt_config = eomt.config
+    head_kwargs = {k: getattr(eomt_config, k) for k in (
+        "num_queries", "num_blocks", "num_upscale_blocks", "hidden_act", "class_weight", "mask_weight",
+        "dice_weight", "no_object_weight", "train_num_points", "oversample_ratio", "importance_sample_ratio",
+    )}
+    config = ViTSegConfig(
+        backbone_config=_eomt_backbone_config(eomt_config), head="eomt", head_kwargs=head_kwargs,
+        num_labels=eomt_config.num_labels, id2label=dict(eomt_config.id2label), **config_kwargs,
+    )
+    model = ViTSegForUniversalSegmentation(config)
+    state = convert_eomt_state_dict(eomt.state_dict(), model_type)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("embeddings.mask_token")]  # never used (no masked modelling)
+    if missing or unexpected:
+        raise ValueError(f"convert_eomt: weights that do not map: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    dtype = next(eomt.parameters()).dtype
+    return model.to(dtype).train(eomt.training)
