@@ -148,3 +148,26 @@ def test_collator_pads_masks_with_zero_and_keeps_lists():
     features[1].pop("mask_labels")
     with pytest.raises(ValueError, match="Sample 1 of the batch lacks 'mask_labels' or 'class_labels'"):
         collator(features)
+
+
+def test_void_mask_marks_ignored_pixels_and_padding_not_background():
+    processor = ViTSegImageProcessor(patch_size=PATCH)
+    semantic = np.zeros((10, 13), np.int64)
+    semantic[:, 5:] = 1
+    semantic[0, 0] = 255
+    instances = np.zeros((10, 13), np.int64)
+    instances[2:5, 2:5] = 1
+    instances[9, 12] = 255
+    transform = SegmentationTransform(processor, train=False, return_mask_labels=True)
+    image = np.zeros((10, 13, 3), np.uint8)
+    semantic_sample = transform({"image": [image], "annotation": [semantic]})
+    instance_sample = transform({"image": [image], "annotation": [instances], "instance_classes": ["0"]})
+    for sample, ignored in ((semantic_sample, semantic == 255), (instance_sample, instances == 255)):
+        void = sample["void_mask"][0].numpy()
+        assert void.shape == (16, 16) and void[10:].all() and void[:, 13:].all()  # the padding
+        np.testing.assert_array_equal(void[:10, :13], ignored)  # background (instance id 0) is not void
+    assert instance_sample["class_labels"][0].tolist() == [0]
+    batch = SegmentationCollator(pad_multiple=PATCH)(
+        [{key: values[0] for key, values in sample.items()} for sample in (semantic_sample, instance_sample)])
+    assert batch["void_mask"].shape == (2, 16, 16) and batch["void_mask"].dtype == torch.bool
+    torch.testing.assert_close(batch["void_mask"][1], instance_sample["void_mask"][0])

@@ -16,6 +16,7 @@ from transformers.models.mask2former.image_processing_pil_mask2former import (
 
 from hf_vitseg import ViTSegImageProcessor
 from hf_vitseg.modeling.image_processing_vitseg import (
+    IGNORED_TARGET,
     NO_TARGET,
     panoptic_to_instance_map,
     segmentation_map_to_targets,
@@ -172,7 +173,7 @@ def test_panoptic_png_with_segments_info():
         {"id": 9, "category_id": 17, "iscrowd": 1},
     ]
     instance_map, mapping = panoptic_to_instance_map(rgb, segments_info, category_id_to_label={17: 0, 90: 1})
-    assert mapping == {513: 0, 70000: 1, 9: 255}
+    assert mapping == {513: 0, 70000: 1, 9: 255, 0: 255}  # crowd and unlabelled (COCO's void) are ignored
     assert instance_map[0, 0] == 0 and instance_map[1, 0] == 513 and instance_map[9, 0] == 70000
     inputs = ViTSegImageProcessor(patch_size=PATCH)(
         np.zeros((10, 12, 3), np.uint8), segmentation_maps=instance_map, instance_id_to_semantic_id=mapping,
@@ -290,8 +291,16 @@ def test_padding_is_cut_exactly(method):
     assert segmentation.shape == (6, 7)
 
 
-def test_no_target_is_minus_one():
-    assert NO_TARGET == -1
+def test_target_maps_tell_background_from_ignored_pixels():
+    instances = np.array([[0, 1, 255], [2, 2, 0]])
+    target_map, classes = segmentation_map_to_targets(instances, {1: 3, 2: 4})
+    assert target_map.tolist() == [[NO_TARGET, 0, IGNORED_TARGET], [1, 1, NO_TARGET]] and classes.tolist() == [3, 4]
+    target_map, classes = segmentation_map_to_targets(np.array([[0, 255, 2]]))
+    assert target_map.tolist() == [[0, IGNORED_TARGET, 1]] and classes.tolist() == [0, 2]
+    # the padding of a batch is ignored too
+    processor = ViTSegImageProcessor(patch_size=PATCH)
+    padded = processor.pad_sample(np.zeros((3, 2, 3)), target_map, (8, 8), IGNORED_TARGET)[1]
+    assert (padded[2:] == IGNORED_TARGET).all() and (padded[:, 3:] == IGNORED_TARGET).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------

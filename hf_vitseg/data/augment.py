@@ -19,6 +19,7 @@ or not, see it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -30,7 +31,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from ..modeling.image_processing_vitseg import NO_TARGET, reduce_labels, targets_to_labels, targets_to_masks
+from ..modeling.image_processing_vitseg import IGNORED_TARGET, reduce_labels, targets_to_labels, targets_to_masks
 from .channels import decode_image
 
 # "Light" jitter: each factor is drawn uniformly from [1 - s, 1 + s].
@@ -71,7 +72,18 @@ class SegmentationTransform:
        drawn from [0.8, 1.2], applied in that order, clipped to the valid range.
 
     With `crop_size=None` the resized sample is instead padded (or centre-cropped, per
-    `processor.size_divisor_mode`) to a patch multiple. Eval mode (`train=False`) is deterministic and gives, per
+    `processor.size_divisor_mode`) to a patch multiple.
+
+    With `augmentation` (an albumentations `Compose`, the convention of transformers' semantic-segmentation examples:
+    `augmentation(image=..., mask=...)`), it replaces steps 1-4: each converted sample, resized as the processor
+    resizes, goes through it as an `(H, W, C)` uint8 image (float32 in [0, 1] for images that are not 8-bit) and an
+    `(H, W)` mask of class ids (labels reduced first when the processor says so); what comes out is normalised with
+    the processor's mean and std (unless the Compose ends with `A.Normalize` with those same values, and optionally
+    `ToTensorV2`, as transformers' examples do) and padded to `crop_size` (or the patch multiple) with `ignore_index`.
+    Pixels that a geometric transform brings in from outside the image (padding, rotated corners) are labelled
+    `ignore_index`, whatever the transform's `fill_mask` says: hf-vitseg tracks them in an extra mask. The Compose is
+    copied, and reseeded for every sample from the same per-sample generator as the built-in steps, so `seed=`
+    makes it reproducible too. Eval mode (`train=False`) is deterministic and gives, per
     sample, what `processor(images=[image], segmentation_maps=[mask])` gives: no augmentation, padded to the patch
     multiple; `SegmentationCollator` then pads the batch.
 
@@ -95,13 +107,21 @@ class SegmentationTransform:
             has an `instance_classes` column (`load_instance_folder`), its annotations are instance-id maps and give
             one mask per instance (without `return_mask_labels`, each instance's class as `labels`). Targets go
             through the same resize, crop, flip and padding as labels (as one map of target indices, nearest-
-            neighbour), so masks stay aligned with the image; a target the crop leaves no pixel of is dropped.
+            neighbour), so masks stay aligned with the image; a target the crop leaves no pixel of is dropped. With
+            them comes `void_mask` `[(H, W) bool]`: the pixels to ignore (`ignore_index`, ignored instances, padding),
+            which the model never sees and the metrics skip; background (instance id 0) is not void.
+        augmentation (albumentations `BaseCompose` or `BasicTransform`, *optional*): replaces the built-in steps
+            in train mode (see above; needs `pip install "hf-vitseg[augment]"`); `scale_range`, `hflip` and
+            `photometric` must then stay at their defaults. Its output must fit `crop_size` when that is given.
 
     Example:
 
     ```python
     >>> transform = SegmentationTransform(processor, train=True, crop_size=(448, 448), seed=0)
     >>> train_dataset.set_transform(transform)
+    >>> import albumentations as A  # or: an albumentations pipeline in place of the built-in steps
+    >>> transform = SegmentationTransform(processor, train=True, crop_size=(448, 448), seed=0, augmentation=A.Compose(
+    ...     [A.RandomResizedCrop((448, 448), scale=(0.3, 1.0)), A.HorizontalFlip(), A.Rotate(limit=30)]))
     >>> trainer = Trainer(..., train_dataset=train_dataset, data_collator=SegmentationCollator(14, 255),
     ...                   callbacks=[AugmentationEpochCallback(transform)])  # + remove_unused_columns=False
     ```
@@ -119,6 +139,7 @@ class SegmentationTransform:
         ignore_index: int | None = None,
         seed: int | None = None,
         return_mask_labels: bool | None = None,
+        augmentation=None,
     ):
         missing = [name for name in _PROCESSOR_STEPS if not hasattr(processor, name)]
         if missing:
@@ -138,6 +159,8 @@ class SegmentationTransform:
         if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
             raise ValueError(f"`seed` must be a non-negative int or None, got {seed!r}.")
         self.seed = None if seed is None else int(seed)
+        self.augmentation = _check_augmentation(augmentation, self.scale_range, self.hflip, self.photometric)
+        self._normalize = None if self.augmentation is None else self._check_normalize_step()
         if return_mask_labels is None:
             return_mask_labels = bool(getattr(processor, "return_mask_labels", False))
         self.return_mask_labels = bool(return_mask_labels)
@@ -155,6 +178,9 @@ class SegmentationTransform:
     def __repr__(self) -> str:
         if not self.train:
             return f"SegmentationTransform(train=False, ignore_index={self.ignore_index})"
+        if self.augmentation is not None:
+            return (f"SegmentationTransform(train=True, crop_size={self.crop_size}, "
+                    f"augmentation={self.augmentation!r}, ignore_index={self.ignore_index}, seed={self.seed})")
         return (
             f"SegmentationTransform(train=True, crop_size={self.crop_size}, scale_range={self.scale_range}, "
             f"hflip={self.hflip}, photometric={self.photometric}, ignore_index={self.ignore_index}, seed={self.seed})"
@@ -202,16 +228,16 @@ class SegmentationTransform:
 
         instance_classes = batch.get(INSTANCE_CLASSES_COLUMN)
 
-        pixel_values, labels, mask_labels, class_labels = [], [], [], []
+        pixel_values, labels, mask_labels, class_labels, void_masks = [], [], [], [], []
         for position, (raw_image, raw_mask) in enumerate(zip(images, annotations)):
             mapping = None if instance_classes is None else instance_mapping(instance_classes[position])
             as_targets = self.return_mask_labels or mapping is not None
             image, mask = self._convert(raw_image, raw_mask, position, reduce=not as_targets)
             classes, fill = None, None
             if as_targets and mask is not None:
-                # Targets travel as a target map through the same resize / crop / flip, padded with NO_TARGET
+                # Targets travel as a target map through the same resize / crop / flip, padded with IGNORED_TARGET
                 mask, classes = self.processor.segmentation_map_to_targets(mask, mapping, self.ignore_index)
-                fill = NO_TARGET
+                fill = IGNORED_TARGET
             if self.train:
                 image, mask = self._augment(image, mask, self._generator(raw_image, raw_mask), fill)
             else:
@@ -223,6 +249,7 @@ class SegmentationTransform:
                 masks, kept_classes = targets_to_masks(mask, classes)
                 mask_labels.append(torch.from_numpy(masks))
                 class_labels.append(torch.from_numpy(kept_classes))
+                void_masks.append(torch.from_numpy(mask == IGNORED_TARGET))
             elif classes is not None:
                 labels.append(torch.from_numpy(targets_to_labels(mask, classes, self.ignore_index)))
             elif mask is not None:
@@ -232,6 +259,7 @@ class SegmentationTransform:
             output["labels"] = labels
         if class_labels:
             output["mask_labels"], output["class_labels"] = mask_labels, class_labels
+            output["void_mask"] = void_masks
         return output
 
     def _convert(self, raw_image, raw_mask, position: int, reduce: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -286,6 +314,8 @@ class SegmentationTransform:
             self._seen_without_epoch.add(key)
 
     def _augment(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, fill: int | None = None):
+        if self.augmentation is not None:
+            return self._albumentations(image, mask, rng, self.ignore_index if fill is None else fill)
         # Fixed order, photometric last: turning hflip or jitter off leaves a sample's scale and crop unchanged.
         scale = rng.uniform(*self.scale_range)
         out_hw = self._scaled_size(image.shape[1:], scale)
@@ -306,6 +336,66 @@ class SegmentationTransform:
         if self.crop_size is None:
             return self._pad_to_patch_grid(image, mask, fill)
         return self.processor.pad_sample(image, mask, self.crop_size, self.ignore_index if fill is None else fill)
+
+    def _albumentations(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, fill: int):
+        """The user's albumentations pipeline in place of the built-in steps (see the class docstring); `fill`
+        labels padding and the pixels brought in from outside the image."""
+        image, mask = self.processor.resize_sample(image, mask, self._scaled_size(image.shape[1:], 1.0))
+        pixels = np.ascontiguousarray(np.asarray(image).transpose(1, 2, 0))  # (H, W, C) on the 0..255 scale
+        eight_bit = bool(np.array_equal(pixels, np.round(pixels)))  # an 8-bit image, as transformers' examples pass
+        if not eight_bit and self._normalize is not None:
+            raise ValueError(
+                "The albumentations Compose normalises (A.Normalize), but this image is not 8-bit, so it reaches the "
+                "Compose as float32 in [0, 1], where A.Normalize's max_pixel_value=255 would be wrong: remove "
+                "A.Normalize (hf-vitseg then normalises with the processor's image_mean and image_std)."
+            )
+        pixels = pixels.astype(np.uint8) if eight_bit else pixels / np.float32(255.0)
+        inside = np.full(mask.shape, _INSIDE, dtype=np.uint8)  # marks the output pixels that come from the image
+        self.augmentation.set_random_seed(int(rng.integers(0, 2**32)))
+        out = self.augmentation(image=pixels, mask=_mask_for_albumentations(mask), masks=[inside])
+        image = _as_numpy(out["image"], "image")
+        if not isinstance(out["image"], torch.Tensor):  # ToTensorV2 gives (C, H, W); arrays are (H, W[, C])
+            image = (image[..., None] if image.ndim == 2 else image).transpose(2, 0, 1)
+        image = image.astype(np.float32)
+        mask = np.rint(_as_numpy(out["mask"], "mask")).astype(np.int64)
+        mask[_as_numpy(out["masks"][0], "mask") != _INSIDE] = fill
+        if image.shape[1:] != mask.shape:
+            raise ValueError(f"The albumentations Compose returned an image of size {image.shape[1:]} but a mask of "
+                             f"size {mask.shape}; its transforms must move image and mask together.")
+        if self._normalize is None:
+            image = self.processor.normalize_sample(image if eight_bit else image * np.float32(255.0))
+        if self.crop_size is None:
+            return self._pad_to_patch_grid(image, mask, fill)
+        if image.shape[1] > self.crop_size[0] or image.shape[2] > self.crop_size[1]:
+            raise ValueError(
+                f"The albumentations Compose returned a sample of size {tuple(image.shape[1:])}, larger than crop_size "
+                f"{self.crop_size}: end it with a crop to at most that size (e.g. A.PadIfNeeded(*crop_size) then "
+                "A.RandomCrop(*crop_size)), or raise crop_size."
+            )
+        return self.processor.pad_sample(image, mask, self.crop_size, fill)
+
+    def _check_normalize_step(self):
+        """The Compose's `A.Normalize` (or None); it must normalise as the processor does, which inference uses."""
+        steps = [step for step in _albumentations_steps(self.augmentation) if type(step).__name__ == "Normalize"]
+        if not steps:
+            return None
+        normalize, processor = steps[-1], self.processor
+        wanted = {"mean": np.asarray(processor.image_mean, dtype=np.float64).ravel(),
+                  "std": np.asarray(processor.image_std, dtype=np.float64).ravel()}
+        given = {name: np.asarray(getattr(normalize, name), dtype=np.float64).ravel() for name in wanted}
+        scale = float(normalize.max_pixel_value) * float(processor.rescale_factor)
+        same = (getattr(normalize, "normalization", "standard") == "standard" and processor.do_normalize
+                and processor.do_rescale and abs(scale - 1.0) < 1e-6
+                and all(given[n].size in (1, wanted[n].size) and np.allclose(given[n], wanted[n]) for n in wanted))
+        if not same:
+            raise ValueError(
+                f"The albumentations Compose normalises with A.Normalize(mean={given['mean'].tolist()}, "
+                f"std={given['std'].tolist()}, max_pixel_value={normalize.max_pixel_value}), but the model's "
+                f"processor, which inference uses, with image_mean={wanted['mean'].tolist()}, "
+                f"image_std={wanted['std'].tolist()}: use the processor's values, or remove A.Normalize and let "
+                "hf-vitseg normalise."
+            )
+        return normalize
 
     # ----------------------------------------------------------------------------------------------
     # The processor's steps, one sample at a time
@@ -353,6 +443,55 @@ def set_augmentation_epoch(dataset_or_transform, epoch: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
+
+# The value of the extra mask that marks pixels coming from the image (albumentations fills the rest with fill_mask).
+_INSIDE = 1
+_DEFAULT_STEPS = {"scale_range": (0.5, 2.0), "hflip": True, "photometric": dict(DEFAULT_PHOTOMETRIC)}
+
+
+def _check_augmentation(augmentation, scale_range, hflip, photometric):
+    """A private copy of an albumentations transform, or None; the built-in steps' settings must be the defaults."""
+    if augmentation is None:
+        return None
+    if not type(augmentation).__module__.startswith("albumentations"):
+        raise TypeError(
+            f"`augmentation` must be an albumentations transform such as A.Compose([...]) (pip install "
+            f'"hf-vitseg[augment]"), got {type(augmentation).__name__}.'
+        )
+    changed = [name for name, value in (("scale_range", scale_range), ("hflip", hflip), ("photometric", photometric))
+               if value != _DEFAULT_STEPS[name]]
+    if changed:
+        raise ValueError(
+            f"`augmentation` replaces the built-in steps, so {', '.join(changed)} would be ignored: leave "
+            f"{'it' if len(changed) == 1 else 'them'} at the default, or put the equivalent transform in the Compose."
+        )
+    return copy.deepcopy(augmentation)  # reseeded per sample: the caller's object is left as it was
+
+
+def _albumentations_steps(transform):
+    """Every transform in an albumentations Compose, nested ones (OneOf, SomeOf, Sequential) included."""
+    yield transform
+    for child in getattr(transform, "transforms", None) or ():
+        yield from _albumentations_steps(child)
+
+
+def _mask_for_albumentations(mask: np.ndarray) -> np.ndarray:
+    """The mask in a dtype OpenCV moves exactly: uint8 / uint16 when the ids fit, else float32 (exact below 2**24)."""
+    low, high = (int(mask.min()), int(mask.max())) if mask.size else (0, 0)
+    for dtype in (np.uint8, np.uint16):
+        if low >= 0 and high <= np.iinfo(dtype).max:
+            return mask.astype(dtype)
+    return mask.astype(np.float32)
+
+
+def _as_numpy(value, what: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"The albumentations Compose returned a {type(value).__name__} as its {what}; expected an "
+                        "array or a tensor.")
+    return value
+
 
 
 def instance_mapping(value):

@@ -25,7 +25,8 @@ class SegmentationCollator:
     Mask-classification targets (`ViTSegForUniversalSegmentation`): samples with `mask_labels` `(N_i, H, W)` and
     `class_labels` `(N_i,)` (from `SegmentationTransform(..., return_mask_labels=True)`) come out as lists, one entry
     per image, as the model takes them: `mask_labels` `[(N_i, H', W')]` float32, padded with 0 (padding belongs to
-    no target), and `class_labels` `[(N_i,)]` int64. `N_i` may be 0.
+    no target), and `class_labels` `[(N_i,)]` int64. `N_i` may be 0. A `void_mask` `(H, W)` bool per sample (the
+    pixels to ignore) is stacked to `(B, H', W')`, padded with True: metrics skip it; the model does not take it.
 
     Args:
         pad_multiple (`int`, defaults to 14): the backbone's patch size (14 for DINOv2, 16 for ViT / DeiT / SAM).
@@ -86,9 +87,11 @@ class SegmentationCollator:
 
         if any("mask_labels" in feature or "class_labels" in feature for feature in features):
             batch["mask_labels"], batch["class_labels"] = _mask_targets(features, images, (height, width))
+        if any(feature.get("void_mask") is not None for feature in features):
+            batch["void_mask"] = _void_masks(features, images, (height, width))
 
         for key in features[0]:
-            if key not in ("pixel_values", "labels", "mask_labels", "class_labels"):
+            if key not in ("pixel_values", "labels", "mask_labels", "class_labels", "void_mask"):
                 batch[key] = default_collate([feature[key] for feature in features])
         return batch
 
@@ -114,6 +117,20 @@ def _mask_targets(features, images, padded_hw) -> tuple[list[torch.Tensor], list
         mask_labels.append(padded)
         class_labels.append(classes)
     return mask_labels, class_labels
+
+
+def _void_masks(features, images, padded_hw) -> torch.Tensor:
+    """`(B, H', W')` bool: each sample's `void_mask`, the padding True."""
+    void = torch.ones((len(images), *padded_hw), dtype=torch.bool)
+    for index, (feature, image) in enumerate(zip(features, images)):
+        if feature.get("void_mask") is None:
+            raise ValueError(f"Sample {index} of the batch has no 'void_mask' while others have; give all or none.")
+        mask = torch.as_tensor(feature["void_mask"], dtype=torch.bool)
+        if tuple(mask.shape) != tuple(image.shape[1:]):
+            raise ValueError(f"Sample {index}: void_mask has shape {tuple(mask.shape)}, pixel_values "
+                             f"{tuple(image.shape[1:])} (H, W); they must match.")
+        void[index, : mask.shape[0], : mask.shape[1]] = mask
+    return void
 
 
 def _round_up(value: int, multiple: int) -> int:

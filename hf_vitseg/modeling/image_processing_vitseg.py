@@ -629,11 +629,11 @@ class ViTSegImageProcessor(PilBackend):
         maps = segmentation_maps if segmentation_maps is not None else [None] * len(images)
         map_fill, target_classes = ignore_index, None
         if segmentation_maps is not None and (return_mask_labels or instance_id_to_semantic_id is not None):
-            # Targets travel as target maps (index of each pixel's target, NO_TARGET elsewhere and in the padding)
+            # Targets travel as target maps (index of each pixel's target, IGNORED_TARGET in the padding)
             maps, target_classes = _targets_per_image(
                 self, maps, instance_id_to_semantic_id, ignore_index, do_reduce_labels
             )
-            map_fill, do_reduce_labels = NO_TARGET, False
+            map_fill, do_reduce_labels = IGNORED_TARGET, False
         processed_images, processed_maps, boxes = [], [], []
         for image, seg_map in zip(images, maps):
             if seg_map is not None and do_reduce_labels:
@@ -769,7 +769,7 @@ class ViTSegImageProcessor(PilBackend):
     ) -> tuple[np.ndarray, np.ndarray]:
         """`segmentation_map_to_targets` with this processor's `ignore_index` and `do_reduce_labels` as defaults: a
         semantic or instance map `(H, W)` -> `(target_map, classes)`, the form in which targets are resized, cropped,
-        flipped and padded (with `NO_TARGET`) before `targets_to_masks` makes `mask_labels` / `class_labels`."""
+        flipped and padded (with `IGNORED_TARGET`) before `targets_to_masks` makes `mask_labels` / `class_labels`."""
         return segmentation_map_to_targets(
             segmentation_map,
             instance_id_to_semantic_id,
@@ -945,8 +945,10 @@ def reduce_labels(segmentation_map: np.ndarray, ignore_index: int) -> np.ndarray
 # Mask-classification targets (ViTSegForUniversalSegmentation): one binary mask and one class per target
 # --------------------------------------------------------------------------------------------------
 
-# A pixel that belongs to no target (ignored, background, padding) in a target map.
+# What a target map holds where a pixel belongs to no target: background (no mask; for metrics, counted as
+# background), or void (no mask; for metrics, ignored: ignore_index, ignored instances, crowd regions, padding).
 NO_TARGET = -1
+IGNORED_TARGET = -2
 
 
 def segmentation_map_to_targets(
@@ -965,18 +967,19 @@ def segmentation_map_to_targets(
             transformers' Mask2Former / EoMT processors do. A dict (keys may be strings, as after JSON): the map holds
             instance ids, each id is one target of the class the dict gives it. An int `k`: the map holds instance
             ids, and every instance is of class `k`. With instance maps, an id the dict does not name is background
-            (no target) when it is 0, ignored when it is `ignore_index`, and an error otherwise; an instance whose
-            class is `ignore_index` is ignored (COCO's crowd regions, say).
-        ignore_index (`int`, *optional*): the class of pixels that belong to no target (semantic maps), and the
-            instance id of such pixels (instance maps).
+            when it is 0, ignored when it is `ignore_index`, and an error otherwise; an instance whose class is
+            `ignore_index` is ignored (COCO's crowd regions, say).
+        ignore_index (`int`, *optional*): the class of pixels to ignore (semantic maps), and the instance id of such
+            pixels (instance maps).
         do_reduce_labels (`bool`): ADE20K's convention, as `reduce_labels`: class 0 means "unlabelled" and is
             ignored, every other class `c` becomes `c - 1` (for instance maps, the classes the mapping gives; instance
-            id 0 is then background even if the dict names it).
+            id 0 is then ignored even if the dict names it).
 
     Returns:
         `(target_map, classes)`: `target_map` `(H, W)` int64 holds, per pixel, the index of its target in
-        `classes`, or `NO_TARGET` (-1) for pixels of no target; `classes` `(N,)` int64, ordered by class id (semantic
-        maps) or instance id (instance maps), as transformers orders them.
+        `classes`, `NO_TARGET` (-1) for background (instance maps' unnamed id 0) or `IGNORED_TARGET` (-2) for pixels
+        to ignore; none of these is in any mask, but metrics count background and skip ignored pixels. `classes`
+        `(N,)` int64, ordered by class id (semantic maps) or instance id (instance maps), as transformers orders them.
 
     Raises:
         `ValueError`: a negative class, an instance id the dict does not name, or an int mapping with instance ids
@@ -987,8 +990,9 @@ def segmentation_map_to_targets(
     inverse = inverse.reshape(segmentation_map.shape)
     if instance_id_to_semantic_id is None:  # a semantic map: one target per class
         classes = reduce_labels(ids, ignore_index) if do_reduce_labels else ids.copy()
-        keep = classes != ignore_index if ignore_index is not None else np.ones(ids.shape, dtype=bool)
-        negative = classes[keep & (classes < 0)]
+        ignored = classes == ignore_index if ignore_index is not None else np.zeros(ids.shape, dtype=bool)
+        negative = ids[(classes < 0) & ~ignored]
+        classes[ignored] = IGNORED_TARGET
         if negative.size:
             raise ValueError(
                 f"The segmentation map holds negative class ids {negative.tolist()}; class ids are 0..num_labels-1, "
@@ -997,32 +1001,35 @@ def segmentation_map_to_targets(
     else:
         classes = np.array([_instance_class(int(i), instance_id_to_semantic_id, ignore_index, do_reduce_labels, ids)
                             for i in ids], dtype=np.int64).reshape(ids.shape)
-        keep = classes != NO_TARGET
-    index_of = np.full(ids.shape, NO_TARGET, dtype=np.int64)
-    index_of[keep] = np.arange(int(keep.sum()))
-    return index_of[inverse], classes[keep].astype(np.int64)
+    keep = classes >= 0
+    index_of = np.where(keep, np.cumsum(keep) - 1, classes)  # a target's index, or what stands in for none
+    return index_of[inverse].astype(np.int64), classes[keep].astype(np.int64)
 
 
 def _instance_class(instance_id: int, mapping, ignore_index, reduce: bool, all_ids: np.ndarray) -> int:
-    """The class of one instance id, or `NO_TARGET` (see `segmentation_map_to_targets`)."""
+    """The class of one instance id, `NO_TARGET` or `IGNORED_TARGET` (see `segmentation_map_to_targets`)."""
     if reduce and instance_id == 0:
-        return NO_TARGET
+        return IGNORED_TARGET
     if isinstance(mapping, (int, np.integer)) and not isinstance(mapping, bool):
-        if instance_id == 0 or instance_id == ignore_index and ignore_index is not None:
-            if instance_id != 0 and int(all_ids.max()) > ignore_index:
+        if instance_id == 0:
+            return NO_TARGET
+        if ignore_index is not None and instance_id == ignore_index:
+            if int(all_ids.max()) > ignore_index:
                 raise ValueError(
                     f"The instance map holds ids above ignore_index={ignore_index} (up to {int(all_ids.max())}), so "
                     f"id {ignore_index} is probably an instance, not a region to ignore. Pass "
                     "instance_id_to_semantic_id as a dict that names every id (e.g. {i: class_id for i in ids if i}), "
                     "or use an ignore_index that no instance uses."
                 )
-            return NO_TARGET
+            return IGNORED_TARGET
         class_id = int(mapping)
     elif isinstance(mapping, dict):
         class_id = mapping.get(instance_id, mapping.get(str(instance_id)))
         if class_id is None:
-            if instance_id == 0 or instance_id == ignore_index:
+            if instance_id == 0:
                 return NO_TARGET
+            if instance_id == ignore_index:
+                return IGNORED_TARGET
             named = sorted(int(key) for key in mapping)
             raise ValueError(
                 f"Instance id {instance_id} is in the instance map but not in instance_id_to_semantic_id (which names "
@@ -1035,11 +1042,10 @@ def _instance_class(instance_id: int, mapping, ignore_index, reduce: bool, all_i
             "instance_id_to_semantic_id must be a dict {instance id: class id}, an int (the class of every "
             f"instance), or a list of those (one per image); got {type(mapping).__name__}."
         )
-    if reduce:
-        class_id = NO_TARGET if class_id == 0 else class_id - 1
-    if class_id == ignore_index:
-        return NO_TARGET
-    if class_id < 0 and not (reduce and class_id == NO_TARGET):
+    if class_id == ignore_index or (reduce and class_id == 0):
+        return IGNORED_TARGET
+    class_id = class_id - 1 if reduce else class_id
+    if class_id < 0:
         raise ValueError(f"Instance {instance_id} has the negative class {class_id}; classes are 0..num_labels-1.")
     return class_id
 
@@ -1047,20 +1053,19 @@ def _instance_class(instance_id: int, mapping, ignore_index, reduce: bool, all_i
 def targets_to_masks(target_map: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A target map (see `segmentation_map_to_targets`) -> `mask_labels` `(N, H, W)` float32 in {0, 1} and
     `class_labels` `(N,)` int64. Targets with no pixel left (cropped away, or too small for a downscale) are
-    dropped; pixels of no target are 0 in every mask."""
+    dropped; pixels of no target (background, ignored, padding) are 0 in every mask."""
     target_map = np.asarray(target_map)
     classes = np.asarray(classes, dtype=np.int64)
-    present = np.zeros(len(classes) + 1, dtype=bool)
-    present[np.unique(target_map) + 1] = True  # shifted by one: NO_TARGET is -1
-    kept = np.flatnonzero(present[1:])
+    kept = np.unique(target_map[target_map >= 0])
     masks = target_map[None] == kept[:, None, None]
     return masks.astype(np.float32), classes[kept]
 
 
 def targets_to_labels(target_map: np.ndarray, classes: np.ndarray, ignore_index: int) -> np.ndarray:
-    """A target map -> a semantic label map: each pixel its target's class, `ignore_index` where there is none."""
-    lookup = np.append(np.asarray(classes, dtype=np.int64), np.int64(ignore_index))
-    return lookup[target_map]  # NO_TARGET (-1) picks the last entry, ignore_index
+    """A target map -> a semantic label map: each pixel its target's class, `ignore_index` where there is none
+    (background and ignored pixels alike)."""
+    classes = np.asarray(classes, dtype=np.int64)
+    return np.where(target_map >= 0, classes[np.clip(target_map, 0, None)] if len(classes) else 0, ignore_index)
 
 
 def panoptic_to_instance_map(
@@ -1085,7 +1090,7 @@ def panoptic_to_instance_map(
 
     Returns:
         `(instance_map, instance_id_to_semantic_id)`: `(H, W)` int64 segment ids, and each segment's class
-        (`ignore_index` for crowd regions). Unlabelled pixels (id 0) are background: in no mask.
+        (`ignore_index` for crowd regions, and for the unlabelled id 0: COCO's void, in no mask and ignored).
 
     Raises:
         `ValueError`: a segment id in the map that `segments_info` does not describe, or a map that is not RGB / 2-D.
@@ -1105,7 +1110,8 @@ def panoptic_to_instance_map(
         if category_id_to_label is not None:
             category = category_id_to_label.get(category, category_id_to_label.get(str(category), ignore_index))
         mapping[int(segment["id"])] = ignore_index if segment.get("iscrowd", 0) else int(category)
-    unknown = sorted(set(np.unique(instance_map).tolist()) - set(mapping) - {0})
+    mapping.setdefault(0, ignore_index)  # COCO's unlabelled pixels are void: ignored, not background
+    unknown = sorted(set(np.unique(instance_map).tolist()) - set(mapping))
     if unknown:
         raise ValueError(
             f"The panoptic map holds segment ids {unknown[:10]} that segments_info does not describe; pass the "
@@ -1474,6 +1480,7 @@ def _resample_box(
 
 
 __all__ = [
+    "IGNORED_TARGET",
     "NO_TARGET",
     "ViTSegImageProcessor",
     "panoptic_to_instance_map",
