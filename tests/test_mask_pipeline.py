@@ -145,3 +145,16 @@ def test_stock_pipeline_where_hf_vitseg_is_not_installed(universal_folder, tmp_p
     for i, info in enumerate(expected["segments_info"]):
         np.testing.assert_array_equal(np.array(Image.open(tmp_path / f"mask_{i}.png")) > 0,
                                       expected["segmentation"].numpy() == info["id"])
+
+
+def test_processor_for_a_mask_model_feeds_its_loss(universal_folder):
+    model = ViTSegForUniversalSegmentation.from_pretrained(universal_folder)
+    processor = ViTSegImageProcessor.for_model(model)  # built, not loaded: mask targets by default
+    assert processor.return_mask_labels
+    instances = np.zeros((20, 30), np.int64)
+    instances[2:9, 3:12], instances[10:18, 15:28] = 1, 2
+    inputs = processor([np.zeros((20, 30, 3), np.uint8)] * 2, segmentation_maps=[instances, instances],
+                       instance_id_to_semantic_id={1: 0, 2: 2})
+    assert set(inputs) == {"pixel_values", "mask_labels", "class_labels"}
+    loss = model(**inputs).loss
+    assert torch.isfinite(loss) and loss > 0

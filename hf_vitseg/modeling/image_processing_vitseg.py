@@ -313,7 +313,8 @@ class ViTSegImageProcessor(PilBackend):
         A built processor pads to `model.size_divisor`, labels padding with the model's `ignore_index`, takes the
         model's `num_channels`, and normalises with the config's `image_mean` / `image_std` when set, else with
         those of the backbone's own image processor when `config.backbone_name_or_path` holds one (and they fit the
-        channel count), else with the defaults (ImageNet's for RGB).
+        channel count), else with the defaults (ImageNet's for RGB); for a mask-classification model
+        (`ViTSegForUniversalSegmentation`) it returns `mask_labels` / `class_labels` (`return_mask_labels=True`).
 
         Raises:
             ValueError: the saved processor does not fit the model (patch size or `ignore_index`), or the folder's
@@ -347,6 +348,8 @@ class ViTSegImageProcessor(PilBackend):
                 if any(len(np.atleast_1d(value)) not in (1, channels) for value in statistics.values()):
                     statistics = {}  # an RGB backbone's statistics do not fit another channel count
             kwargs.update(statistics)
+            if getattr(config, "is_mask_transformer", False):  # a mask-classification model's targets
+                kwargs["return_mask_labels"] = True
             processor = cls(**kwargs)
         processor.check_model(model, check_labels=check_labels)
         return processor
