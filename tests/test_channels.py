@@ -335,6 +335,13 @@ def test_train_evaluate_predict_push_and_reload(k, tmp_path, tiny_backbone_dir, 
     assert pixel_values.shape[1] == k
     with torch.no_grad():
         torch.testing.assert_close(remote(pixel_values).logits, local(pixel_values).logits, rtol=0, atol=0)
+    if k in (1, 13):  # the pipeline, as remote code: a 16-bit PNG's path (1 channel, unconverted), an array (13)
+        from transformers import pipeline
+
+        segmenter = pipeline("image-segmentation", model=str(hub), trust_remote_code=True)
+        segments = segmenter(str(image_file) if k == 1 else read_image_file(image_file))
+        assert type(segmenter).__name__ == "ViTSegSegmentationPipeline"
+        assert segments and all(segment["mask"].size == (WIDTH, HEIGHT) for segment in segments)
 
 
 def test_cli_channel_errors_name_the_flag(tmp_path, tiny_backbone_dir, capsys):

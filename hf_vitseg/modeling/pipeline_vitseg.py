@@ -67,7 +67,9 @@ class ViTSegSegmentationPipeline(ImageSegmentationPipeline):
     processor's `post_process_*_segmentation` with the exact geometry; panoptic and instance entries carry each
     segment's `score`, and `threshold` (default 0.9), `mask_threshold` (0.5), `overlap_mask_area_threshold` (0.5)
     and, for panoptic, `label_ids_to_fuse` pass through. Takes the same inputs as `ImageSegmentationPipeline` (PIL
-    images, local paths, URLs, or lists of them).
+    images, local paths, URLs, or lists of them); a model with other than 3 input channels also takes NumPy arrays
+    (`(H, W)`, `(H, W, k)` or `(k, H, W)`), and reads PIL images and local files with their own bands, unconverted
+    (multi-channel TIFFs: read them into an array first, e.g. with tifffile).
     """
 
     _load_video_processor = False  # the stock pipeline probes for one and prompts about remote code
@@ -86,11 +88,21 @@ class ViTSegSegmentationPipeline(ImageSegmentationPipeline):
 
     def preprocess(self, image, subtask=None, timeout=None):
         source = image
+        channels = getattr(self.image_processor, "num_channels", 3)
         try:
-            image = load_image(image, timeout=timeout)
+            if channels != 3 and isinstance(image, str) and "://" not in image:
+                with Image.open(image) as opened:  # its bands as they are: load_image converts to RGB
+                    opened.load()
+                    image = opened.copy()
+            elif channels == 3 or not isinstance(image, (Image.Image, np.ndarray)):
+                image = load_image(image, timeout=timeout)
         except Exception as error:  # PIL's UnidentifiedImageError, OSError for truncated files, ...
             name = source if isinstance(source, str) else type(source).__name__
             raise ValueError(f"Cannot decode image {name!r}: {error}") from error
+        if isinstance(image, np.ndarray):  # a k-channel array, in the processor's layout rule
+            height, width = self.image_processor.image_channels_first(image).shape[1:]
+        else:
+            height, width = image.height, image.width
         inputs = self.image_processor(images=[image], return_tensors="pt", return_input_sizes=True)
         input_sizes = inputs.pop("input_sizes")
         # A processor saved by an older hf-vitseg returns input_sizes only (padding, no centre-crop geometry).
@@ -99,7 +111,7 @@ class ViTSegSegmentationPipeline(ImageSegmentationPipeline):
         else:
             geometry = {"input_sizes": input_sizes}
         inputs = inputs.to(self.dtype)
-        inputs["target_size"] = [(image.height, image.width)]
+        inputs["target_size"] = [(height, width)]
         inputs["geometry"] = geometry
         return inputs
 
