@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_backbone_config
+from conftest import tiny_backbone_config, tiny_model
 from PIL import Image
-from transformers import pipeline
+from transformers import ImageSegmentationPipeline, pipeline
 
 from hf_vitseg import ViTSegConfig, ViTSegImageProcessor
 from hf_vitseg.modeling import ViTSegForUniversalSegmentation
@@ -158,3 +158,20 @@ def test_processor_for_a_mask_model_feeds_its_loss(universal_folder):
     assert set(inputs) == {"pixel_values", "mask_labels", "class_labels"}
     loss = model(**inputs).loss
     assert torch.isfinite(loss) and loss > 0
+
+
+def test_transformers_own_pipeline_class_still_segments_semantic_models():
+    """transformers' ImageSegmentationPipeline asks for panoptic segmentation first when the processor has it: a
+    semantic model's answer is one mask per class present, as before the processor learnt panoptic."""
+    model = tiny_model(num_labels=3, id2label=ID2LABEL).eval()
+    processor = ViTSegImageProcessor(patch_size=PATCH)
+    image = random_image(48, 64)  # a patch multiple: transformers' pipeline passes no padding geometry
+    segmenter = pipeline("image-segmentation", model=model, image_processor=processor,
+                         pipeline_class=ImageSegmentationPipeline)
+    segments = segmenter(image)
+    with torch.no_grad():
+        expected = processor.post_process_semantic_segmentation(model(**processor(image)),
+                                                                target_sizes=[(48, 64)])[0].numpy()
+    assert [s["label"] for s in segments] == [ID2LABEL[int(c)] for c in np.unique(expected)]
+    for segment, class_id in zip(segments, np.unique(expected)):
+        np.testing.assert_array_equal(np.array(segment["mask"]) > 0, expected == class_id)

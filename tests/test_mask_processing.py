@@ -250,11 +250,17 @@ def test_panoptic_post_processing_with_nothing_above_threshold():
     assert result["segmentation"].shape == (5, 7) and bool((result["segmentation"] == -1).all())
 
 
-def test_instance_and_panoptic_need_mask_outputs():
-    semantic = ModelOutput(logits=torch.zeros(1, 3, 4, 4))
-    for method in ("post_process_instance_segmentation", "post_process_panoptic_segmentation"):
-        with pytest.raises(ValueError, match="mask-classification model"):
-            getattr(ViTSegImageProcessor(), method)(semantic)
+def test_instance_needs_mask_outputs_and_panoptic_reads_semantic_ones_as_stuff():
+    logits = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    semantic = ModelOutput(logits=logits)
+    with pytest.raises(ValueError, match="mask-classification model"):
+        ViTSegImageProcessor().post_process_instance_segmentation(semantic)
+    result = ViTSegImageProcessor().post_process_panoptic_segmentation(semantic, target_sizes=[(8, 8)])[0]
+    label_map = ViTSegImageProcessor().post_process_semantic_segmentation(semantic, target_sizes=[(8, 8)])[0]
+    assert [info["label_id"] for info in result["segments_info"]] == torch.unique(label_map).tolist()
+    for info in result["segments_info"]:
+        assert info["was_fused"] and info["score"] is None
+        torch.testing.assert_close(result["segmentation"] == info["id"], label_map == info["label_id"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

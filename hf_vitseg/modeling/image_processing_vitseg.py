@@ -909,8 +909,18 @@ class ViTSegImageProcessor(PilBackend):
         Returns:
             `list[dict]`, one per image: `segmentation`, `(H, W)` int32 segment ids from 1, with 0 for pixels of no
             segment (-1 everywhere when the image has no segment at all, as transformers); `segments_info`, a list of
-            `{"id", "label_id", "was_fused", "score"}`.
+            `{"id", "label_id", "was_fused", "score"}`. Given a semantic model's outputs (`logits`), each class present
+            is one segment (`was_fused` True, `score` None), so that transformers' pipeline, which asks for panoptic
+            segmentation first, still returns one mask per class for semantic models.
         """
+        if getattr(outputs, "class_queries_logits", None) is None and (
+            isinstance(outputs, torch.Tensor) or getattr(outputs, "logits", None) is not None
+        ):
+            # A semantic model's label map is a panoptic map of "stuff" only (transformers' pipeline asks a
+            # processor for panoptic first, whatever the model): one fused segment per class present, no score.
+            label_maps = self.post_process_semantic_segmentation(outputs, target_sizes, input_sizes, padded_size,
+                                                                 input_boxes)
+            return [_stuff_segments(label_map) for label_map in label_maps]
         class_logits, mask_logits = _mask_outputs(outputs, "post_process_panoptic_segmentation")
         batch_size, _, num_columns = class_logits.shape
         num_labels = num_columns - 1
@@ -1143,6 +1153,14 @@ def _mask_outputs(outputs, what: str) -> tuple[torch.Tensor, torch.Tensor]:
             "disagree on the batch size or the number of queries."
         )
     return class_logits, mask_logits
+
+
+def _stuff_segments(label_map: torch.Tensor) -> dict:
+    """A semantic label map as a panoptic result: segment `i + 1` is the `i`-th class present."""
+    classes, inverse = torch.unique(label_map, return_inverse=True)
+    segments = [{"id": index + 1, "label_id": int(class_id), "was_fused": True, "score": None}
+                for index, class_id in enumerate(classes.tolist())]
+    return {"segmentation": (inverse + 1).to(torch.int32), "segments_info": segments}
 
 
 def _segment_validity(mask_labels, mask_probs, k, mask_threshold, overlap_mask_area_threshold):
