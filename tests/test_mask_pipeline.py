@@ -20,7 +20,12 @@ from transformers import ImageSegmentationPipeline, pipeline
 
 from hf_vitseg import ViTSegConfig, ViTSegImageProcessor
 from hf_vitseg.modeling import ViTSegForUniversalSegmentation
-from hf_vitseg.modeling.pipeline_vitseg import ViTSegSegmentationPipeline, segmentation_pipeline
+from hf_vitseg.modeling.pipeline_vitseg import (
+    CUSTOM_PIPELINES,
+    ViTSegSegmentationPipeline,
+    custom_pipelines,
+    segmentation_pipeline,
+)
 
 ID2LABEL = {0: "nucleus", 1: "debris", 2: "cell"}
 PATCH = 8
@@ -70,6 +75,9 @@ def test_saved_folder_names_the_universal_auto_class(universal_folder):
     entry = config["custom_pipelines"]["image-segmentation"]
     assert entry["pt"] == ["AutoModelForUniversalSegmentation"]
     assert entry["impl"] == "pipeline_vitseg.ViTSegSegmentationPipeline"
+    # what hf-vitseg push writes: the same entry; semantic models keep theirs
+    assert custom_pipelines(config) == config["custom_pipelines"]
+    assert custom_pipelines({"architectures": ["ViTSegForSemanticSegmentation"]}) == CUSTOM_PIPELINES
 
 
 @pytest.mark.parametrize("subtask", ["panoptic", "instance"])
