@@ -932,7 +932,7 @@ class ViTSegImageProcessor(PilBackend):
         results = []
         for index in range(batch_size):
             keep = pred_labels[index].ne(num_labels) & (pred_scores[index] > threshold)
-            queries = keep.nonzero()[:, 0] if bool(keep.any()) else torch.zeros(1, dtype=torch.long)
+            queries = keep.nonzero()[:, 0] if bool(keep.any()) else torch.zeros(1, dtype=torch.long, device=keep.device)
             masks = _to_output_geometry(mask_logits[index : index + 1, queries].float(), index, target_sizes,
                                         input_boxes, padded_size)[0]  # (kept, H, W)
             if not bool(keep.any()):
