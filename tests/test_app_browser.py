@@ -11,6 +11,7 @@ the browser makes goes to the app's own server.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ import pytest
 from conftest import tiny_model
 from PIL import Image
 
-pytest.importorskip("gradio", reason="the web app's optional dependency (the dev extra installs it)")
+if importlib.util.find_spec("gradio") is None:  # found, not imported: the app's own process imports it
+    pytest.skip("the web app's optional dependency gradio (the dev extra installs it)", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "app.png"
@@ -129,7 +131,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def served_app(tmp_path):
-    """`hf-vitseg app FOLDER --port N` in its own process on a tiny saved model; yields `(url, folder)`."""
+    """`hf-vitseg app FOLDER --port N` in its own process on a tiny saved model; yields `(url, folder, wait)`, where
+    `wait()` returns once the page answers (the test computes its expectations meanwhile)."""
     from hf_vitseg import ViTSegImageProcessor
 
     folder = tmp_path / "model"
@@ -142,19 +145,22 @@ def served_app(tmp_path):
                                "app", str(folder), "--port", str(port), "--device", "cpu"],
                               stdout=log, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 45
-    try:
+
+    def wait():
+        deadline = time.monotonic() + 60
         while True:
             if server.poll() is not None:
                 raise RuntimeError(f"hf-vitseg app exited: {(tmp_path / 'app.log').read_text()}")
             try:
                 urllib.request.urlopen(url, timeout=1).read()
-                break
+                return
             except OSError:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no page at {url}: {(tmp_path / 'app.log').read_text()}") from None
                 time.sleep(0.3)
-        yield url, folder
+
+    try:
+        yield url, folder, wait
     finally:
         server.terminate()
         try:
@@ -165,7 +171,7 @@ def served_app(tmp_path):
 
 
 def test_the_page_segments_an_uploaded_image_offline(served_app, tmp_path):
-    url, folder = served_app
+    url, folder, wait = served_app
     from hf_vitseg.inference.app import SegmentationApp
 
     image_path = tmp_path / "cells.png"
@@ -173,6 +179,7 @@ def test_the_page_segments_an_uploaded_image_offline(served_app, tmp_path):
     pixels = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((16, 16, 1))).astype(np.uint8)  # 192 x 256 blocks
     Image.fromarray(pixels).save(image_path)
     expected = SegmentationApp.from_pretrained(folder).predict(image_path)  # what the page must show
+    wait()
 
     with tempfile.TemporaryDirectory(prefix="hf_vitseg_chromium_") as profile:
         browser = DevTools(Path(profile))

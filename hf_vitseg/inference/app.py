@@ -17,7 +17,9 @@ The same app is what `hf-vitseg push --space` deploys to a Hugging Face Space (`
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -109,7 +111,10 @@ class SegmentationApp:
         self.device = device
         self.alpha = alpha
         self.title = title or f"hf-vitseg: {getattr(model, 'name_or_path', '') or 'segmentation'}"
+        # the label maps offered for download, one subfolder per prediction (two users may upload "image.png");
+        # removed when the process exits (a result's file outlives the app object that made it)
         self.output_dir = Path(tempfile.mkdtemp(prefix="hf_vitseg_app_"))
+        atexit.register(shutil.rmtree, self.output_dir, ignore_errors=True)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, *, device=None, sliding_window: bool = False,
