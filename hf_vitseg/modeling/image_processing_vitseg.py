@@ -1,4 +1,5 @@
-"""`ViTSegImageProcessor`: images and segmentation maps in, patch-aligned `pixel_values` and `labels` out.
+"""`ViTSegImageProcessor`: images and segmentation maps in, patch-aligned `pixel_values` and `labels` out (or, for
+mask-classification models, `mask_labels` / `class_labels`), and the post-processing of both kinds of model.
 
 This file is self-contained on purpose: it imports only numpy, PIL, torch, transformers and the standard
 library, never `hf_vitseg`, and has no relative imports. `save_pretrained` copies it verbatim next to a
@@ -130,6 +131,10 @@ class ViTSegImageProcessor(PilBackend):
             Pop them before calling the model and pass them to `post_process_semantic_segmentation`, which then
             maps the logits back onto each original image exactly. Off by default so that `model(**inputs)`
             gets the model's inputs only.
+        return_mask_labels (`bool`, *optional*, defaults to `False`):
+            Whether segmentation maps become mask-classification targets, `mask_labels` and `class_labels` (for
+            `ViTSegForUniversalSegmentation`; `for_model` sets it for such a model), instead of `labels`. See
+            `preprocess` and `segmentation_map_to_targets`.
 
     Input conversion (images). Inputs are `PIL.Image.Image`, `numpy.ndarray` or `torch.Tensor`; a batch is a
     list of them or one 4-D array / tensor. With `num_channels=3` (the default) the result is always RGB:
