@@ -64,8 +64,8 @@ from hf_vitseg.training.run_dir import (
     resolve_output_dir,
     snapshot_files,
 )
-from hf_vitseg.training.trainer import MASK_MODEL_INPUTS, _void_pixels, check_task
-from hf_vitseg.training.universal_metrics import compute_universal_metrics, encode_mask_targets
+from hf_vitseg.training.trainer import MASK_MODEL_INPUTS, _void_pixels
+from hf_vitseg.training.universal_metrics import check_task, compute_universal_metrics, encode_mask_targets
 
 
 def default_accelerator(**accelerator_kwargs):

@@ -3,12 +3,16 @@ resume and the streaming metrics of `training.universal_metrics`."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_backbone_config
-from transformers import TrainerControl, TrainerState, TrainingArguments
+from PIL import Image
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from hf_vitseg import ViTSegConfig
 from hf_vitseg.modeling import ViTSegForUniversalSegmentation
@@ -185,3 +189,216 @@ def test_lora_trains_adapters_and_head_only(head, tmp_path):
         expected, got = lora(pixel_values), reloaded(pixel_values)
     torch.testing.assert_close(got.masks_queries_logits, expected.masks_queries_logits)
     assert math.isfinite(out.loss.item())
+
+
+# -- streaming metrics -------------------------------------------------------------------------------------------------
+def _perfect_outputs(mask_labels, class_labels, num_queries=6, num_labels=2, scale=1):
+    """Outputs that predict the targets exactly: one query per target (mask logits +/-20 at 1/`scale` resolution:
+    at 1/4, as the models predict, bilinear upsampling rounds the corners off),
+    class logits 20 for its class), the other queries 'no object'."""
+    from types import SimpleNamespace
+
+    batch, (height, width) = len(mask_labels), mask_labels[0].shape[-2:]
+    class_logits = torch.full((batch, num_queries, num_labels + 1), -20.0)
+    class_logits[..., -1] = 20.0
+    mask_logits = torch.full((batch, num_queries, height // scale, width // scale), -20.0)
+    for image, (masks, classes) in enumerate(zip(mask_labels, class_labels)):
+        for query, (mask, label) in enumerate(zip(masks, classes)):
+            class_logits[image, query, -1], class_logits[image, query, label] = -20.0, 20.0
+            mask_logits[image, query] = torch.where(mask[::scale, ::scale] > 0.5, 20.0, -20.0)
+    return SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=mask_logits)
+
+
+def _blob_targets():
+    """Two 32x32 images: boxes of classes 0 and 1, the rest of class 2 (background as stuff, as panoptic data has
+    it: panoptic post-processing gives every pixel to a segment)."""
+    masks_a = torch.zeros(3, 32, 32)
+    masks_a[0, 4:12, 4:12] = 1
+    masks_a[1, 16:28, 8:20] = 1
+    masks_a[2] = 1 - masks_a[0] - masks_a[1]
+    masks_b = torch.zeros(2, 32, 32)
+    masks_b[0, 8:24, 8:24] = 1
+    masks_b[1] = 1 - masks_b[0]
+    return [masks_a, masks_b], [torch.tensor([0, 1, 2]), torch.tensor([1, 2])]
+
+
+@pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
+def test_universal_metrics_perfect_and_wrong_predictions(task):
+    from hf_vitseg import ViTSegImageProcessor
+    from hf_vitseg.training.universal_metrics import compute_universal_metrics, encode_mask_targets
+
+    processor = ViTSegImageProcessor(patch_size=8)
+    metric = compute_universal_metrics(processor, task, 3, {0: "a", 1: "b", 2: "background"})
+    mask_labels, class_labels = _blob_targets()
+    targets = encode_mask_targets(mask_labels, class_labels)
+    outputs = _perfect_outputs(mask_labels, class_labels, num_labels=3)
+    # Trainer's streaming call: one batch per call, the result at the last one
+    assert metric(((outputs.class_queries_logits, outputs.masks_queries_logits), targets), compute_result=False) == {}
+    results = metric(((outputs.class_queries_logits, outputs.masks_queries_logits), targets), compute_result=True)
+    headline = {"semantic": ["mean_iou", "iou_a", "iou_b"],
+                "instance": ["map", "map_50", "map_75", "ap_a", "pq", "sq", "rq"],
+                "panoptic": ["pq", "sq", "rq", "pq_a", "pq_b", "pq_background"]}[task]
+    for name in headline:
+        assert results[name] == pytest.approx(1.0), (name, results)
+    # the classes shifted: nothing right
+    wrong = _perfect_outputs(mask_labels, [(c + 1) % 3 for c in class_labels], num_labels=3)
+    results = metric(((wrong.class_queries_logits, wrong.masks_queries_logits), targets))
+    assert results[headline[0]] == pytest.approx(0.0)
+
+
+def test_instance_pq_counts_background_but_not_void():
+    """Instance data without a background class (nuclei): a predicted instance on background is a false positive
+    (PQ) and lowers AP; one on void pixels (ignore, padding) is not and does not."""
+    from hf_vitseg import ViTSegImageProcessor
+    from hf_vitseg.training.universal_metrics import compute_universal_metrics, encode_mask_targets
+
+    processor = ViTSegImageProcessor(patch_size=8)
+    mask_labels, class_labels = [torch.zeros(1, 32, 32)], [torch.tensor([0])]
+    mask_labels[0][0, 0:8, 0:8] = 1
+    predicted = torch.zeros(2, 32, 32)
+    predicted[0, 0:8, 0:8] = 1
+    predicted[1, 16:32, 16:32] = 1  # an extra segment of class 0
+    outputs = _perfect_outputs([predicted], [torch.tensor([0, 0])])
+    outputs.class_queries_logits[0, 0, -1] = 19.0  # the true instance scores 0.73, below the false one: AP 0.5
+    void = torch.zeros(1, 32, 32, dtype=torch.bool)
+    for void_there, expected_pq in ((False, 1 / 1.5), (True, 1.0)):  # RQ = tp / (tp + fp/2)
+        void[0, 16:32, 16:32] = void_there
+        metric = compute_universal_metrics(processor, "instance", 2)
+        results = metric(((outputs.class_queries_logits, outputs.masks_queries_logits),
+                          encode_mask_targets(mask_labels, class_labels, void)))
+        assert results["pq"] == pytest.approx(expected_pq)
+        assert results["map"] == pytest.approx(1.0 if void_there else 0.5)
+
+
+
+# -- Trainer runs --------------------------------------------------------------------------------------------------
+def make_instance_folder(root: Path, num_images: int = 4, size: int = 64, seed: int = 0) -> tuple[Path, Path]:
+    """`root/images/NNN.png` and `root/masks/NNN.png`: two bright 24x24 objects per image (instance ids 1, 2 on
+    background 0), touching in some images; one class ('nucleus'), as stardist's nuclei."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for index in range(num_images):
+        image = rng.normal(40, 10, (size, size, 3))
+        mask = np.zeros((size, size), np.uint8)
+        for instance in (1, 2):
+            y, x = rng.integers(0, size - 24, 2)
+            mask[y : y + 24, x : x + 24] = instance
+            image[y : y + 24, x : x + 24] = 150 + 50 * instance
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"{index:03d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{index:03d}.png")
+    return root / "images", root / "masks"
+
+
+class LossAndProbs(TrainerCallback):
+    """Records the logged training losses and the masked-attention probabilities after every step."""
+
+    def __init__(self):
+        self.losses, self.probs = [], []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.probs.append(model.attn_mask_probs.tolist())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+NO_AUGMENT = {"scale_range": (1.0, 1.0), "hflip": False, "photometric": False}
+
+
+@pytest.fixture(scope="module")
+def instance_data(tmp_path_factory):
+    from hf_vitseg.data.datasets import load_instance_folder
+
+    root = tmp_path_factory.mktemp("instances")
+    images, masks = make_instance_folder(root)
+    return {"images": images, "masks": masks, "dataset": load_instance_folder(images, masks, instance_class=0)}
+
+
+def test_trainer_overfits_anneals_and_saves_plain_attention(instance_data, tmp_path):
+    """eomt with Trainer on 4 instance images: the loss falls, the masks anneal to 0 by the last step, the streaming
+    instance metrics see the objects, and the saved model reloads with plain attention."""
+    from hf_vitseg.training import train
+
+    record = LossAndProbs()
+    model, metrics = train(
+        tiny_mask_model("eomt", num_labels=1, id2label={0: "nucleus"}), instance_data["dataset"],
+        instance_data["dataset"], output_dir=tmp_path / "run", task="instance", max_steps=60, batch_size=2, lr=1e-3,
+        logging_steps=1, save_steps=60, augment=NO_AUGMENT, callbacks=[record], use_cpu=True, disable_tqdm=True,
+    )
+    assert np.mean(record.losses[-10:]) < 0.8 * np.mean(record.losses[:5])
+    # EoMT's schedule over 60 steps, 2 blocks: block 0 anneals over steps 15..30, block 1 over 30..45
+    assert record.probs[13] == [1.0, 1.0]
+    assert record.probs[22 - 1][0] == pytest.approx((1 - 7 / 15) ** 0.9)
+    assert record.probs[44 - 1] == [0.0, pytest.approx((1 - 14 / 15) ** 0.9)]
+    assert record.probs[-1] == [0.0, 0.0] and model.attn_mask_probs.tolist() == [0.0, 0.0]
+    for name in ("eval_map", "eval_map_50", "eval_map_75", "eval_pq", "eval_sq", "eval_rq", "eval_ap_nucleus",
+                 "eval_loss"):
+        assert math.isfinite(metrics[name]), name
+    assert metrics["eval_map_50"] > 0  # the objects are found: targets, post-processing and metric fit together
+    saved = ViTSegForUniversalSegmentation.from_pretrained(tmp_path / "run").eval()
+    assert saved.attn_mask_probs.tolist() == [0.0, 0.0]
+    with torch.no_grad():
+        outputs = saved(torch.randn(1, 3, 64, 64))
+    assert outputs.auxiliary_logits is None  # plain attention: no block computed an intermediate mask
+    assert json.loads((tmp_path / "run" / "all_results.json").read_text())["eval_map_50"] == metrics["eval_map_50"]
+
+
+def test_trainer_semantic_task_reports_per_class_iou(tmp_path):
+    """pmt (frozen backbone) on semantic maps: one mask per present class; mIoU and per-class IoU stream."""
+    from test_train import NUM_LABELS, make_image_folder
+
+    from hf_vitseg.data.datasets import load_image_folder
+    from hf_vitseg.training import train
+
+    images, masks = make_image_folder(tmp_path / "data", 2)
+    dataset = load_image_folder(images, masks)
+    model = tiny_mask_model("pmt", num_labels=NUM_LABELS, id2label={0: "a", 1: "b", 2: "c"})
+    backbone_before = {n: p.clone() for n, p in model.backbone.named_parameters()}
+    _, metrics = train(model, dataset, dataset, output_dir=tmp_path / "run", max_steps=3, batch_size=2,
+                       augment=NO_AUGMENT, use_cpu=True, disable_tqdm=True)
+    for name in ("eval_mean_iou", "eval_pixel_accuracy", "eval_iou_a", "eval_iou_b", "eval_iou_c"):
+        assert name in metrics
+    assert 0 <= metrics["eval_mean_iou"] <= 1
+    assert all(torch.equal(p, backbone_before[n]) for n, p in model.backbone.named_parameters())  # pmt: frozen
+
+
+def test_train_refuses_a_task_for_pixel_heads(tmp_path):
+    from conftest import tiny_model
+
+    from hf_vitseg.training import train
+
+    with pytest.raises(ValueError, match="task='instance' needs a mask-transformer model"):
+        train(tiny_model("linear"), None, output_dir=tmp_path / "run", task="instance")
+    with pytest.raises(ValueError, match="task must be one of semantic, instance, panoptic"):
+        train(tiny_mask_model(), None, output_dir=tmp_path / "run", task="detection")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_continues_weights_and_annealing(instance_data, tmp_path):
+    """A run resumed from its step-3 checkpoint ends with the weights and the masked-attention probabilities of the
+    uninterrupted 6-step run (optimizer, scheduler, data order, and the annealing from the checkpoint's step)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from hf_vitseg.training import train
+
+    settings = dict(task="instance", max_steps=6, batch_size=2, lr=1e-3, save_steps=3, seed=3, augment=NO_AUGMENT,
+                    use_cpu=True, disable_tqdm=True)
+    train(tiny_mask_model(seed=1), instance_data["dataset"], output_dir=tmp_path / "full", **settings)
+    # the interrupted run: what the full run had on disk after step 3
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "cut" / "checkpoint-3")
+    shutil.copy(tmp_path / "full" / ".hf_vitseg_run.json", tmp_path / "cut")
+    record = LossAndProbs()
+    resumed, _ = train(tiny_mask_model(seed=2), instance_data["dataset"], output_dir=tmp_path / "cut", resume=True,
+                       callbacks=[record], **settings)
+    # the schedule picks up at step 3 (2 blocks over 6 steps: block 0 anneals over 1..3, block 1 over 3..4)
+    assert record.probs == [[0.0, 0.0]] * 3
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    cut = load_file(tmp_path / "cut" / "model.safetensors")
+    assert full.keys() == cut.keys()
+    for key in full:
+        torch.testing.assert_close(cut[key], full[key], msg=key)

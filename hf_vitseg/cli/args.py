@@ -45,6 +45,10 @@ PYTHON_TO_FLAG = {
     "Drop resume (--resume)": "Drop --resume",
     "pass resume=True": "pass --resume",
     "sliding_window needs crop_size": "--sliding-window needs --crop-size",
+    "or pass instance_class for one class for all": "or pass --instance-class for one class for all",
+    "task='instance'": "--task instance",
+    "task='panoptic'": "--task panoptic",
+    "sliding_window is for pixel heads": "--sliding-window is for pixel heads",
     "train_dataset: ": "training data: ",
     "eval_dataset: ": "evaluation data: ",
     "heads (--heads)": "--heads",
@@ -148,6 +152,14 @@ def add_data_flags(group) -> None:
                        help="0 means 'unlabelled' (ADE20K): 0 becomes the ignore index, the rest shift down by one")
     group.add_argument("--binary-masks", action="store_true",
                        help="masks stored as 0 / 255 (black / white): 255 becomes class 1 (use with --num-labels 2)")
+    group.add_argument("--instance-masks", action="store_true",
+                       help="the mask folders hold instance-id maps (0 = background, one id per object; PNG or TIFF), "
+                            "for mask transformers (--head eomt / pmt)")
+    group.add_argument("--instance-class", type=non_negative_int, default=None, metavar="ID",
+                       help="with --instance-masks: the class of every instance (default 0)")
+    group.add_argument("--class-map-suffix", default=None, metavar="SUFFIX",
+                       help="with --instance-masks: each mask's classes from the JSON file beside it whose name ends "
+                            "so instead of the mask's extension, e.g. .json: {\"<instance id>\": <class id>}")
 
 
 def add_channel_flags(group) -> None:
@@ -210,10 +222,19 @@ def channel_settings(args, train_dataset) -> dict:
 def load_dataset_from_args(args, images_dir, masks_dir, split, role: str):
     """The dataset the command line names: an image folder pair or `--dataset` with a split; `--binary-masks`
     applied. `role` is the flags' prefix (`train`, `eval`, or `""` for `--images` / `--masks`)."""
-    from ..data.datasets import binary_masks, load_hf_dataset, load_image_folder
+    from ..data.datasets import binary_masks, load_hf_dataset, load_image_folder, load_instance_folder
 
     flag = f"--{role}-" if role else "--"
+    instance_masks = getattr(args, "instance_masks", False)
+    for option in ("instance_class", "class_map_suffix"):
+        if getattr(args, option, None) is not None and not instance_masks:
+            raise CliError(f"--{option.replace('_', '-')} describes instance masks; add --instance-masks (or drop it).")
+    if instance_masks and args.binary_masks:
+        raise CliError("--binary-masks and --instance-masks exclude each other: instance masks hold one id per object.")
     if args.dataset:
+        if instance_masks:
+            raise CliError("--instance-masks reads image folders; a --dataset says its annotations are instance maps "
+                           "with an 'instance_classes' column (hf_vitseg.data.datasets.load_instance_folder).")
         if images_dir or masks_dir:
             raise CliError(f"Give either --dataset or {flag}images/{flag}masks, not both.")
         source = Path(args.dataset).expanduser()
@@ -232,8 +253,13 @@ def load_dataset_from_args(args, images_dir, masks_dir, split, role: str):
             if not Path(folder).is_dir():
                 problem = "is a file, not" if Path(folder).exists() else "no such"
                 raise CliError(f"{flag}{what} {folder}: {problem} folder.")
-        dataset = load_image_folder(images_dir, masks_dir, mask_suffix=args.mask_suffix,
-                                    on_unmatched="warn" if args.skip_unmatched else "error")
+        unmatched = "warn" if args.skip_unmatched else "error"
+        if instance_masks:
+            dataset = load_instance_folder(
+                images_dir, masks_dir, instance_class=0 if args.instance_class is None else args.instance_class,
+                class_map_suffix=args.class_map_suffix, mask_suffix=args.mask_suffix, on_unmatched=unmatched)
+        else:
+            dataset = load_image_folder(images_dir, masks_dir, mask_suffix=args.mask_suffix, on_unmatched=unmatched)
     return binary_masks(dataset) if args.binary_masks else dataset
 
 

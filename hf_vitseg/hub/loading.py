@@ -81,10 +81,10 @@ def check_model_folder(folder: str | os.PathLike, *, vitseg: bool = True) -> Non
     if vitseg:
         check_vitseg_model_type(config.get("model_type"), folder)
     if config.get("model_type") == "vitseg":
-        from ..modeling.head_base import HEAD_REGISTRY, list_heads
+        from ..modeling.head_base import HEAD_REGISTRY, MASK_HEAD_NAMES, list_heads
 
         head = config.get("head")
-        if head not in HEAD_REGISTRY:
+        if head not in HEAD_REGISTRY and head not in MASK_HEAD_NAMES:
             raise ValueError(
                 f"{config_file} names head {head!r}, which is not registered. Registered heads: "
                 f"{', '.join(list_heads())}. If it is a head of your own, import the module that registers it "
@@ -129,24 +129,29 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | 
         device: move the model there (default: stay on the CPU).
         kwargs: passed to `from_pretrained` (`revision`, `dtype`, `trust_remote_code`, ...).
     """
-    from transformers import AutoModelForSemanticSegmentation
+    import transformers
+    from transformers import PretrainedConfig
+
+    from ..modeling.head_base import MASK_HEAD_NAMES
 
     if os.path.isdir(name_or_path):
         check_model_folder(name_or_path)
+    hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
+    config = PretrainedConfig.get_config_dict(name_or_path, **hub_kwargs)[0]
+    # a mask transformer (head eomt / pmt) is a ViTSegForUniversalSegmentation
+    auto_class = ("AutoModelForUniversalSegmentation" if config.get("head") in MASK_HEAD_NAMES
+                  else "AutoModelForSemanticSegmentation")
     if kwargs.get("trust_remote_code"):
-        from transformers import PretrainedConfig
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-        hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
-        config = PretrainedConfig.get_config_dict(name_or_path, **hub_kwargs)[0]
         check_vitseg_model_type(config.get("model_type"), name_or_path)
-        reference = (config.get("auto_map") or {}).get("AutoModelForSemanticSegmentation")
+        reference = (config.get("auto_map") or {}).get(auto_class)
         if reference:
             model_class = get_class_from_dynamic_module(reference, name_or_path, **hub_kwargs)
             kwargs = {key: value for key, value in kwargs.items() if key != "trust_remote_code"}
             model = model_class.from_pretrained(name_or_path, **kwargs)
             return (model.to(device) if device is not None else model).eval()
-    model = AutoModelForSemanticSegmentation.from_pretrained(name_or_path, **kwargs)
+    model = getattr(transformers, auto_class).from_pretrained(name_or_path, **kwargs)
     check_vitseg_model_type(getattr(model.config, "model_type", None), name_or_path)  # a Hub id: known only now
     if device is not None:
         model = model.to(device)

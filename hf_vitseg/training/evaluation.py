@@ -1,5 +1,5 @@
 """`evaluate_model(...)` is `hf-vitseg evaluate`: the metrics of a saved model on a dataset, with plain or
-sliding-window inference."""
+sliding-window inference; a mask transformer's (head `eomt` / `pmt`) per task: mIoU, mask AP and PQ, or PQ."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 
 from ..data.channels import decode_image
 from ..modeling import ViTSegImageProcessor
-from .loading import load_trainable_model, resolve_processor, validate
+from .loading import is_mask_model, load_trainable_model, resolve_processor, validate
 from .metrics import compute_segmentation_metrics
+from .universal_metrics import check_task, compute_universal_metrics, encode_mask_targets
 
 
 @torch.inference_mode()
@@ -25,6 +26,7 @@ def evaluate_model(
     stride: int | Sequence[int] | None = None,
     blend: str = "uniform",
     device: str | torch.device | None = None,
+    task: str | None = None,
 ) -> dict[str, float]:
     """Mean IoU, pixel accuracy, mean accuracy and per-class IoU of a model on a dataset.
 
@@ -40,6 +42,10 @@ def evaluate_model(
             `stride` defaults to 2/3 of it.
         blend: how overlapping windows are combined, `"uniform"` or `"gaussian"`.
         device: default CUDA when available.
+        task: a mask transformer's (`ViTSegForUniversalSegmentation`'s) metrics, as `train`'s `task`:
+            `"semantic"` (default), `"instance"` (mask AP, AP50, AP75 and PQ of the instances) or `"panoptic"`
+            (PQ, SQ, RQ); its annotations are semantic maps, or instance maps with an `instance_classes` column
+            (`hf_vitseg.data.datasets.load_instance_folder`). Whole images (no sliding window).
 
     Returns:
         `mean_iou`, `pixel_accuracy`, `mean_accuracy`, `iou_<class>` (NaN for a class absent from both
@@ -48,6 +54,13 @@ def evaluate_model(
     model = load_trainable_model(model_or_path)
     processor = resolve_processor(processor, model, model_or_path)
     config = model.config
+    task = check_task(task, is_mask_model(model))
+    if is_mask_model(model):
+        if sliding_window:
+            raise ValueError("sliding_window is for pixel heads: a mask transformer (head eomt / pmt) predicts whole "
+                             "images. Drop it.")
+        validate(dataset, config, processor, "dataset")
+        return _evaluate_mask_model(model, dataset, processor, task, batch_size, device)
     if sliding_window and crop_size is None:
         raise ValueError("sliding_window needs crop_size (the size the model was trained at, e.g. 512).")
     if sliding_window and stride is None:  # 2/3 of the window, a common overlap
@@ -74,3 +87,38 @@ def evaluate_model(
             logits = model(pixel_values=pixel_values).logits  # upsampled inside the metric, one image at a time
         results = metric((logits, labels), compute_result=start + batch_size >= len(raw))
     return {**results, "num_images": len(raw)}
+
+
+def _evaluate_mask_model(model, dataset, processor, task: str, batch_size: int, device) -> dict[str, float]:
+    """`evaluate_model` for a mask transformer: the processor's targets (`mask_labels` / `class_labels`, from
+    semantic maps or instance maps with their classes), the padding of each image in the batch void."""
+    from ..data.augment import INSTANCE_CLASSES_COLUMN, instance_mapping
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).eval()
+    config = model.config
+    metric = compute_universal_metrics(processor, task, config.num_labels, config.id2label)
+    raw = dataset.with_format(None)
+    for start in range(0, len(raw), batch_size):
+        rows = raw[start : start + batch_size]
+        images = [decode_image(value) for value in rows["image"]]  # undecoded TIFFs ({"path", "bytes"}) too
+        mapping = None
+        if INSTANCE_CLASSES_COLUMN in rows:
+            mapping = [instance_mapping(value) for value in rows[INSTANCE_CLASSES_COLUMN]]
+            mapping = None if all(m is None for m in mapping) else mapping
+        inputs = processor(images=images, segmentation_maps=rows["annotation"], instance_id_to_semantic_id=mapping,
+                           return_mask_labels=True, return_input_sizes=True, return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(device)
+        outputs = model(pixel_values=pixel_values)
+        size = tuple(pixel_values.shape[-2:])
+        metric.update(outputs, *encode_mask_targets(inputs["mask_labels"], inputs["class_labels"],
+                                                    _padding(inputs["input_boxes"], size), size=size))
+    return {**metric.compute(), "num_images": len(raw)}
+
+
+def _padding(input_boxes, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) bool: True outside each image's box `(top, left, height, width)` in the padded batch."""
+    void = torch.ones((len(input_boxes), *size), dtype=torch.bool)
+    for index, (top, left, height, width) in enumerate(torch.as_tensor(input_boxes).tolist()):
+        void[index, max(top, 0) : max(top + height, 0), max(left, 0) : max(left + width, 0)] = False
+    return void

@@ -50,7 +50,7 @@ from .run_dir import (
     resolve_output_dir,
     snapshot_files,
 )
-from .universal_metrics import TASKS, compute_universal_metrics, encode_mask_targets
+from .universal_metrics import check_task, compute_universal_metrics, encode_mask_targets
 
 
 # -- the Trainer ----------------------------------------------------------------------------------------------------
@@ -382,19 +382,6 @@ def train(
     if trainer.is_world_process_zero():
         record_run_files(output_dir, before)
     return trainer.model, metrics
-
-
-def check_task(task: str | None, mask_model: bool) -> str:
-    """The evaluation task of a run: `task` checked against the model (a pixel head measures `"semantic"` only; a
-    mask transformer any of `universal_metrics.TASKS`), default `"semantic"`."""
-    if task is None:
-        return "semantic"
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}.")
-    if task != "semantic" and not mask_model:
-        raise ValueError(f"task={task!r} needs a mask-transformer model (head 'eomt' or 'pmt'); pixel heads "
-                         "segment semantically. Train one with head='eomt' or head='pmt'.")
-    return task
 
 
 def resolve_recipe(recipe, model):

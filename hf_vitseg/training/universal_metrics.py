@@ -7,7 +7,8 @@ One `compute_metrics` per task, each keeping only running counts between batches
 - `"panoptic"`: PQ, SQ, RQ and per-class PQ (`pq_<class>`) through `mask_metrics.PanopticQuality`, on
   `post_process_panoptic_segmentation`'s segments;
 - `"instance"`: COCO mask AP, AP50, AP75 through `mask_metrics.MaskAP` (pycocotools), on
-  `post_process_instance_segmentation`'s segments.
+  `post_process_instance_segmentation`'s segments, and PQ, SQ, RQ of its instance id map (the non-overlapping
+  instances; PQ as nuclei segmentation reports it).
 
 Ground truth reaches the metric as two tensors per batch, built by `encode_mask_targets` from the batch's
 `mask_labels` / `class_labels` (so that `Trainer` can pad, gather and detach them like any label tensor):
@@ -15,11 +16,15 @@ Ground truth reaches the metric as two tensors per batch, built by `encode_mask_
 negative value on void pixels (`ignore_index` in the batch's `labels`, padding, `Trainer`'s -100 padding), and
 `target_classes` (B, N_max) int64, -100 past an image's own masks.
 
-Void and background: void pixels count for nothing (IoU, PQ's void rule, predicted masks are cut there for AP).
+Void and background: void pixels count for nothing (IoU; PQ's void rule; for AP a predicted instance lying mostly on
+void is dropped, as PQ drops such a false positive, and the others are cut there).
 Pixels in no ground-truth mask that are not void are background: a predicted segment there is a false positive
-(PQ) and its pixels count against its IoU (AP). For PQ the background is scored as one extra class, `num_labels`,
-that never enters the reported means, so nuclei-style instance data (no stuff classes, background unlabelled) and
-panoptic data (every pixel in a segment or void) are both measured right.
+(PQ) and its pixels count against its IoU (AP). For PQ the background, and the pixels no predicted segment
+claims, are scored as one extra class, `num_labels`, that never enters the reported means.
+
+Panoptic post-processing (transformers' algorithm) gives every pixel to one of the kept segments: panoptic data
+names its background as a class (stuff), as COCO panoptic does. Instance data whose background is no class (nuclei)
+is measured with `"instance"`, which reports PQ too.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from .metrics import TRAINER_PAD_INDEX, ConfusionMatrix
 __all__ = [
     "TASKS",
     "UniversalSegmentationMetrics",
+    "check_task",
     "compute_universal_metrics",
     "decode_mask_targets",
     "encode_mask_targets",
@@ -44,6 +50,19 @@ __all__ = [
 
 TASKS = ("semantic", "instance", "panoptic")
 VOID = -1
+
+
+def check_task(task: str | None, mask_model: bool) -> str:
+    """The evaluation task of a run: `task` checked against the model (a pixel head measures `"semantic"` only; a
+    mask transformer any of `universal_metrics.TASKS`), default `"semantic"`."""
+    if task is None:
+        return "semantic"
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}.")
+    if task != "semantic" and not mask_model:
+        raise ValueError(f"task={task!r} needs a mask-transformer model (head 'eomt' or 'pmt'); pixel heads "
+                         "segment semantically. Train one with head='eomt' or head='pmt'.")
+    return task
 
 
 def encode_mask_targets(mask_labels, class_labels, void: torch.Tensor | None = None,
@@ -133,12 +152,13 @@ class UniversalSegmentationMetrics:
         """Drop the counts (also of an evaluation interrupted before its last batch)."""
         from .mask_metrics import MaskAP, PanopticQuality
 
+        self.confusion = self.quality = self.average_precision = None
         if self.task == "semantic":
-            self.accumulator = ConfusionMatrix(self.num_labels, ignore_index=-1)
-        elif self.task == "panoptic":
-            self.accumulator = PanopticQuality(self.num_labels + 1)  # + the background class (module docstring)
-        else:
-            self.accumulator = MaskAP(self.num_labels)
+            self.confusion = ConfusionMatrix(self.num_labels, ignore_index=-1)
+            return
+        self.quality = PanopticQuality(self.num_labels + 1)  # + the background class (module docstring)
+        if self.task == "instance":
+            self.average_precision = MaskAP(self.num_labels)
 
     # -- one batch -------------------------------------------------------------------------------------------------
     def update(self, outputs, target_ids: torch.Tensor, target_classes: torch.Tensor) -> None:
@@ -157,7 +177,7 @@ class UniversalSegmentationMetrics:
                 label_map = torch.full(size, -1, dtype=torch.int64)
                 for mask, label in zip(target["masks"].cpu(), target["labels"].cpu()):
                     label_map[mask] = label
-                self.accumulator.update(_as_tensor(prediction).long().cpu(), label_map)
+                self.confusion.update(_as_tensor(prediction).long().cpu(), label_map)
         elif self.task == "panoptic":
             results = self.processor.post_process_panoptic_segmentation(
                 outputs, target_sizes=target_sizes, **self.post_kwargs)
@@ -170,6 +190,7 @@ class UniversalSegmentationMetrics:
                 self._update_instance(result, target)
 
     def _update_panoptic(self, result, target) -> None:
+        """PQ of one image's segments (`post_process_panoptic_segmentation`'s, or the instance id map)."""
         background = self.num_labels
         pred = _as_tensor(result["segmentation"]).long().cpu()
         segments = [{"id": int(s["id"]), "label_id": int(s["label_id"])} for s in result["segments_info"]]
@@ -188,21 +209,23 @@ class UniversalSegmentationMetrics:
         if in_background.any():
             gt[in_background] = 1
             gt_segments.append({"id": 1, "label_id": background})
-        self.accumulator.update(pred, segments, gt, gt_segments)
+        self.quality.update(pred, segments, gt, gt_segments)
 
     def _update_instance(self, result, target) -> None:
+        """Mask AP of one image's instances, and PQ of its instance id map (instances painted in score order, a
+        later one winning an overlap: the non-overlapping segmentation PQ is defined on, as for nuclei)."""
         from .mask_metrics import masks_from_segmentation
 
-        segmentation = _as_tensor(result["segmentation"])
-        if segmentation.ndim == 3:  # binary maps, one per segment (return_binary_maps=True)
-            masks = segmentation.cpu() > 0.5
-            info = result["segments_info"]
-            scores = torch.tensor([float(s.get("score", 1.0)) for s in info])
-            labels = torch.tensor([int(s["label_id"]) for s in info], dtype=torch.long)
-        else:
-            masks, scores, labels = masks_from_segmentation(segmentation.long().cpu(), result["segments_info"])
-        masks = masks & ~target["void"].cpu()  # void pixels count for nothing
-        self.accumulator.update(masks, scores, labels, target["masks"].cpu(), target["labels"].cpu())
+        segmentation = _as_tensor(result["segmentation"]).long().cpu()
+        masks, scores, labels = masks_from_segmentation(segmentation, result["segments_info"])
+        # void pixels count for nothing: an instance lying mostly on void is dropped (panopticapi's rule for a
+        # false positive), the others are cut there
+        void = target["void"].cpu()
+        area = masks.flatten(1).sum(dim=1)
+        keep = (masks & void).flatten(1).sum(dim=1) <= 0.5 * area
+        masks, scores, labels = masks[keep] & ~void, scores[keep], labels[keep]
+        self.average_precision.update(masks, scores, labels, target["masks"].cpu(), target["labels"].cpu())
+        self._update_panoptic(result, target)
 
     def sync(self, accelerator=None) -> UniversalSegmentationMetrics:
         """Merge the counts of every process (an `accelerate.Accelerator`'s), so each holds them all; a no-op in
@@ -211,14 +234,15 @@ class UniversalSegmentationMetrics:
             return self
         from accelerate.utils import gather_object
 
-        if isinstance(self.accumulator, ConfusionMatrix):
-            self.accumulator.sync(accelerator)
+        if self.confusion is not None:
+            self.confusion.sync(accelerator)
             return self
-        parts = gather_object([self.accumulator])
-        merged = parts[0]
-        for part in parts[1:]:
-            merged.merge(part)
-        self.accumulator = merged
+        for name in ("quality", "average_precision"):
+            if getattr(self, name) is not None:
+                parts = gather_object([getattr(self, name)])
+                for part in parts[1:]:
+                    parts[0].merge(part)
+                setattr(self, name, parts[0])
         return self
 
     # -- Trainer's interface ---------------------------------------------------------------------------------------
@@ -236,26 +260,28 @@ class UniversalSegmentationMetrics:
 
     def compute(self) -> dict[str, float]:
         """The flat metrics of everything counted since the last reset (see `compute_universal_metrics`)."""
-        results = self.accumulator.compute()
         if self.task == "semantic":
+            results = self.confusion.compute()
             metrics = {name: results[name] for name in ("mean_iou", "pixel_accuracy", "mean_accuracy")}
             metrics.update({f"iou_{name}": value for name, value in zip(self.label_names, results["per_class_iou"])})
             return metrics
-        if self.task == "panoptic":
-            metrics = {}
-            pq, sq, rq = (np.asarray(results[f"per_class_{m}"][: self.num_labels], dtype=np.float64)
-                          for m in ("pq", "sq", "rq"))
-            occurring = ~np.isnan(pq)  # tp + fp + fn > 0 (panopticapi averages over these)
-            if occurring.any():
-                sq_occurring = np.nan_to_num(sq[occurring], nan=0.0)  # a class with no true positive: SQ 0
-                metrics.update(pq=float(pq[occurring].mean()), sq=float(sq_occurring.mean()),
-                               rq=float(np.nan_to_num(rq[occurring], nan=0.0).mean()))
-            else:
-                metrics.update(pq=math.nan, sq=math.nan, rq=math.nan)
-            metrics.update({f"pq_{name}": float(value) for name, value in zip(self.label_names, pq)})
-            return metrics
-        metrics = {"map": results["map"], "map_50": results["map_50"], "map_75": results["map_75"]}
-        metrics.update({f"ap_{name}": value for name, value in zip(self.label_names, results["per_class_map"])})
+        metrics = {}
+        if self.task == "instance":
+            results = self.average_precision.compute()
+            metrics.update(map=results["map"], map_50=results["map_50"], map_75=results["map_75"])
+            metrics.update({f"ap_{name}": value for name, value in zip(self.label_names, results["per_class_map"])})
+        results = self.quality.compute()
+        # PQ over the real classes (the background class K left out)
+        pq, sq, rq = (np.asarray(results[f"per_class_{m}"][: self.num_labels], dtype=np.float64)
+                      for m in ("pq", "sq", "rq"))
+        occurring = ~np.isnan(pq)  # tp + fp + fn > 0 (panopticapi averages over these)
+        if occurring.any():
+            sq_occurring = np.nan_to_num(sq[occurring], nan=0.0)  # a class with no true positive: SQ 0
+            metrics.update(pq=float(pq[occurring].mean()), sq=float(sq_occurring.mean()),
+                           rq=float(np.nan_to_num(rq[occurring], nan=0.0).mean()))
+        else:
+            metrics.update(pq=math.nan, sq=math.nan, rq=math.nan)
+        metrics.update({f"pq_{name}": float(value) for name, value in zip(self.label_names, pq)})
         return metrics
 
 
@@ -264,7 +290,8 @@ def compute_universal_metrics(processor, task: str, num_labels: int, id2label=No
 
     Returns flat floats: `"semantic"`: `mean_iou`, `pixel_accuracy`, `mean_accuracy`, `iou_<class>`;
     `"panoptic"`: `pq`, `sq`, `rq` (means over the classes that occur, as panopticapi), `pq_<class>`;
-    `"instance"`: `map`, `map_50`, `map_75` (COCO mask AP), `ap_<class>`.
+    `"instance"`: `map`, `map_50`, `map_75` (COCO mask AP), `ap_<class>`, and `pq`, `sq`, `rq`, `pq_<class>` of
+    the instance id map.
 
     Args:
         processor: the `ViTSegImageProcessor` whose post-processing turns outputs into predictions.
