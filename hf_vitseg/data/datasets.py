@@ -660,7 +660,9 @@ def prepare_datasets(train_dataset, eval_dataset, processor, crop_size, **augmen
         train_dataset, eval_dataset (`datasets.Dataset`, *optional*): with `image` / `annotation` columns.
         processor (`ViTSegImageProcessor`): conversion, resize, normalisation, `patch_size`, `ignore_index`.
         crop_size (`int` or `(height, width)`, *optional*): training crop, a multiple of `processor.patch_size`.
-        augment_kwargs: `scale_range`, `hflip`, `photometric`, `ignore_index`, `seed` (see `SegmentationTransform`).
+        augment_kwargs: `scale_range`, `hflip`, `photometric`, `augmentation`, `ignore_index`, `seed`,
+            `return_mask_labels` (see `SegmentationTransform`); `ignore_index` and `return_mask_labels` apply to the
+            evaluation set too (mask models evaluate on `mask_labels` / `class_labels`).
 
     Raises:
         `ValueError` for an empty dataset or a crop size that is not a patch multiple.
