@@ -197,3 +197,32 @@ def test_a_model_of_other_channels_gets_a_file_field(tmp_path):
     app = SegmentationApp(model, ViTSegImageProcessor.for_model(model))
     parts = {block.elem_id: block for block in app.build().blocks.values() if getattr(block, "elem_id", None)}
     assert app.num_channels == 4 and isinstance(parts["hf-vitseg-input"], gradio.File)
+
+
+def test_the_server_makes_no_connection_beyond_this_machine(model_folder, monkeypatch):
+    """Offline: serving the page and answering a prediction opens no connection to anything but localhost (no
+    analytics, no version check, no CDN); Gradio's own check that its server is up goes to 127.0.0.1."""
+    import urllib.request
+
+    from hf_vitseg.inference.app import launch
+
+    connections = []
+    original_connect = socket.socket.connect
+
+    def connect(self, address):
+        connections.append(address)
+        return original_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    page = SegmentationApp.from_pretrained(model_folder).build()
+    try:
+        launch(page, port=port, block=False)
+        html = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
+        assert "hf-vitseg" in html or "gradio" in html.lower()
+    finally:
+        page.close()
+    hosts = {address[0] for address in connections if isinstance(address, tuple)}
+    assert hosts and hosts <= {"127.0.0.1", "localhost", "::1"}, f"connections beyond this machine: {hosts}"
