@@ -753,18 +753,16 @@ class ViTSegImageProcessor(PilBackend):
 
         results = []
         for index in range(batch_size):
-            item_logits = _to_output_geometry(logits[index : index + 1].float(), index, target_sizes, input_boxes,
-                                              padded_size)  # (1, C, h, w)
-            scores = item_logits[0]
-            segmentation = scores.argmax(dim=0)
-            if return_segmentation_scores:
-                results.append(
-                    SemanticSegmentationPostProcessorOutput(
-                        data={"segmentation": segmentation, "segmentation_scores": scores}
-                    )
+            item_logits = logits[index : index + 1].float()  # (1, C, h, w)
+            if not return_segmentation_scores:  # the label map alone: resample only the classes that can win
+                results.append(_labels_of_resampled(item_logits, index, target_sizes, input_boxes, padded_size))
+                continue
+            scores = _to_output_geometry(item_logits, index, target_sizes, input_boxes, padded_size)[0]
+            results.append(
+                SemanticSegmentationPostProcessorOutput(
+                    data={"segmentation": scores.argmax(dim=0), "segmentation_scores": scores}
                 )
-            else:
-                results.append(segmentation)
+            )
         return results
 
     # ----------------------------------------------------------------------------------------------
@@ -1489,20 +1487,128 @@ def _resample_box(
     this is exactly `F.interpolate`; with a box ending on a logits row it equals cropping those rows and calling
     `F.interpolate`.
     """
-    _, _, logits_h, logits_w = logits.shape
+    rows, cols = _box_source_indices(logits, box, padded_hw, out_hw)
+    ys, xs = _grid_coordinate(rows, logits.shape[-2]), _grid_coordinate(cols, logits.shape[-1])
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]  # (1, out_h, out_w, 2), (x, y) order
+    return F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    def normalised_coordinates(out_len: int, start: int, length: int, canvas: int, in_len: int) -> torch.Tensor:
+
+def _box_source_indices(
+    logits: torch.Tensor, box: tuple[int, int, int, int], padded_hw: tuple[int, int], out_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_resample_box`'s source position of every output row and column, in logits rows / columns (float64),
+    clamped to the rows / columns that cover the image's content."""
+    def source_index(out_len: int, start: int, length: int, canvas: int, in_len: int) -> torch.Tensor:
         centres = torch.arange(out_len, dtype=torch.float64, device=logits.device) + 0.5
         index = (start + centres * (length / out_len)) * (in_len / canvas) - 0.5
         content_end = min(start + length, canvas) * in_len / canvas  # in logits rows; content starts at 0
-        index = index.clamp(0.0, max(content_end - 1.0, 0.0))
-        return ((2.0 * index + 1.0) / in_len - 1.0).float()  # grid_sample's align_corners=False convention
+        return index.clamp(0.0, max(content_end - 1.0, 0.0))
 
     top, left, height, width = box
-    ys = normalised_coordinates(out_hw[0], top, height, padded_hw[0], logits_h)
-    xs = normalised_coordinates(out_hw[1], left, width, padded_hw[1], logits_w)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]  # (1, out_h, out_w, 2), (x, y) order
-    return F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (source_index(out_hw[0], top, height, padded_hw[0], logits.shape[-2]),
+            source_index(out_hw[1], left, width, padded_hw[1], logits.shape[-1]))
+
+
+def _grid_coordinate(index: torch.Tensor, in_len: int) -> torch.Tensor:
+    """Source positions (float64, in logits rows) as `grid_sample`'s `align_corners=False` coordinates (float32)."""
+    return ((2.0 * index + 1.0) / in_len - 1.0).float()
+
+
+def _labels_of_resampled(item_logits: torch.Tensor, index: int, target_sizes, input_boxes, padded_size):
+    """`_to_output_geometry(item_logits, ...)[0].argmax(0)`, bit for bit, without resampling every class everywhere
+    when it need not: the label map of post-processing.
+
+    Bilinear resampling makes every output value a convex combination of the logits at the (at most) 2 x 2
+    neighbouring logit positions it reads. So over the window `S` of logit positions a pixel reads, a class's
+    resampled value lies in `[min_S, max_S]` of its logits (up to float rounding, bounded by `margin`), and a
+    class `k` can only win the pixel (be the argmax, ties included) if `max_S(k) >= max_c min_S(c) - 2 * margin`.
+    Pixels whose window leaves one such candidate get it at once; for the others, only the candidate classes are
+    resampled, through the same kernel (`F.interpolate` one class at a time, `grid_sample` at those pixels
+    alone: either computes each class and each pixel independently of the others, so the values are the very
+    ones a full resampling gives) and the first class with the largest value wins, as in `argmax`. When too many
+    candidates remain (flat logits, e.g. an untrained head), or logits are not finite, contiguous and on the CPU,
+    it resamples everything as before.
+    """
+    logits_h, logits_w = item_logits.shape[-2:]
+    num_classes = item_logits.shape[1]
+    target = None if target_sizes is None else tuple(target_sizes[index])
+    if input_boxes is None:
+        if target is None or target == (logits_h, logits_w):
+            target = None
+        else:
+            def source(out_len: int, in_len: int) -> torch.Tensor:  # F.interpolate's align_corners=False geometry
+                centres = torch.arange(out_len, dtype=torch.float64) + 0.5
+                return (centres * (in_len / out_len) - 0.5).clamp(min=0.0)
+
+            rows, cols = source(target[0], logits_h), source(target[1], logits_w)
+
+            def resample(k: int, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+                plane = F.interpolate(item_logits[:, k : k + 1], size=target, mode="bilinear", align_corners=False)
+                return plane[0, 0, ys, xs]
+    elif target is not None:
+        rows, cols = _box_source_indices(item_logits, input_boxes[index], padded_size, target)
+        grid_ys, grid_xs = _grid_coordinate(rows, logits_h), _grid_coordinate(cols, logits_w)
+
+        def resample(k: int, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+            grid = torch.stack([grid_xs[xs], grid_ys[ys]], dim=-1)[None, None]  # (1, 1, P, 2), (x, y) order
+            return F.grid_sample(item_logits[:, k : k + 1], grid, mode="bilinear", padding_mode="border",
+                                 align_corners=False)[0, 0, 0]
+    fast = (target is not None and num_classes > 1 and item_logits.device.type == "cpu"
+            and item_logits.is_contiguous() and bool(torch.isfinite(item_logits).all()))
+    if not fast:
+        return _to_output_geometry(item_logits, index, target_sizes, input_boxes, padded_size)[0].argmax(dim=0)
+
+    logits = item_logits[0]  # (C, h, w)
+    # float rounding of the resampled values: weights summing to 1 within a few ulp, four products and sums
+    margin = 1e-5 * float(logits.abs().max()) + 1e-30
+    row_key, row_windows = _read_windows(rows, logits_h)  # output row -> its window of logit rows
+    col_key, col_windows = _read_windows(cols, logits_w)
+    high = _window_reduce(_window_reduce(logits, 1, row_windows, torch.amax), 2, col_windows, torch.amax)
+    low = _window_reduce(_window_reduce(logits, 1, row_windows, torch.amin), 2, col_windows, torch.amin)
+    candidates = high >= (low.amax(dim=0) - 2 * margin)  # (C, row windows, col windows): who may win there
+    open_candidates = candidates & (candidates.sum(dim=0) > 1)  # windows where more than one class may win
+    classes = open_candidates.flatten(1).any(dim=1).nonzero()[:, 0].tolist()
+    if input_boxes is None:  # F.interpolate resamples whole planes
+        values_to_compute = len(classes) * target[0] * target[1]
+    else:  # grid_sample, at the open pixels alone
+        pixels_per_window = torch.outer(torch.bincount(row_key), torch.bincount(col_key))
+        values_to_compute = int((open_candidates.sum(dim=0) * pixels_per_window).sum())
+    if values_to_compute > 0.5 * num_classes * target[0] * target[1]:
+        # nearly every class may win somewhere (flat logits): resampling everything is cheaper
+        return _to_output_geometry(item_logits, index, target_sizes, input_boxes, padded_size)[0].argmax(dim=0)
+    # settled windows: their one candidate (the first True); the others are overwritten below
+    labels = candidates.to(torch.uint8).argmax(dim=0)[row_key[:, None], col_key[None, :]].flatten()
+    best = torch.full((target[0] * target[1],), -math.inf)
+    for k in classes:  # ascending: on a tie the first class stays, as in argmax
+        pixels = open_candidates[k][row_key][:, col_key].flatten().nonzero()[:, 0]
+        values = resample(k, pixels // target[1], pixels % target[1])
+        better = values > best[pixels]
+        best[pixels[better]] = values[better]
+        labels[pixels[better]] = k
+    return labels.view(target)
+
+
+def _read_windows(source: torch.Tensor, in_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logit rows each output row reads under bilinear resampling, from its source position (float64; the
+    kernels compute it in float32, so positions within `slack` of an integer may read the row before or after):
+    the window `[start, start + length)`, length 1 to 3. Returns each output row's window key and the distinct
+    windows `(starts, lengths)` as a `(2, n)` tensor."""
+    slack = 1e-3 + 1e-6 * in_len
+    start = (source - slack).floor().clamp(0, in_len - 1).long()
+    end = ((source + slack).floor() + 1).clamp(0, in_len - 1).long()
+    windows, key = torch.unique(torch.stack([start, end - start + 1]), dim=1, return_inverse=True)
+    return key, windows
+
+
+def _window_reduce(values: torch.Tensor, dim: int, windows: torch.Tensor, reduce) -> torch.Tensor:
+    """`reduce` (`torch.amax` / `torch.amin`) of `values` over each window `(start, length)` along `dim`, stacked
+    along `dim` in the order of `windows`."""
+    out = values.new_empty(values.shape[:dim] + (windows.shape[1],) + values.shape[dim + 1 :])
+    for length in windows[1].unique().tolist():
+        chosen = (windows[1] == length).nonzero()[:, 0]
+        reduced = reduce(values.unfold(dim, length, 1), dim=-1).index_select(dim, windows[0, chosen])
+        out.index_copy_(dim, chosen, reduced)
+    return out
 
 
 __all__ = [
