@@ -318,3 +318,19 @@ def test_linear_taps_the_last_four_layers_by_default_and_the_probe_recipe_the_la
     assert probe.head == "linear" and probe.backbone_out_indices == [12]
     assert ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="linear").backbone_out_indices == [
         1, 2, 3, 4]
+
+
+def test_nuclei_sample_as_image_folders_for_train_and_compare(tmp_path):
+    from hf_vitseg.data import load_image_folder
+    from hf_vitseg.demo.nuclei import nuclei_split, write_nuclei_folders
+
+    counts = write_nuclei_folders(tmp_path / "nuclei", scale=1.0, tile=16, region=64)
+    split = nuclei_split(1.0, region=64)
+    assert counts == {"train": len(split.train_tiles(16)), "eval": 4 * 2}  # right half 64 x 32: 4 x 2 tiles
+    train = load_image_folder(tmp_path / "nuclei/train/images", tmp_path / "nuclei/train/masks")
+    image, mask = split.train_tiles(16)[1]
+    assert len(train) == counts["train"]
+    assert np.array_equal(np.asarray(train[1]["image"]), np.round(image * 255).astype(np.uint8))
+    assert np.array_equal(np.asarray(train[1]["annotation"]), mask)
+    with pytest.raises(FileExistsError, match="already holds files"):
+        write_nuclei_folders(tmp_path / "nuclei", scale=1.0, tile=16, region=64)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Normalisation", "NucleiSplit", "nuclei_split", "resample", "tile_starts"]
+__all__ = ["Normalisation", "NucleiSplit", "nuclei_split", "resample", "tile_starts", "write_nuclei_folders"]
 
 
 @dataclass(frozen=True)
@@ -161,3 +161,34 @@ def nuclei_split(
         normalisation=normalisation,
         columns={"train": (0, half), "test": (half, image.shape[1])},
     )
+
+
+def write_nuclei_folders(dest, scale: float = 2.0, tile: int = 224, region: int | None = None) -> dict:
+    """The nuclei split as image folders, the layout `hf-vitseg train` and `hf-vitseg compare` read:
+    `dest/train/{images,masks}` (tiles of the left half, `tile // 2` apart) and `dest/eval/{images,masks}` (tiles
+    of the right half, `tile` apart, the last ones moved back to end on the border); 8-bit grey PNG images
+    (the [0, 1] intensities x 255) and PNG masks (0 background, 1 nucleus). Refuses a `dest` that holds files.
+
+    Returns:
+        `{"train": count, "eval": count}`.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{dest} already holds files; choose an empty or new folder.")
+    split = nuclei_split(scale, region=region)
+    height, width = split.test_image.shape
+    eval_tiles = [(split.test_image[y : y + tile, x : x + tile], split.test_mask[y : y + tile, x : x + tile])
+                  for y in tile_starts(height, tile, tile) for x in tile_starts(width, tile, tile)]
+    counts = {}
+    for role, tiles in (("train", split.train_tiles(tile)), ("eval", eval_tiles)):
+        for kind in ("images", "masks"):
+            (dest / role / kind).mkdir(parents=True, exist_ok=True)
+        for i, (image, mask) in enumerate(tiles):
+            Image.fromarray(np.round(image * 255).astype(np.uint8)).save(dest / role / "images" / f"{i:03d}.png")
+            Image.fromarray(mask.astype(np.uint8)).save(dest / role / "masks" / f"{i:03d}.png")
+        counts[role] = len(tiles)
+    return counts

@@ -1,7 +1,8 @@
-"""Training: `train` (Trainer), `evaluate_model`, streaming metrics, optimizer groups, recipes, LoRA, feature cache,
-mask annealing (mask transformers)."""
+"""Training: `train` (Trainer), `compare_heads` (which head?), `evaluate_model`, streaming metrics, optimizer groups,
+recipes, LoRA, feature cache, mask annealing (mask transformers)."""
 
 from . import recipes
+from .compare import compare_heads, recommend
 from .evaluation import evaluate_model
 from .feature_cache import CachedBackboneModel, FeatureCache, train_head_on_cache
 from .lora import apply_lora, load_lora, save_lora
@@ -26,6 +27,7 @@ __all__ = [
     "SegmentationTrainer",
     "apply_lora",
     "build_optimizer",
+    "compare_heads",
     "compute_segmentation_metrics",
     "compute_universal_metrics",
     "evaluate_model",
