@@ -37,6 +37,7 @@ __all__ = [
     "poly_schedule_with_warmup",
     "preprocess_logits_for_metrics",
     "recipes",
+    "recommend",
     "save_lora",
     "train",
     "train_head_on_cache",
