@@ -402,3 +402,50 @@ def test_resume_continues_weights_and_annealing(instance_data, tmp_path):
     assert full.keys() == cut.keys()
     for key in full:
         torch.testing.assert_close(cut[key], full[key], msg=key)
+
+
+# -- the frozen-backbone feature cache (pmt) -------------------------------------------------------------------------
+def test_pack_and_unpack_mask_targets():
+    from hf_vitseg.training.universal_metrics import pack_mask_targets, unpack_mask_targets
+
+    mask_labels, class_labels = _blob_targets()
+    packed = pack_mask_targets(mask_labels, class_labels, num_labels=3)
+    assert packed.shape == (2, 32, 32)
+    masks, classes = unpack_mask_targets(packed, num_labels=3)
+    for got, expected in zip(masks, mask_labels):
+        torch.testing.assert_close(got, expected)
+    assert [c.tolist() for c in classes] == [c.tolist() for c in class_labels]
+    # a crop that leaves out the first image's class-0 box drops that target; a flip flips the masks
+    masks, classes = unpack_mask_targets(packed[:, 16:, :].flip(-1), num_labels=3)
+    assert classes[0].tolist() == [1, 2]
+    torch.testing.assert_close(masks[0][0], mask_labels[0][1, 16:, :].flip(-1))
+
+
+def test_pmt_trains_on_the_feature_cache_as_on_images(instance_data):
+    """pmt's loss from cached backbone features equals its loss on the images, and train_head_on_cache trains it;
+    eomt, whose queries run inside the backbone, is refused with the reason."""
+    from hf_vitseg.data import prepare_datasets
+    from hf_vitseg.data.collator import SegmentationCollator
+    from hf_vitseg.modeling import ViTSegImageProcessor
+    from hf_vitseg.training.feature_cache import CachedBackboneModel, FeatureCache, train_head_on_cache
+
+    model = tiny_mask_model("pmt", num_labels=1)
+    processor = ViTSegImageProcessor.for_model(model)
+    _, dataset = prepare_datasets(None, instance_data["dataset"], processor, None, return_mask_labels=True)
+    collator = SegmentationCollator(pad_multiple=model.size_divisor)
+    cache = FeatureCache.build(model, dataset, batch_size=2, collate_fn=collator)
+    assert len(cache) == 4
+    batch = collator([dataset[0], dataset[1]])
+    model.eval()  # no dropout; the loss's point sampling drawn alike from one seed
+    torch.manual_seed(0)
+    on_images = model(**batch).loss
+    torch.manual_seed(0)
+    on_cache = CachedBackboneModel(model, cache)(**cache.batch([0, 1]), return_dict=True).loss
+    torch.testing.assert_close(on_cache, on_images, rtol=1e-4, atol=1e-4)
+    model.train()
+    history = train_head_on_cache(model, cache, epochs=6, batch_size=2, crop_size=32, hflip=True,
+                                  optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                                              lr=1e-3))
+    assert history[-1] < history[0]
+    with pytest.raises(ValueError, match="head 'pmt'"):
+        FeatureCache.build(tiny_mask_model("eomt").requires_grad_(False), dataset, collate_fn=collator)

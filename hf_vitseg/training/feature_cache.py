@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..modeling import BackboneFeatures
 from ..unwrap import is_peft_model
+from .universal_metrics import pack_mask_targets, unpack_mask_targets
 
 __all__ = ["CachedBackboneModel", "FeatureCache", "hflip_view", "train_head_on_cache"]
 
@@ -100,6 +101,9 @@ def _cacheable_model(model: nn.Module) -> nn.Module:
         raise ValueError("A feature cache needs a frozen backbone; this model carries PEFT adapters that train it.")
     if not (hasattr(model, "backbone") and hasattr(model, "head") and hasattr(model.backbone, "out_channels")):
         raise TypeError(f"Expected a ViTSegForSemanticSegmentation, got {type(model).__name__}.")
+    if getattr(model.config, "is_mask_transformer", False) and model.config.head != "pmt":
+        raise ValueError(f"Head {model.config.head!r} puts its queries inside the backbone, so there are no backbone "
+                         "features to cache; the mask transformer for a frozen, cached backbone is head 'pmt'.")
     return model
 
 
@@ -233,7 +237,10 @@ class FeatureCache(Dataset):
                 `cache.for_model(model)`. The backbone runs in eval mode, as it does during frozen training.
             data: a `DataLoader`, or a dataset (a `datasets.Dataset` with a transform, any map-style torch
                 dataset) of dicts with `pixel_values` `(3, H, W)` and optionally `labels` `(H, W)`; every
-                sample must have the same size (crop or pad to a fixed size).
+                sample must have the same size (crop or pad to a fixed size). For a `pmt` mask transformer
+                (`ViTSegForUniversalSegmentation`), batches with `mask_labels` / `class_labels` (the collator's
+                lists) instead: they are kept as one map per image (`universal_metrics.pack_mask_targets`),
+                cropped and flipped with the features, and `CachedBackboneModel` hands them back as lists.
             batch_size, collate_fn, num_workers: for the `DataLoader` made around a dataset (the order is
                 kept: no shuffling).
             device: where the backbone runs; default the model's device.
@@ -283,6 +290,9 @@ class FeatureCache(Dataset):
                     )
                 pixel_values = batch["pixel_values"].to(device)
                 batch_labels = batch.get("labels")
+                if batch.get("mask_labels") is not None:  # pmt: the per-image target lists, as one map per image
+                    batch_labels = pack_mask_targets(batch["mask_labels"], batch["class_labels"],
+                                                     model.config.num_labels, size=tuple(pixel_values.shape[-2:]))
                 if has_labels is None:
                     has_labels = batch_labels is not None
                 elif has_labels != (batch_labels is not None):
@@ -635,6 +645,11 @@ class CachedBackboneModel(nn.Module):
             prefix_tokens=[t.to(dtype) for t in prefix_tokens] if prefix_tokens is not None else None,
             pixel_values=pixel_values.to(dtype) if pixel_values is not None else None,
         )
+        if getattr(self.model.config, "is_mask_transformer", False):  # pmt: targets cached as one packed map
+            mask_labels = class_labels = None
+            if labels is not None:
+                mask_labels, class_labels = unpack_mask_targets(labels, self.model.config.num_labels)
+            return self.model.decode(features, mask_labels, class_labels, return_dict=return_dict)
         return self.model.decode(features, labels=labels, return_dict=return_dict)
 
 

@@ -46,6 +46,8 @@ __all__ = [
     "compute_universal_metrics",
     "decode_mask_targets",
     "encode_mask_targets",
+    "pack_mask_targets",
+    "unpack_mask_targets",
 ]
 
 TASKS = ("semantic", "instance", "panoptic")
@@ -98,6 +100,29 @@ def encode_mask_targets(mask_labels, class_labels, void: torch.Tensor | None = N
     if void is not None:
         target_ids[void.to(device=device, dtype=torch.bool)] = VOID
     return target_ids, target_classes
+
+
+def pack_mask_targets(mask_labels, class_labels, num_labels: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-image target lists -> one `(B, H, W)` int64 map that crops, flips and stacks like a semantic label map
+    (the frozen-backbone feature cache keeps `pmt`'s targets this way): `n * num_labels + class` on the pixels of
+    an image's `n`-th mask (`n` from 1), -1 on pixels of no mask. `unpack_mask_targets` gives the lists back
+    (without the masks a crop removed entirely)."""
+    target_ids, target_classes = encode_mask_targets(mask_labels, class_labels, size=size)
+    classes = target_classes.clamp(min=0)
+    pixel_class = torch.gather(classes, 1, (target_ids - 1).clamp(min=0).flatten(1)).view_as(target_ids) \
+        if classes.shape[1] else torch.zeros_like(target_ids)
+    return torch.where(target_ids > 0, target_ids * num_labels + pixel_class, torch.full_like(target_ids, -1))
+
+
+def unpack_mask_targets(packed: torch.Tensor, num_labels: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`pack_mask_targets`'s map -> `(mask_labels, class_labels)`: per image, `(N, H, W)` float masks of the masks
+    still present and their `(N,)` classes."""
+    mask_labels, class_labels = [], []
+    for image in packed.long():
+        values = torch.unique(image[image >= 0])
+        mask_labels.append((image[None] == values[:, None, None]).float())
+        class_labels.append(values % num_labels)
+    return mask_labels, class_labels
 
 
 def decode_mask_targets(target_ids: torch.Tensor, target_classes: torch.Tensor) -> list[dict[str, Any]]:
