@@ -320,6 +320,8 @@ def test_train_evaluate_predict_push_and_reload(k, tmp_path, tiny_backbone_dir, 
 
     assert main(["push", str(run), REPO_ID]) == 0
     capsys.readouterr()
+    card = recorder.uploaded["README.md"].decode()
+    assert f"**Input**: images with {k} channel{'s' if k > 1 else ''} (NumPy arrays `(H, W, {k})`" in card
     hub = tmp_path / "hub"
     hub.mkdir()
     for name, content in recorder.uploaded.items():

@@ -468,6 +468,7 @@ def render_model_card(
         patch_size=getattr(processor, "patch_size", None),  # what it pads to (model.size_divisor, 32 for Swin)
         image_mean=getattr(processor, "image_mean", None),
         image_std=getattr(processor, "image_std", None),
+        num_channels=int(getattr(config, "num_channels", 3)),
         recipe=[(key, _fmt(value)) for key, value in recipe.items()],
         eval_metrics=None if metrics is None else {
             k: _fmt(v) for k, v in metrics.items() if isinstance(v, (int, float))
