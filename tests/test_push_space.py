@@ -109,6 +109,15 @@ def test_requirements_are_hf_vitsegs_runtime_requirements():
     assert text.startswith(f"# {SPACE_MARK}") and text.splitlines()[1:] == listed
 
 
+def test_the_space_also_gets_the_tiff_extra_and_no_other(monkeypatch):
+    import importlib.metadata
+
+    listed = ["torch>=2.4", 'tifffile>=2023.7; extra == "tiff"', 'tifffile>=2023.7; extra == "dev"',
+              'pytest>=8; extra == "dev"', 'gradio>=5.30; extra == "app"']
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: listed)
+    assert requirements() == ["torch>=2.4", "tifffile>=2023.7"]
+
+
 def test_cli_pushes_the_model_then_a_space_with_only_what_hf_vitseg_writes(model_folder, recorder, capsys):
     assert main(["push", str(model_folder), MODEL_ID, "--space", SPACE_ID, "--private"]) == 0
     out = capsys.readouterr().out

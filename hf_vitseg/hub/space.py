@@ -6,8 +6,9 @@ else (`space_files` lists it; a dry run only lists it):
 
 - `app.py`: loads the model repo with `trust_remote_code=True` (the model runs the code it was pushed with) and
   serves `hf_vitseg.inference.app.SegmentationApp`'s page, the one `hf-vitseg app` serves;
-- `requirements.txt`: hf-vitseg's own runtime requirements (torch, transformers, ...); Gradio comes from the Space's
-  SDK (`sdk_version` in `README.md`, the Gradio version that wrote the Space);
+- `requirements.txt`: hf-vitseg's own runtime requirements (torch, transformers, ...) and tifffile (its `tiff`
+  extra, for TIFF uploads); Gradio comes from the Space's SDK (`sdk_version` in `README.md`, the Gradio version that
+  wrote the Space);
 - `README.md`: the Space's card (YAML: `sdk: gradio`, `app_file: app.py`, `models: [REPO_ID]`);
 - `hf_vitseg/**.py`: the source of the hf-vitseg that writes the Space, read from the installed package (Python files
   only, no data, no symbolic links). hf-vitseg is not on the package index, so the Space does not pip-install it: it
@@ -122,13 +123,23 @@ def gradio_version() -> str:
         return DEFAULT_GRADIO_VERSION
 
 
+# Extras the Space installs too: TIFF uploads (multi-channel and 16-bit images) need tifffile.
+SPACE_EXTRAS = ("tiff",)
+
+
 def requirements() -> list[str]:
-    """hf-vitseg's runtime requirements (no extras), as its installed metadata lists them."""
+    """hf-vitseg's runtime requirements and those of `SPACE_EXTRAS`, as its installed metadata lists them."""
     try:
         listed = importlib.metadata.requires("hf-vitseg") or []
     except importlib.metadata.PackageNotFoundError:
         raise ValueError("hf-vitseg's metadata is missing: install it (pip install -e .) before writing a Space.")
-    return [requirement for requirement in listed if "extra ==" not in requirement]
+    wanted = []
+    for requirement in listed:
+        name, _, marker = requirement.partition(";")
+        extras = {extra for extra in SPACE_EXTRAS if f'extra == "{extra}"' in marker.replace("'", '"')}
+        if (not marker.strip() or extras) and name.strip() not in wanted:
+            wanted.append(name.strip())
+    return wanted
 
 
 def package_files() -> dict[str, Path]:
