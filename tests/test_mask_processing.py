@@ -80,6 +80,19 @@ def test_instance_map_with_a_dict_gives_one_mask_per_instance_as_transformers():
     np.testing.assert_array_equal(masks[0], seg == 3)
 
 
+def test_instance_map_with_reduced_labels_as_transformers():
+    seg = random_map([0, 1, 2, 3], seed=5)
+    mapping = {1: 1, 2: 3, 3: 2}  # ADE20K-style classes: 0 would be "other"
+    target_map, classes = segmentation_map_to_targets(seg, mapping, do_reduce_labels=True)
+    masks, labels = targets_to_masks(target_map, classes)
+    expected_masks, expected_labels = convert_segmentation_map_to_binary_masks(
+        seg, mapping, ignore_index=255, do_reduce_labels=True
+    )
+    np.testing.assert_array_equal(labels, expected_labels)  # [0, 2, 1]
+    np.testing.assert_array_equal(masks, expected_masks)
+    assert np.all(target_map[seg == 0] == IGNORED_TARGET)  # id 0 is "unlabelled" under reduce_labels
+
+
 def test_instance_map_with_one_class_for_every_instance():
     seg = random_map([0, 1, 2, 7, 200], seed=1)
     seg[0, :5] = 255  # a region to ignore
