@@ -198,6 +198,17 @@ def test_a_model_of_other_channels_gets_a_file_field(tmp_path):
     parts = {block.elem_id: block for block in app.build().blocks.values() if getattr(block, "elem_id", None)}
     assert app.num_channels == 4 and isinstance(parts["hf-vitseg-input"], gradio.File)
 
+    # a 4-channel 16-bit TIFF, read with every channel as predict reads it
+    tifffile = pytest.importorskip("tifffile", reason="the tiff extra (the dev extra installs it)")
+    from hf_vitseg.cli.predict import predict_label_map, read_image
+
+    stack = np.random.default_rng(0).integers(0, 65536, (40, 48, 4)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    result = app.predict(tmp_path / "stack.tif")
+    assert result.label_map_file.name == "stack_labels.png" and result.overlay.width == 48
+    np.testing.assert_array_equal(result.label_map, predict_label_map(app.model, app.processor,
+                                                                      read_image(tmp_path / "stack.tif")))
+
 
 def test_the_server_makes_no_connection_beyond_this_machine(model_folder, monkeypatch):
     """Offline: serving the page and answering a prediction opens no connection to anything but localhost (no
