@@ -220,6 +220,19 @@ def test_semantic_post_processing_equals_mask2former(target_sizes):
     assert len(np.unique(ours[0].segmentation)) > 1
 
 
+def test_semantic_post_processing_in_query_chunks_is_the_same(monkeypatch):
+    from hf_vitseg.modeling import image_processing_vitseg
+
+    outputs = mask_outputs(batch=1, queries=7, height=16, width=24, seed=6)
+    whole = ViTSegImageProcessor().post_process_semantic_segmentation(
+        outputs, target_sizes=[(64, 96)], return_segmentation_scores=True)[0]
+    monkeypatch.setattr(image_processing_vitseg, "_MASK_ELEMENTS_AT_ONCE", 3 * 64 * 96)  # chunks of 3, 3 and 1
+    chunked = ViTSegImageProcessor().post_process_semantic_segmentation(
+        outputs, target_sizes=[(64, 96)], return_segmentation_scores=True)[0]
+    torch.testing.assert_close(chunked.segmentation_scores, whole.segmentation_scores, rtol=0, atol=1e-6)
+    assert (chunked.segmentation == whole.segmentation).float().mean() > 0.999
+
+
 def test_semantic_post_processing_equals_eomt_with_coarse_masks():
     outputs = mask_outputs(height=16, width=24)  # masks at 1/4 of a 64 x 96 input, as the model gives them
     ours = ViTSegImageProcessor().post_process_semantic_segmentation(outputs, target_sizes=[(64, 96)] * 2)

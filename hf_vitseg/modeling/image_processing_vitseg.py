@@ -791,11 +791,19 @@ class ViTSegImageProcessor(PilBackend):
             batch_size, target_sizes, input_sizes, input_boxes, padded_size
         )
         class_probs = class_logits.float().softmax(dim=-1)[..., :-1]  # (B, Q, K): the last column is "no object"
+        num_queries = class_logits.shape[1]
         results = []
         for index in range(batch_size):
-            masks = _to_output_geometry(mask_logits[index : index + 1].float(), index, target_sizes, input_boxes,
-                                        padded_size)[0]  # (Q, H, W)
-            scores = torch.einsum("qc,qhw->chw", class_probs[index], masks.sigmoid())
+            # Queries in chunks, so that large outputs never hold every query's full-size mask at once (one chunk,
+            # i.e. transformers' single einsum, up to _MASK_ELEMENTS_AT_ONCE values)
+            out_hw = target_sizes[index] if target_sizes is not None else mask_logits.shape[-2:]
+            chunk = max(1, _MASK_ELEMENTS_AT_ONCE // max(1, int(out_hw[0]) * int(out_hw[1])))
+            scores = None
+            for start in range(0, num_queries, chunk):
+                masks = _to_output_geometry(mask_logits[index : index + 1, start : start + chunk].float(), index,
+                                            target_sizes, input_boxes, padded_size)[0]  # (chunk, H, W)
+                part = torch.einsum("qc,qhw->chw", class_probs[index, start : start + chunk], masks.sigmoid())
+                scores = part if scores is None else scores.add_(part)
             segmentation = scores.argmax(dim=0)
             if return_segmentation_scores:
                 results.append(SemanticSegmentationPostProcessorOutput(
@@ -960,6 +968,9 @@ def reduce_labels(segmentation_map: np.ndarray, ignore_index: int) -> np.ndarray
 # --------------------------------------------------------------------------------------------------
 # Mask-classification targets (ViTSegForUniversalSegmentation): one binary mask and one class per target
 # --------------------------------------------------------------------------------------------------
+
+# The most mask values (queries x height x width) the semantic post-processing of a mask model resamples at once.
+_MASK_ELEMENTS_AT_ONCE = 2**25
 
 # What a target map holds where a pixel belongs to no target: background (no mask; for metrics, counted as
 # background), or void (no mask; for metrics, ignored: ignore_index, ignored instances, crowd regions, padding).
