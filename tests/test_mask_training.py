@@ -469,3 +469,28 @@ def test_accelerate_example_trains_a_mask_model(instance_data):
     assert trained.attn_mask_probs.tolist() == [0.0, 0.0]
     for name in ("eval_map", "eval_map_50", "eval_pq", "train_loss"):
         assert math.isfinite(metrics[name]), name
+
+
+def test_batch_padding_is_void_for_the_metrics():
+    """Two images of different sizes in one batch: the collator's padding is marked (`pixel_mask`), and a segment
+    predicted there is no false positive."""
+    from hf_vitseg import ViTSegImageProcessor
+    from hf_vitseg.data.collator import SegmentationCollator
+    from hf_vitseg.training.trainer import PixelMaskCollator, _void_pixels
+    from hf_vitseg.training.universal_metrics import compute_universal_metrics, encode_mask_targets
+
+    small, large = torch.zeros(1, 16, 32), torch.zeros(1, 32, 32)
+    small[0, :8, :8] = 1
+    large[0, 16:, 16:] = 1
+    features = [{"pixel_values": torch.zeros(3, 16, 32), "mask_labels": small, "class_labels": torch.tensor([0])},
+                {"pixel_values": torch.zeros(3, 32, 32), "mask_labels": large, "class_labels": torch.tensor([0])}]
+    batch = PixelMaskCollator(SegmentationCollator(pad_multiple=8))(features)
+    assert batch["pixel_mask"][0].sum() == 16 * 32 and batch["pixel_mask"][1].sum() == 32 * 32
+    void = _void_pixels(batch, tiny_mask_model().config)
+    predicted = [torch.stack([batch["mask_labels"][0][0], torch.zeros(32, 32)]), batch["mask_labels"][1]]
+    predicted[0][1, 16:, :] = 1  # a segment in the first image's padding
+    outputs = _perfect_outputs(predicted, [torch.tensor([0, 0]), torch.tensor([0])], num_labels=1)
+    targets = encode_mask_targets(batch["mask_labels"], batch["class_labels"], void)
+    results = compute_universal_metrics(ViTSegImageProcessor(patch_size=8), "instance", 1)(
+        ((outputs.class_queries_logits, outputs.masks_queries_logits), targets))
+    assert results["pq"] == pytest.approx(1.0) and results["map"] == pytest.approx(1.0)
