@@ -167,7 +167,6 @@ class SegmentationTrainer(Trainer):
 MASK_MODEL_INPUTS = ("pixel_values", "mask_labels", "class_labels")
 
 
-def _void_pixels(inputs, config) -> torch.Tensor | None:
 class PixelMaskCollator:
     """A collator whose batches also carry `pixel_mask` (B, H, W) long, 1 on each image's pixels and 0 on the
     batch padding (transformers' name), unless the collator gives one: a mask model's metrics treat the padding
@@ -191,6 +190,7 @@ class PixelMaskCollator:
         return batch
 
 
+def _void_pixels(inputs, config) -> torch.Tensor | None:
     """(B, H, W) bool: the pixels of a mask model's batch that carry no label, or `None` when the batch does not
     say: a `labels` map's `ignore_index`; the batch padding (`pixel_mask` 0, transformers' name) and a `void_mask`
     (ignore pixels) when the collator gives them."""
@@ -373,11 +373,11 @@ def train(
     if overwrite_output_dir and int(os.environ.get("RANK", "0")) == 0:  # one process deletes (torchrun)
         clear_run(output_dir)
     before = snapshot_files(output_dir)  # what the run writes is what is new afterwards: its manifest
+    collator = SegmentationCollator(pad_multiple=unwrap_model(model).size_divisor, ignore_index=config.ignore_index)
     trainer = SegmentationTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
-    collator = SegmentationCollator(pad_multiple=unwrap_model(model).size_divisor, ignore_index=config.ignore_index)
         eval_dataset=eval_dataset,
         data_collator=PixelMaskCollator(collator) if mask_model else collator,
         processing_class=processor,
