@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 
 from .args import (
@@ -37,6 +38,7 @@ from .args import (
     add_training_data_flags,
     channel_settings,
     check_model_folder,
+    cli_message,
     fraction,
     json_object,
     load_dataset_from_args,
@@ -76,6 +78,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_channel_flags(model)
     model.add_argument("--recipe", choices=["linear_probe", "full_finetune", "lora"],
                        help="a documented recipe (hf_vitseg.training.recipes): its settings fill what is not given")
+
+    loss = parser.add_argument_group("loss (class imbalance)")
+    loss.add_argument("--class-weights", nargs="+", default=None, metavar="W",
+                      help="'auto' (median-frequency weights from one scan of the training labels, printed and saved "
+                           "in the model's config) or one weight per class")
+    loss.add_argument("--loss", choices=["cross_entropy", "focal"], default=None,
+                      help="the pixel loss (default cross_entropy; focal down-weights well-classified pixels)")
+    loss.add_argument("--focal-gamma", type=non_negative_float, default=None,
+                      help="focal loss exponent (default 2; needs --loss focal)")
 
     data = parser.add_argument_group("data (image folders or a Hugging Face dataset)")
     add_training_data_flags(data)
@@ -160,6 +171,9 @@ def _train_from_args(args: argparse.Namespace) -> dict:
     if args.config:
         _check_config_keys(args.config)
     _check_report_to(args.report_to)
+    _class_weights(args.class_weights)
+    if args.focal_gamma is not None and args.loss != "focal" and args.backbone:
+        raise CliError("--focal-gamma is the focal loss's exponent; add --loss focal.")
     # what --output-dir holds against --resume / --overwrite-output-dir (touching nothing; train() decides again)
     from ..training.run_dir import check_run_outputs, resolve_output_dir
 
@@ -212,6 +226,7 @@ def _train_from_args(args: argparse.Namespace) -> dict:
     processor = resolve_processor(None, model, model_path)
     if args.reduce_labels:
         processor.do_reduce_labels = True
+    _apply_loss_flags(args, model, processor, train_dataset)
 
     training_args = {"dataloader_num_workers": args.num_workers, "use_cpu": args.cpu, "bf16": args.bf16}
     if args.save_total_limit is not None:
@@ -228,6 +243,57 @@ def _train_from_args(args: argparse.Namespace) -> dict:
         task=args.task, **training_args,
     )
     return metrics
+
+
+def _class_weights(values: list[str] | None):
+    """`--class-weights`: 'auto' or numbers (checked before anything loads)."""
+    if values is None or values == ["auto"]:
+        return values and "auto"
+    try:
+        weights = [float(v) for v in values]
+    except ValueError:
+        raise CliError(f"--class-weights {' '.join(values)}: give 'auto' or one number per class, e.g. "
+                       "--class-weights 0.2 1 3.5") from None
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+        raise CliError(f"--class-weights {' '.join(values)}: weights must be finite and >= 0, not all 0.")
+    return weights
+
+
+def _apply_loss_flags(args, model, processor, train_dataset) -> None:
+    """Set --class-weights / --loss / --focal-gamma on the model's config; 'auto' is computed here from the
+    training labels (printed on stderr) so that the run, its checkpoints and the saved config hold the numbers."""
+    from ..training.loading import is_mask_model, unwrap_model
+
+    given = [flag for flag, value in (("--class-weights", args.class_weights), ("--loss", args.loss),
+                                      ("--focal-gamma", args.focal_gamma)) if value is not None]
+    if not given:
+        return
+    if is_mask_model(model):
+        raise CliError(f"{', '.join(given)} set the pixel loss; a mask transformer (eomt / pmt) weighs its "
+                       "classes with --head-kwargs (class_weight, no_object_weight). Drop them.")
+    if args.focal_gamma is not None and (args.loss or unwrap_model(model).config.loss_type) != "focal":
+        raise CliError("--focal-gamma is the focal loss's exponent; add --loss focal.")
+    config = unwrap_model(model).config
+    weights = _class_weights(args.class_weights)
+    if weights == "auto":
+        from ..training.class_weights import median_frequency_weights
+
+        weights = median_frequency_weights(train_dataset, config.num_labels, config.ignore_index,
+                                           processor.do_reduce_labels, config.id2label)
+        print("--class-weights auto (median frequency): " + ", ".join(
+            f"{config.id2label.get(c, c)}={w:.4g}" for c, w in enumerate(weights)), file=sys.stderr)
+    previous = (config.class_weights, config.loss_type, config.focal_gamma)
+    if weights is not None:
+        config.class_weights = weights
+    if args.loss is not None:
+        config.loss_type = args.loss
+    if args.focal_gamma is not None:
+        config.focal_gamma = args.focal_gamma
+    try:
+        config.validate()
+    except ValueError as error:
+        config.class_weights, config.loss_type, config.focal_gamma = previous
+        raise CliError(f"{' '.join(given)}: {cli_message(error)}") from error
 
 
 def _check_task_flags(args, mask_model: bool, what: str) -> None:

@@ -191,6 +191,7 @@ def run_demo(args) -> dict:
         "test_foreground_iou": float(metrics["per_class_iou"][1]),
         "test_mean_iou": float(metrics["mean_iou"]),
         "test_pixel_accuracy": float(metrics["pixel_accuracy"]),
+        "test_per_class_iou": {id2label[c]: float(v) for c, v in enumerate(metrics["per_class_iou"])},
         "seconds": round(time.perf_counter() - started, 1),
         "stage_seconds": seconds,
     }

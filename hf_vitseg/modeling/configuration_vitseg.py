@@ -68,10 +68,20 @@ class ViTSegConfig(PreTrainedConfig):
             The classes. `num_labels` and `id2label` must agree.
         ignore_index (`int`, *optional*, defaults to 255):
             Label value ignored by the loss and the metrics.
-        class_weights (`list[float]`, *optional*):
-            Per-class weights of the cross-entropy loss.
+        class_weights (`list[float]` or `"auto"`, *optional*):
+            Per-class weights of the cross-entropy (or focal) loss, one finite value >= 0 per class, not all 0.
+            `"auto"`: median-frequency weights (Eigen & Fergus, 2015) that `hf_vitseg.training.train` computes from
+            one scan of the training labels before the first step (logged) and stores here as a list, so a saved
+            model records the weights it was trained with (`hf_vitseg.training.class_weights`).
         label_smoothing (`float`, *optional*, defaults to 0.0):
             Label smoothing of the cross-entropy loss.
+        loss_type (`str`, *optional*, defaults to `"cross_entropy"`):
+            The pixel loss: `"cross_entropy"`, or `"focal"` (Lin et al., "Focal Loss for Dense Object Detection",
+            2017): cross-entropy scaled by `(1 - p_true) ** focal_gamma`, which down-weights pixels already
+            classified well, so rare and hard classes count more. `class_weights` weight either; Dice adds to
+            either; label smoothing is for cross-entropy only.
+        focal_gamma (`float`, *optional*, defaults to 2.0):
+            The focusing exponent of the focal loss (0 gives cross-entropy back).
         validate_labels (`bool`, *optional*, defaults to `True`):
             Check that labels lie in `[0, num_labels)` or equal `ignore_index` before the loss, raising a clear
             error instead of a device-side assert or NaN. Costs one host-device sync per step.
@@ -116,9 +126,11 @@ class ViTSegConfig(PreTrainedConfig):
         head: str = "linear",
         head_kwargs: dict | None = None,
         ignore_index: int = 255,
-        class_weights: list[float] | None = None,
+        class_weights: list[float] | str | None = None,
         label_smoothing: float = 0.0,
         validate_labels: bool = True,
+        loss_type: str = "cross_entropy",
+        focal_gamma: float = 2.0,
         neck: str | None = "auto",
         neck_channels: int | None = None,
         dice_loss_weight: float = 0.0,
@@ -174,8 +186,11 @@ class ViTSegConfig(PreTrainedConfig):
         self.head = head
         self.head_kwargs = dict(head_kwargs or {})
         self.ignore_index = ignore_index
-        self.class_weights = list(class_weights) if class_weights is not None else None
+        self.class_weights = (class_weights if class_weights is None or isinstance(class_weights, str)
+                              else [float(w) for w in class_weights])
         self.label_smoothing = label_smoothing
+        self.loss_type = loss_type
+        self.focal_gamma = focal_gamma
         self.validate_labels = validate_labels
         self.neck = neck
         self.neck_channels = neck_channels
@@ -210,8 +225,7 @@ class ViTSegConfig(PreTrainedConfig):
             self._validate_pixel_head(family, num_levels)
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be at least 1, got {self.num_labels}.")
-        if self.class_weights is not None and len(self.class_weights) != self.num_labels:
-            raise ValueError(f"class_weights has {len(self.class_weights)} entries for {self.num_labels} labels.")
+        self._validate_loss()
         for name in ("image_mean", "image_std"):
             check_channel_statistic(name, getattr(self, name), self.num_channels)
         if 0 <= self.ignore_index < self.num_labels:
@@ -219,6 +233,26 @@ class ViTSegConfig(PreTrainedConfig):
                 f"ignore_index={self.ignore_index} is a valid class id for num_labels={self.num_labels}; "
                 "choose an ignore_index outside [0, num_labels) (255 or -100 are usual)."
             )
+
+    def _validate_loss(self) -> None:
+        """`validate` for the pixel loss settings: class weights, loss type, focal gamma."""
+        weights = self.class_weights
+        if isinstance(weights, str):
+            if weights != "auto":
+                raise ValueError(f"class_weights must be a list of {self.num_labels} numbers or 'auto', got "
+                                 f"{weights!r}.")
+        elif weights is not None:
+            if len(weights) != self.num_labels:
+                raise ValueError(f"class_weights has {len(weights)} entries for {self.num_labels} labels.")
+            if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+                raise ValueError(f"class_weights must be finite and >= 0, and not all 0; got {weights}.")
+        if self.loss_type not in ("cross_entropy", "focal"):
+            raise ValueError(f"loss_type must be 'cross_entropy' or 'focal', got {self.loss_type!r}.")
+        if isinstance(self.focal_gamma, bool) or not isinstance(self.focal_gamma, (int, float)) or not (
+                math.isfinite(self.focal_gamma) and self.focal_gamma >= 0):
+            raise ValueError(f"focal_gamma must be a finite number >= 0 (2 is usual), got {self.focal_gamma!r}.")
+        if self.loss_type == "focal" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to the cross-entropy loss; with loss_type='focal' set it to 0.")
 
     def _validate_pixel_head(self, family: BackboneFamily, num_levels: int) -> None:
         """`validate` for the pixel heads (`ViTSegForSemanticSegmentation`): head_kwargs, neck and taps."""
@@ -276,7 +310,8 @@ class ViTSegConfig(PreTrainedConfig):
         unused = [name for name, value in (("auxiliary_loss_weight", self.auxiliary_loss_weight),
                                            ("dice_loss_weight", self.dice_loss_weight),
                                            ("label_smoothing", self.label_smoothing),
-                                           ("class_weights", self.class_weights)) if value]
+                                           ("class_weights", self.class_weights),
+                                           ("loss_type", self.loss_type != "cross_entropy")) if value]
         if unused:
             raise ValueError(
                 f"{', '.join(unused)} belong to the pixel loss; head {self.head!r} uses the mask-classification loss, "

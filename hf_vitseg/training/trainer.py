@@ -36,6 +36,7 @@ from ..modeling.modeling_vitseg import ViTSegPreTrainedModel
 from ..modeling.saving_vitseg import check_save_target
 from ..unwrap import is_peft_model, unwrap_model
 from . import recipes
+from .class_weights import median_frequency_weights
 from .loading import is_mask_model, load_trainable_model, resolve_processor, validate
 from .lora import HEAD_WEIGHTS_FILE, save_lora
 from .mask_annealing import MaskAnnealingCallback
@@ -336,6 +337,9 @@ def train(
     for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         if dataset is not None:
             validate(dataset, config, processor, name)
+    if config.class_weights == "auto" and not mask_model:  # one scan of the labels; the config keeps the numbers
+        config.class_weights = median_frequency_weights(train_dataset, config.num_labels, config.ignore_index,
+                                                        processor.do_reduce_labels, config.id2label)
     # seeded augmentation: a sample's crop and flip depend on (seed, epoch, sample), not on the order of draws,
     # so a run resumed mid-epoch sees what an uninterrupted one does
     # a mask transformer learns from per-image masks and classes (mask_labels / class_labels)
