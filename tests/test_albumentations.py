@@ -158,3 +158,30 @@ def test_mistakes_are_named(processor):
     too_large = SegmentationTransform(processor, train=True, crop_size=16, augmentation=A.Compose([A.NoOp()]))
     with pytest.raises(ValueError, match=r"larger than crop_size \(16, 16\): end it with a crop"):
         run(too_large, image, mask)
+
+
+def test_train_takes_a_compose_through_augment(tmp_path, tiny_backbone_dir):
+    """`train(augment={"augmentation": Compose})`: the run trains on it and its records stay JSON."""
+    import json
+
+    from conftest import tiny_model
+    from test_train import make_image_folder
+
+    from hf_vitseg.data import load_image_folder
+    from hf_vitseg.training import train
+
+    data = load_image_folder(*make_image_folder(tmp_path / "data", 4))
+    calls = []
+
+    class Counting(A.HorizontalFlip):  # an albumentations transform that counts the samples it sees
+        def apply(self, img, **params):
+            calls.append(img.shape)
+            return super().apply(img, **params)
+
+    compose = A.Compose([Counting(p=1.0), A.Rotate(limit=20, p=1.0)])
+    model, _ = train(tiny_model(backbone=tiny_backbone_dir), data, output_dir=tmp_path / "out", crop_size=32,
+                     max_steps=2, batch_size=2, augment={"augmentation": compose}, seed=0)
+    images = [shape for shape in calls if len(shape) == 3]  # apply() also moves the masks, (H, W)
+    assert len(images) >= 4 and set(images) == {(32, 32, 3)}  # 2 steps x 2 samples of 32 x 32
+    for record in (tmp_path / "out").glob("*.json"):
+        json.loads(record.read_text())
