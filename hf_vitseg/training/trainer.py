@@ -271,7 +271,8 @@ def train(
             the model (its patch size and `ignore_index`, the backbone's mean and std).
         crop_size: `(height, width)` (or an int) of the random training crops, a multiple of the patch size;
             `None` trains on whole images (padded per batch).
-        augment: keyword arguments of the training augmentation (`scale_range`, `hflip`, `photometric`).
+        augment: keyword arguments of the training augmentation (`scale_range`, `hflip`, `photometric`; or
+            `augmentation`: an albumentations Compose in place of the built-in steps, see `SegmentationTransform`).
         epochs / max_steps: how long; `max_steps` wins when given. Default: 3 epochs.
         batch_size / eval_batch_size: per device.
         lr, head_lr, layer_decay, weight_decay, warmup_ratio: the optimizer (AdamW on `optim.param_groups`,
