@@ -205,6 +205,12 @@ class MaskTransformerHead(nn.Module):
     """
 
     head_name = ""
+    # the parts of the pixel-head contract (`BaseHead`'s class attributes) that the feature cache and the ONNX export
+    # read from any model's head
+    uses_pixel_values = False
+    onnx_exportable = True
+    onnx_dynamic_size = True
+    onnx_export_reason = ""
 
     def __init__(self, hidden_size: int, num_labels: int, num_prefix_tokens: int, settings: dict):
         super().__init__()
