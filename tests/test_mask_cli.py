@@ -154,3 +154,20 @@ def test_errors_name_the_flags(trained, pixel_model, instances, tiny_backbone_di
     err = _error(["predict", image, "--model", str(out), "--flip", "--out", str(tmp_path / "p3")], capsys)
     assert err.startswith("hf-vitseg predict: error: --flip: a mask transformer")
     assert not any((tmp_path / name).exists() for name in ("a", "b", "c", "p1", "p2", "p3"))
+
+
+def test_no_mask_annealing_keeps_the_models_attention(trained, instances, tmp_path, pixel_model, capsys):
+    """Fine-tuning an annealed model further: --no-mask-annealing keeps its plain attention (probs stay 0); a
+    pixel head refuses the flag."""
+    from hf_vitseg.modeling import ViTSegForUniversalSegmentation
+
+    out, _ = trained
+    images, masks = instances
+    data = ["--train-images", str(images), "--train-masks", str(masks), "--instance-masks"]
+    assert main(["train", "--model", str(out), *data, "--task", "instance", "--no-mask-annealing", "--max-steps",
+                 "1", "--batch-size", "2", "--no-augment", "--cpu", "--output-dir", str(tmp_path / "more")]) == 0
+    assert ViTSegForUniversalSegmentation.from_pretrained(tmp_path / "more").attn_mask_probs.tolist() == [0.0, 0.0]
+    capsys.readouterr()
+    err = _error(["train", "--model", str(pixel_model), "--no-mask-annealing", "--train-images", str(images),
+                  "--train-masks", str(masks), "--output-dir", str(tmp_path / "pixel")], capsys)
+    assert "--no-mask-annealing is for mask transformers" in err

@@ -68,6 +68,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--task", choices=["semantic", "instance", "panoptic"], default=None,
                        help="mask transformers (--head eomt / pmt): what the evaluation measures, mIoU / mask AP and "
                             "PQ / PQ (default semantic)")
+    model.add_argument("--no-mask-annealing", action="store_true",
+                       help="mask transformers: keep the model's masked attention as it is (default: annealed to none "
+                            "over the run with EoMT's schedule, from fully masked at the start)")
     model.add_argument("--head-kwargs", type=json_object, default=None, metavar="JSON",
                        help='e.g. \'{"channels": 256}\'')
     model.add_argument("--config", type=json_object, default=None, metavar="JSON",
@@ -240,7 +243,7 @@ def _train_from_args(args: argparse.Namespace) -> dict:
         warmup_ratio=args.warmup_ratio, eval_steps=args.eval_steps, save_steps=args.save_steps,
         logging_steps=args.logging_steps, seed=args.seed, resume=args.resume,
         overwrite_output_dir=args.overwrite_output_dir, recipe=args.recipe, report_to=args.report_to,
-        task=args.task, **training_args,
+        task=args.task, mask_annealing=not args.no_mask_annealing, **training_args,
     )
     return metrics
 
@@ -297,7 +300,10 @@ def _apply_loss_flags(args, model, processor, train_dataset) -> None:
 
 
 def _check_task_flags(args, mask_model: bool, what: str) -> None:
-    """`--task` is for mask transformers; a pixel head measures mIoU only."""
+    """`--task` and `--no-mask-annealing` are for mask transformers; a pixel head measures mIoU only."""
+    if args.no_mask_annealing and not mask_model:
+        raise CliError(f"--no-mask-annealing is for mask transformers (--head eomt / pmt); {what} has no masked "
+                       "attention. Drop it.")
     if args.task not in (None, "semantic") and not mask_model:
         raise CliError(f"--task {args.task} needs a mask-transformer head (--head eomt or --head pmt); {what} is a "
                        "pixel head, which segments semantically. Drop --task or use --head eomt / pmt.")
