@@ -135,7 +135,7 @@ def served_app(tmp_path):
     `wait()` returns once the page answers (the test computes its expectations meanwhile)."""
     from hf_vitseg import ViTSegImageProcessor
 
-    folder = tmp_path / "model"
+    folder = tmp_path / "tiny-nuclei-model"  # the page's title
     tiny_model(num_labels=3, id2label={0: "background", 1: "nucleus", 2: "border"}).save_pretrained(folder)
     ViTSegImageProcessor(patch_size=8).save_pretrained(folder)
     port = free_port()

@@ -37,7 +37,7 @@ SPACE_MARK = "Written by hf-vitseg push --space"
 SPACE_TOP_FILES = ("app.py", "requirements.txt", "README.md")
 PACKAGE_FOLDER = "hf_vitseg"
 # The Gradio version a Space gets when the one writing it has no Gradio installed (the `app` extra's lower bound).
-DEFAULT_GRADIO_VERSION = "5.30.0"
+DEFAULT_GRADIO_VERSION = "6.0.0"
 
 APP_TEMPLATE = '''"""{model_id}: upload an image, see its segmentation. {mark} (hf-vitseg {version}).
 

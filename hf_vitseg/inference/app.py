@@ -206,7 +206,8 @@ class SegmentationApp:
                     image = gradio.File(type="filepath", label=f"image ({self.num_channels} channels, e.g. TIFF)",
                                         elem_id="hf-vitseg-input")
                 overlay = gradio.Image(type="pil", label="segmentation (overlay and legend)", interactive=False,
-                                       format="png", elem_id="hf-vitseg-overlay")
+                                       format="png", buttons=["download", "fullscreen"],  # no share: offline
+                                       elem_id="hf-vitseg-overlay")
             status = gradio.Markdown(elem_id="hf-vitseg-status")
             with gradio.Row():
                 areas = gradio.Dataframe(headers=AREA_COLUMNS, label="area of each class", interactive=False,
