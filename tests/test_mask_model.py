@@ -273,6 +273,18 @@ def test_remote_code_round_trip_in_a_process_without_hf_vitseg(tmp_path):
     assert len(diffs) == 2 and max(diffs.values()) <= 1e-6, diffs
 
 
+def test_push_dry_run_uploads_the_mask_module_with_the_model(tmp_path):
+    from hf_vitseg.hub.push import push_to_hub, upload_plan
+
+    model = mask_model("pmt")
+    model.save_pretrained(tmp_path / "model")
+    files, _ = upload_plan(tmp_path / "model")
+    assert {"mask_transformer.py", "modeling_vitseg.py", "model.safetensors", "config.json"} <= set(files)
+    with pytest.warns(UserWarning, match="preprocessor_config.json"):
+        result = push_to_hub(tmp_path / "model", "user/pmt", dry_run=True)
+    assert result.dry_run and result.uploaded == [] and "mask_transformer.py" in result.files
+
+
 def test_torch_compile_equals_eager_for_both_heads():
     """torch.compile traces both heads (dynamo + AOT autograd; `aot_eager` keeps the test fast on CPU, inductor is
     checked by hand, see docs/mask_transformers.md), with masks on and off (a recompile on the buffer's values)."""

@@ -200,9 +200,14 @@ def upload_plan(folder: str | os.PathLike) -> tuple[dict[str, Path], dict[str, s
     config = _read_json(_regular_file(config_file, "the model config"))
     check_vitseg_model_type(config.get("model_type"), folder)
     auto_map = config.get("auto_map") or {}
-    if "AutoModelForSemanticSegmentation" not in auto_map or "AutoConfig" not in auto_map:
+    from ..modeling.head_base import MASK_HEAD_NAMES
+
+    # a mask transformer (head eomt / pmt) is a ViTSegForUniversalSegmentation
+    auto_model = ("AutoModelForUniversalSegmentation" if config.get("head") in MASK_HEAD_NAMES
+                  else "AutoModelForSemanticSegmentation")
+    if auto_model not in auto_map or "AutoConfig" not in auto_map:
         raise ValueError(
-            f"{config_file} has no auto_map for AutoConfig and AutoModelForSemanticSegmentation, so "
+            f"{config_file} has no auto_map for AutoConfig and {auto_model}, so "
             "the pushed model would not load where hf-vitseg is not installed. Save it again after `import "
             "hf_vitseg` (which registers the classes for remote code): hf_vitseg.hub.load_model(folder)"
             ".save_pretrained(new_folder)."
