@@ -10,6 +10,12 @@ without complaint, and the file only fails (or silently misaligns) at other size
 Calling `torch.export.export` first, rather than giving the model to `torch.onnx.export`, also keeps the ONNX
 exporter from falling back to tracing strategies that specialise shapes silently.
 
+Mask-classification models (`ViTSegForUniversalSegmentation`, heads `eomt` and `pmt`) export the same way, in
+inference mode with masked attention off (`attn_mask_probs` 0, as after mask annealing; restored afterwards): the
+graph has two outputs, `class_queries_logits` `(batch, queries, num_labels + 1)` and `masks_queries_logits`
+`(batch, queries, h, w)`, which `ViTSegImageProcessor.post_process_*_segmentation` turn into maps (wrap them in a
+`ViTSegUniversalSegmenterOutput`).
+
 A head class may declare `onnx_exportable = False` (or `onnx_dynamic_size = False`) and
 `onnx_export_reason = "..."`; `export_onnx` then raises `OnnxExportError` with that reason before trying. Adaptive
 pooling to a grid other than 1x1 (UPerNet's pyramid pooling) is found by looking at the modules, and stops a
@@ -18,6 +24,7 @@ dynamic export the same way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -29,15 +36,47 @@ class OnnxExportError(RuntimeError):
     """The model cannot be exported to ONNX as asked; the message says why and what to try."""
 
 
-class _LogitsOnly(nn.Module):
-    """`pixel_values -> logits`: one tensor in, one out, the ONNX graph's signature."""
+def is_mask_model(model: nn.Module) -> bool:
+    """Whether `model` is a mask-classification model (`config.is_mask_transformer`: heads `eomt`, `pmt`)."""
+    return bool(getattr(getattr(model, "config", None), "is_mask_transformer", False))
+
+
+def output_names(model: nn.Module) -> list[str]:
+    """The exported graph's outputs: `logits` for a semantic model, the two query logits for a mask model."""
+    return ["class_queries_logits", "masks_queries_logits"] if is_mask_model(model) else ["logits"]
+
+
+class _ExportedOutputs(nn.Module):
+    """`pixel_values -> output tensors` (`output_names(model)`): one tensor in, plain tensors out, the graph's
+    signature."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.names = output_names(model)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values, return_dict=True).logits
+    def forward(self, pixel_values: torch.Tensor):
+        outputs = self.model(pixel_values=pixel_values, return_dict=True)
+        values = tuple(getattr(outputs, name) for name in self.names)
+        return values[0] if len(values) == 1 else values
+
+
+@contextlib.contextmanager
+def plain_attention(model: nn.Module):
+    """A mask model's `attn_mask_probs` set to 0 (inference without masked attention, what annealing ends at) for
+    the duration, then restored; nothing for other models."""
+    probs = getattr(model, "attn_mask_probs", None) if is_mask_model(model) else None
+    if probs is None:
+        yield model
+        return
+    saved = probs.detach().clone()
+    with torch.no_grad():
+        probs.zero_()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            probs.copy_(saved)
 
 
 def check_exportable(model: nn.Module, dynamic: bool = True) -> None:
@@ -92,7 +131,8 @@ def _example_input(model: nn.Module, example_size, batch_size: int) -> torch.Ten
 
 
 def export_program(model: nn.Module, example_size: tuple[int, int] | None = None, dynamic: bool = True):
-    """`torch.export.export` of `pixel_values -> logits`, with symbolic batch, height and width when `dynamic`.
+    """`torch.export.export` of `pixel_values -> logits` (a mask model: `-> class_queries_logits,
+    masks_queries_logits`, masked attention off), with symbolic batch, height and width when `dynamic`.
 
     Height and width are declared as `model.size_divisor * k` (k >= 1), so the program accepts every multiple of
     it. Raises `OnnxExportError` naming the head and torch.export's reason when it fails.
@@ -113,9 +153,9 @@ def export_program(model: nn.Module, example_size: tuple[int, int] | None = None
         # The settings of torch.onnx's own first capture strategy, without its fallback that quietly specialises
         # the dimensions torch.export could not keep symbolic. backed_size_oblivious: size checks (e.g. "is this
         # dimension 1?") do not pin a symbolic size to the example's value.
-        with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        with torch.no_grad(), plain_attention(model), torch.fx.experimental._config.patch(backed_size_oblivious=True):
             return torch.export.export(
-                _LogitsOnly(model), (example,), dynamic_shapes=dynamic_shapes, strict=False,
+                _ExportedOutputs(model), (example,), dynamic_shapes=dynamic_shapes, strict=False,
                 prefer_deferred_runtime_asserts_over_guards=True,
             )
     except Exception as error:  # torch.export raises many types; all mean "this model did not export"
@@ -138,10 +178,12 @@ def export_onnx(
 
     The graph has one input `pixel_values` `(batch, 3, height, width)` and one output `logits`
     `(batch, num_labels, h', w')` at the head's natural resolution (upsample and argmax them as
-    `ViTSegImageProcessor.post_process_semantic_segmentation` does).
+    `ViTSegImageProcessor.post_process_semantic_segmentation` does). A mask model's graph has two outputs,
+    `class_queries_logits` `(batch, queries, num_labels + 1)` and `masks_queries_logits` `(batch, queries, h, w)`,
+    computed with masked attention off (`attn_mask_probs` 0 during the export and the check, restored after).
 
     Args:
-        model: a `ViTSegForSemanticSegmentation` (put in eval mode here).
+        model: a `ViTSegForSemanticSegmentation` or `ViTSegForUniversalSegmentation` (put in eval mode here).
         path: the `.onnx` file to write.
         example_size: `(height, width)` of the example input, multiples of `model.size_divisor`; default 4 x 6 of
             them.
@@ -165,7 +207,8 @@ def export_onnx(
     kwargs = {} if opset_version is None else {"opset_version": opset_version}
     try:
         onnx_program = torch.onnx.export(
-            program, (example,), dynamo=True, input_names=["pixel_values"], output_names=["logits"], verbose=False,
+            program, (example,), dynamo=True, input_names=["pixel_values"], output_names=output_names(model),
+            verbose=False,
             **kwargs,
         )
     except Exception as error:
@@ -203,7 +246,8 @@ def export_onnx(
 def compare_with_onnxruntime(
     model: nn.Module, path: str | os.PathLike, sizes: list[tuple[int, int]], batch_size: int = 2, seed: int = 0
 ) -> dict[tuple[int, int], float]:
-    """Max absolute difference between onnxruntime's and PyTorch's logits, per input size `(height, width)`.
+    """Max absolute difference between onnxruntime's and PyTorch's outputs (every output of `output_names`), per
+    input size `(height, width)`; a mask model runs PyTorch with masked attention off, as it was exported.
 
     A size at which onnxruntime fails, or returns another shape, counts as an infinite difference.
     """
@@ -221,13 +265,16 @@ def compare_with_onnxruntime(
                                    generator=generator)
         with torch.no_grad(), plain_attention(model):
             inputs = pixel_values.to(parameter.device, parameter.dtype)
-            expected = model(pixel_values=inputs).logits.float().cpu()
+            outputs = model(pixel_values=inputs, return_dict=True)
+            expected = [getattr(outputs, name).float().cpu() for name in output_names(model)]
         try:
-            (actual,) = session.run(None, {"pixel_values": inputs.float().cpu().numpy()})
+            actual = session.run(None, {"pixel_values": inputs.float().cpu().numpy()})
         except Exception:  # onnxruntime's errors: a shape baked into the graph no longer fits
             errors[(int(height), int(width))] = float("inf")
             continue
-        actual = torch.from_numpy(actual)
-        same_shape = actual.shape == expected.shape
-        errors[(int(height), int(width))] = (actual - expected).abs().max().item() if same_shape else float("inf")
+        error = 0.0
+        for got, want in zip(actual, expected):
+            got = torch.from_numpy(got)
+            error = max(error, (got - want).abs().max().item() if got.shape == want.shape else float("inf"))
+        errors[(int(height), int(width))] = error if len(actual) == len(expected) else float("inf")
     return errors

@@ -1,0 +1,587 @@
+"""Instance segmentation of real nuclei: mask transformers vs. semantic heads + connected components vs. watershed.
+
+    python benchmarks/instances.py --scale 2 --seeds 3 --steps 200 --json benchmarks/results/instances_2x.json
+    python benchmarks/instances.py --quick --backbone path/to/tiny --json /tmp/q.json
+
+Data: the stardist nuclei image's `mask2d.tif` instance ids (one id per nucleus, `load_stardist_instances`), split
+exactly as the accuracy table splits the image (`benchmarks/data.py`: train on tiles of the LEFT half, test on the
+whole RIGHT half, each half normalised with training-half statistics and resampled on its own by `--scale`). A
+nucleus cut by the middle line becomes one instance on each side; ids are renumbered per half. Training views: the
+accuracy table's (every tile at each brightness factor, as is and flipped), their instance maps flipped with them.
+
+Rows (`--rows`):
+- `watershed`: the classical baseline. Gaussian smoothing, Otsu's threshold, holes filled, small objects dropped,
+  then the distance transform of the foreground, its local maxima as markers and scikit-image's watershed of
+  the negated distance inside the foreground (`pip install scikit-image`, the `benchmarks` extra). Its settings
+  (threshold, smoothing, marker distance, least area) are fitted on the TRAINING half (best PQ there).
+- `semantic`: the best semantic heads of the accuracy table (`--semantic-heads`, frozen backbone, the accuracy
+  table's training exactly: `benchmarks/accuracy.py`'s feature cache, views, batch order and schedule), their
+  sliding-window foreground followed by connected components (8-connected); each component scored by its mean
+  foreground probability. With `--semantic-predictions` (accuracy.py's `.npz` files), the components of the
+  table's own saved seed-0 test predictions instead (no retraining; scored by area).
+- `pmt`: head `pmt` on the frozen backbone, trained on cached last-layer features through `model.decode`.
+- `eomt`: head `eomt`, the whole model fine-tuned with layer-wise learning-rate decay (`param_groups`), masked
+  attention annealed away by `hf_vitseg.training.MaskAnnealing` (the plain-loop form of `MaskAnnealingCallback`).
+  Both mask models: one class ("nucleus"; background is "no object"), the same views, batch order and AdamW
+  schedule as the semantic rows; the test half is segmented in ONE forward pass (padded to the patch size, the
+  padding cut in post-processing); instances from `post_process_instance_segmentation` (scored, for AP) and
+  `post_process_panoptic_segmentation` (non-overlapping, for PQ), both with `--score-threshold`.
+
+Metrics (`hf_vitseg.training.mask_metrics`): PQ, SQ, RQ of the nucleus class (panopticapi's definition; background
+is a labelled stuff segment, so a false nucleus on background counts) and COCO mask AP50 / AP (pycocotools) of
+the nucleus instances on the test half; mean and sample standard deviation over `--seeds`; train seconds of the
+optimizer steps (frozen rows: on the feature cache). The machine is shared: times are indicative only.
+
+Writes a markdown table to stdout, with `--json` the results (rewritten after every row) and the seed-0 test
+instance maps beside it (`.npz`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks.*` when run as a script
+
+from benchmarks import accuracy  # noqa: E402
+from benchmarks.data import NucleiSplit, nuclei_split, otsu_threshold, tile_starts  # noqa: E402
+from hf_vitseg import ViTSegImageProcessor  # noqa: E402
+from hf_vitseg.training.mask_metrics import MaskAP, PanopticQuality  # noqa: E402
+
+ROW_KINDS = ("watershed", "semantic", "pmt", "eomt")
+NUCLEUS_ID2LABEL = {0: "nucleus"}
+BACKGROUND, NUCLEUS = 0, 1  # the classes PQ is counted over: background (stuff) and nucleus (things)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data: the accuracy table's split, with instance ids
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InstanceSplit:
+    """`split` (the accuracy table's NucleiSplit) plus int32 instance maps of both halves (0 = background)."""
+
+    split: NucleiSplit
+    train_instances: np.ndarray
+    test_instances: np.ndarray
+
+    def train_tiles(self, tile: int, stride: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`(image, instance map)` tiles of the training half, at the same places as `split.train_tiles`."""
+        stride = stride or tile // 2
+        height, width = self.split.train_image.shape
+        return [
+            (self.split.train_image[y : y + tile, x : x + tile], self.train_instances[y : y + tile, x : x + tile])
+            for y in tile_starts(height, tile, stride)
+            for x in tile_starts(width, tile, stride)
+        ]
+
+
+def relabel(labels: np.ndarray) -> np.ndarray:
+    """Instance ids renumbered 1..N in order of first appearance (0 stays background)."""
+    ids, inverse = np.unique(labels, return_inverse=True)
+    offset = 0 if ids[0] == 0 else 1
+    return (inverse.reshape(labels.shape) + offset).astype(np.int32)
+
+
+def resample_labels(labels: np.ndarray, scale: float) -> np.ndarray:
+    """Nearest-neighbour resampling of an instance map with PIL (the same geometry `nuclei_split` uses for masks)."""
+    from PIL import Image
+
+    if scale == 1:
+        return labels.astype(np.int32)
+    height, width = labels.shape
+    size = (round(width * scale), round(height * scale))
+    return np.asarray(Image.fromarray(labels.astype(np.int32), mode="I").resize(size, Image.NEAREST)).astype(np.int32)
+
+
+def instance_split(scale: float, region: int | None = None, image=None, instances=None) -> InstanceSplit:
+    """The accuracy table's split of the nuclei image, with `mask2d.tif`'s instance ids (or given arrays)."""
+    if image is None or instances is None:
+        from hf_vitseg.demo.assets import load_stardist_instances
+
+        image, instances = load_stardist_instances()
+    image, instances = np.asarray(image), np.asarray(instances)
+    if region is not None:
+        top, left = (image.shape[0] - region) // 2, (image.shape[1] - region) // 2
+        image = image[top : top + region, left : left + region]
+        instances = instances[top : top + region, left : left + region]
+    split = nuclei_split(scale, image=image, mask=instances > 0, region=None)
+    half = image.shape[1] // 2
+    train, test = (resample_labels(relabel(part), scale) for part in (instances[:, :half], instances[:, half:]))
+    if not (np.array_equal(train > 0, split.train_mask > 0) and np.array_equal(test > 0, split.test_mask > 0)):
+        raise AssertionError("instance maps and the split's masks disagree; the resampling geometry changed")
+    return InstanceSplit(split, train, test)
+
+
+def mask_targets(instance_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(H, W)` instance ids -> `mask_labels` `(N, H, W)` float in {0, 1} and `class_labels` `(N,)` (all nucleus)."""
+    ids = torch.unique(instance_map)
+    ids = ids[ids > 0]
+    masks = (instance_map[None] == ids[:, None, None]).float()
+    return masks, torch.zeros(len(ids), dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scoring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def evaluate(instances: np.ndarray, scores: dict[int, float], truth: np.ndarray) -> dict:
+    """PQ / SQ / RQ of the nucleus class and mask AP50 / AP of `instances` (ids > 0, each scored) against `truth`."""
+    pq = PanopticQuality(num_labels=2, thing_ids=[NUCLEUS])
+    pq.update(*_panoptic(instances), *_panoptic(truth))
+    pq_result = pq.compute()
+    ap = MaskAP(num_labels=1, max_detections=max(100, len(scores)))
+    pred_ids = sorted(scores)
+    pred_masks = np.stack([instances == i for i in pred_ids]) if pred_ids else np.zeros((0, *truth.shape), bool)
+    truth_ids = [i for i in np.unique(truth) if i > 0]
+    ap.update(pred_masks, [scores[i] for i in pred_ids], [0] * len(pred_ids),
+              np.stack([truth == i for i in truth_ids]), [0] * len(truth_ids))
+    ap_result = ap.compute()
+    return {"pq": pq_result["per_class_pq"][NUCLEUS], "sq": pq_result["per_class_sq"][NUCLEUS],
+            "rq": pq_result["per_class_rq"][NUCLEUS], "ap50": ap_result["map_50"], "ap": ap_result["map"],
+            "num_instances": len(pred_ids), "num_true_instances": len(truth_ids)}
+
+
+def _panoptic(instances: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+    """An instance map as a panoptic image: background (id 0) a stuff segment, each nucleus a thing."""
+    ids = [int(i) for i in np.unique(instances)]
+    return instances, [{"id": i, "label_id": BACKGROUND if i == 0 else NUCLEUS} for i in ids]
+
+
+def connected_components(foreground_probability: np.ndarray, threshold: float = 0.5):
+    """8-connected components of `probability > threshold`: `(instance map, {id: mean probability})`."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(foreground_probability > threshold, structure=np.ones((3, 3)))
+    means = ndimage.mean(foreground_probability, labels, index=np.arange(1, count + 1)) if count else []
+    return labels.astype(np.int32), {i + 1: float(m) for i, m in enumerate(means)}
+
+
+def watershed_instances(image: np.ndarray, threshold: float, min_distance: int, sigma: float = 0.0,
+                        min_area: int = 0):
+    """Otsu foreground split by a distance-transform watershed: `(instance map, {id: mean intensity})`.
+
+    The image is smoothed with a Gaussian of `sigma` px first (0: not at all), holes are filled, objects under
+    `min_area` px dropped; markers are the distance transform's local maxima at least `min_distance` px apart."""
+    try:
+        from skimage.feature import peak_local_max
+        from skimage.segmentation import watershed
+    except ImportError as error:
+        raise SystemExit("the watershed row needs scikit-image: pip install scikit-image "
+                         "(or pip install 'hf-vitseg[benchmarks]')") from error
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(image, sigma) if sigma > 0 else image
+    foreground = ndimage.binary_fill_holes(smooth > threshold)
+    components, count = ndimage.label(foreground)
+    if min_area > 0 and count:
+        areas = np.bincount(components.ravel())
+        foreground &= areas[components] >= min_area
+        components, count = ndimage.label(foreground)
+    distance = ndimage.distance_transform_edt(foreground)
+    peaks = peak_local_max(distance, min_distance=min_distance, labels=components, exclude_border=False)
+    markers = np.zeros(image.shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    labels = watershed(-distance, markers, mask=foreground).astype(np.int32)
+    missed = foreground & (labels == 0)  # components without a marker stay instances of their own
+    extra, _ = ndimage.label(missed)
+    labels[missed] = extra[missed] + labels.max()
+    labels = relabel(labels)
+    count = int(labels.max())
+    # score: mean intensity (brighter blobs are likelier nuclei), the only confidence a threshold gives
+    means = ndimage.mean(image, labels, index=np.arange(1, count + 1)) if count else []
+    return labels, {i + 1: float(m) for i, m in enumerate(means)}
+
+
+def fit_watershed(data: InstanceSplit, scale: float) -> dict:
+    """The watershed's settings chosen on the TRAINING half (best PQ there): Otsu threshold of the smoothed
+    training half, smoothing `sigma`, `min_distance`; `min_area` a quarter of the smallest training nucleus's
+    5th-percentile area. Nothing is read from the test half."""
+    from scipy import ndimage
+
+    image, truth = data.split.train_image, data.train_instances
+    areas = np.bincount(truth.ravel())[1:]
+    min_area = int(np.percentile(areas[areas > 0], 5) / 4)
+    best = None
+    for sigma in (0.0, 0.5 * scale, 1.0 * scale):
+        smooth = ndimage.gaussian_filter(image, sigma) if sigma > 0 else image
+        threshold = otsu_threshold(smooth)
+        for min_distance in sorted({max(1, round(f * scale)) for f in (2, 3, 4, 5, 6, 8)}):
+            instances, scores = watershed_instances(image, threshold, min_distance, sigma, min_area)
+            pq = evaluate(instances, scores, truth)["pq"]
+            if best is None or pq > best["train_pq"]:
+                best = {"threshold": threshold, "sigma": sigma, "min_distance": min_distance, "min_area": min_area,
+                        "train_pq": pq}
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_row(name: str, kind: str, runs: list[dict], **extra) -> dict:
+    row = {"name": name, "kind": kind, **extra, "runs": runs}
+    for key in ("pq", "sq", "rq", "ap50", "ap", "train_seconds"):
+        values = [r[key] for r in runs if r.get(key) is not None and not np.isnan(r[key])]
+        if values:
+            row[f"{key}_mean"] = statistics.fmean(values)
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return row
+
+
+def semantic_rows(args, data: InstanceSplit, backbone, num_layers, patch_size, processor, rows, predictions, log):
+    """The semantic heads of the accuracy table, trained exactly as there, then connected components."""
+    from hf_vitseg.inference import sliding_window_inference
+
+    split = data.split
+    views = accuracy.training_views(split, args.crop, args.tile_stride, args.intensity_views, processor)
+    test_pixels = accuracy.encode(split.test_image, processor)
+    layers_of = {head: accuracy.head_layers(head, num_layers, "last4") for head in args.semantic_heads}
+    union = sorted({layer for layers in layers_of.values() for layer in layers})
+    started = time.perf_counter()
+    taps = accuracy.backbone_taps(backbone, union, views["pixel_values"])
+    windows = accuracy.TestWindows(backbone, union, test_pixels, args.crop)
+    log(f"semantic feature cache ({len(views['labels'])} views, layers {union}): {time.perf_counter() - started:.0f}s")
+    for head in args.semantic_heads:
+        layers, runs = layers_of[head], []
+        cache = accuracy.head_cache(taps, layers, views, patch_size)
+        for seed in range(args.seeds):
+            model, seconds, curve = accuracy.train_frozen(backbone, head, layers, seed, cache, args)
+            model.eval()
+            with torch.no_grad():
+                logits = sliding_window_inference(
+                    windows.model_for(model, layers), test_pixels[None], num_labels=2, crop_size=args.crop,
+                    stride=accuracy.window_stride(args.crop), batch_size=4, patch_size=patch_size)
+            probability = logits.softmax(1)[0, 1].numpy()
+            instances, scores = connected_components(probability)
+            runs.append({"seed": seed, **evaluate(instances, scores, data.test_instances), "train_seconds": seconds,
+                         "loss_curve": curve})
+            if seed == 0:
+                predictions[f"{split.scale:g}|{head} + components"] = instances
+            log(f"{head} + components seed {seed}: PQ {runs[-1]['pq']:.3f} AP50 {runs[-1]['ap50']:.3f} "
+                f"({runs[-1]['num_instances']} instances) {seconds:.0f}s")
+        rows.append(make_row(f"{head} + connected components", "semantic", runs, layers=layers, steps=args.steps))
+
+
+def saved_semantic_rows(args, data: InstanceSplit, rows, predictions, log):
+    """Connected components of the accuracy table's own saved seed-0 test predictions (`accuracy.py --json`'s
+    `.npz`): the very models of that table, no retraining. Only class maps are saved, so each component is scored by
+    its area (larger blobs are likelier nuclei) for AP."""
+    from scipy import ndimage
+
+    scale = f"{data.split.scale:g}"
+    for path in args.semantic_predictions:
+        with np.load(path) as saved:
+            if f"{scale}|truth" not in saved:
+                continue
+            if not np.array_equal(saved[f"{scale}|truth"] > 0, data.test_instances > 0):
+                raise SystemExit(f"{path}: its {scale}x ground truth is not this split's; was the split changed?")
+            for key in saved.files:
+                name = key.split("|", 1)[1]
+                head = name.split(" ")[0]
+                if not key.startswith(f"{scale}|") or head not in args.semantic_heads:
+                    continue
+                instances, count = ndimage.label(saved[key] == 1, structure=np.ones((3, 3)))
+                areas = np.bincount(instances.ravel())[1:]
+                scores = {i + 1: float(a) for i, a in enumerate(areas)}
+                run = {"seed": 0, **evaluate(instances.astype(np.int32), scores, data.test_instances),
+                       "source": f"{path}:{key}"}
+                rows.append(make_row(f"{name} + connected components", "semantic", [run], source=str(path)))
+                predictions[f"{scale}|{name} + components"] = instances.astype(np.int32)
+                log(f"{name} + components (saved prediction): PQ {run['pq']:.3f} AP50 {run['ap50']:.3f} "
+                    f"({run['num_instances']} instances)")
+
+
+def instance_views(data: InstanceSplit, args, processor) -> dict:
+    """The accuracy table's training views with instance maps as labels: pixels `(N, 3, c, c)`, ids `(N, c, c)`."""
+    from hf_vitseg.demo.run import training_views as demo_views
+
+    tiles = data.train_tiles(args.crop, args.tile_stride)
+    pixels, labels = demo_views(tiles, args.intensity_views, lambda image: accuracy.encode(image, processor)[None])
+    return {"pixel_values": torch.cat(pixels), "instances": torch.cat(labels)}
+
+
+def build_mask_model(backbone: str, head: str, seed: int, args):
+    from hf_vitseg import ViTSegForUniversalSegmentation
+
+    torch.manual_seed(seed)
+    head_kwargs = {"num_queries": args.num_queries, "num_blocks": args.num_blocks}
+    return ViTSegForUniversalSegmentation.from_pretrained_backbone(
+        backbone, head=head, id2label=NUCLEUS_ID2LABEL, head_kwargs=head_kwargs, freeze_backbone=head == "pmt"
+    )
+
+
+def last_layer_features(backbone: str, num_layers: int, pixel_values: torch.Tensor, patch_size: int):
+    """`BackboneFeatures` of the last layer (patch map and prefix tokens) for every view, computed once."""
+    from hf_vitseg.modeling.features import BackboneFeatures
+
+    (maps, prefix), = accuracy.backbone_taps(backbone, [num_layers], pixel_values).values()
+    return maps, prefix, lambda rows: BackboneFeatures(feature_maps=[maps[rows]], strides=[patch_size],
+                                                       prefix_tokens=[prefix[rows]])
+
+
+def train_mask_model(head: str, backbone: str, seed: int, views: dict, args, features=None):
+    """One `eomt` (end to end, LLRD) or `pmt` (frozen, on cached features) run: `(model, seconds, loss curve)`."""
+    from hf_vitseg.training import MaskAnnealing
+
+    model = build_mask_model(backbone, head, seed, args)
+    if head == "eomt":
+        optimizer, scheduler = accuracy.optimizer_for(model, args.lr, args.weight_decay, args.mask_steps,
+                                                      backbone_lr=args.backbone_lr, layer_decay=args.layer_decay)
+    else:
+        optimizer, scheduler = accuracy.optimizer_for(model, args.lr, args.weight_decay, args.mask_steps)
+    annealing = MaskAnnealing(model, total_steps=args.mask_steps)
+    batches = accuracy.batch_order(len(views["instances"]), args.batch_size, args.mask_steps, seed)
+    model.train()
+    step = 0
+
+    def step_loss(rows):
+        nonlocal step
+        annealing.step(step)
+        step += 1
+        targets = [mask_targets(instance_map) for instance_map in views["instances"][rows]]
+        mask_labels, class_labels = [t[0] for t in targets], [t[1] for t in targets]
+        if head == "pmt":
+            return model.decode(features(rows), mask_labels=mask_labels, class_labels=class_labels).loss
+        return model(pixel_values=views["pixel_values"][rows], mask_labels=mask_labels,
+                     class_labels=class_labels).loss
+
+    seconds, curve = accuracy.run_steps(step_loss, optimizer, scheduler, batches)
+    annealing.finish()
+    return model.eval(), seconds, curve
+
+
+@torch.no_grad()
+def segment_instances(model, processor, test_pixels: torch.Tensor, threshold: float):
+    """The whole test half in one pass: `(instance map for PQ, scored instance map for AP... as one map, scores)`.
+
+    Returns `(panoptic instance map, {id: score}, instance masks (N, H, W), scores (N,))`."""
+    height, width = test_pixels.shape[-2:]
+    divisor = model.size_divisor
+    padded = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
+    pixels = torch.zeros(1, 3, *padded)
+    pixels[0, :, :height, :width] = test_pixels
+    outputs = model(pixel_values=pixels)
+    geometry = {"target_sizes": [(height, width)], "input_sizes": [(height, width)], "padded_size": padded}
+    panoptic = processor.post_process_panoptic_segmentation(outputs, threshold=threshold, **geometry)[0]
+    segmentation = panoptic["segmentation"].numpy().astype(np.int64)
+    instances = np.zeros((height, width), dtype=np.int32)
+    scores = {}
+    for new_id, segment in enumerate(panoptic["segments_info"], start=1):
+        instances[segmentation == segment["id"]] = new_id
+        scores[new_id] = float(segment["score"])
+    detections = processor.post_process_instance_segmentation(outputs, threshold=threshold, return_binary_maps=True,
+                                                              **geometry)[0]
+    if detections["segments_info"]:
+        masks = detections["segmentation"].bool().numpy()
+    else:
+        masks = np.zeros((0, height, width), bool)
+    detection_scores = [float(s["score"]) for s in detections["segments_info"]]
+    return instances, scores, masks, detection_scores
+
+
+def mask_rows(head, args, data, backbone, num_layers, patch_size, processor, rows, predictions, log):
+    views = instance_views(data, args, processor)
+    test_pixels = accuracy.encode(data.split.test_image, processor)
+    features = None
+    if head == "pmt":
+        started = time.perf_counter()
+        *_, features = last_layer_features(backbone, num_layers, views["pixel_values"], patch_size)
+        log(f"pmt feature cache (last layer, {len(views['instances'])} views): {time.perf_counter() - started:.0f}s")
+    runs = []
+    for seed in range(args.seeds if head == "pmt" else args.eomt_seeds):
+        model, seconds, curve = train_mask_model(head, backbone, seed, views, args, features)
+        instances, scores, masks, detection_scores = segment_instances(model, processor, test_pixels,
+                                                                       args.score_threshold)
+        result = evaluate(instances, scores, data.test_instances)
+        # AP from the scored (possibly overlapping) detections of the instance post-processing
+        ap = MaskAP(num_labels=1, max_detections=max(100, len(masks)))
+        truth_ids = [i for i in np.unique(data.test_instances) if i > 0]
+        ap.update(masks, detection_scores, [0] * len(masks), np.stack([data.test_instances == i for i in truth_ids]),
+                  [0] * len(truth_ids))
+        ap_result = ap.compute()
+        result.update(ap50=ap_result["map_50"], ap=ap_result["map"], num_detections=len(masks))
+        runs.append({"seed": seed, **result, "train_seconds": seconds, "loss_curve": curve})
+        if seed == 0:
+            predictions[f"{data.split.scale:g}|{head}"] = instances
+        log(f"{head} seed {seed}: PQ {result['pq']:.3f} AP50 {result['ap50']:.3f} ({result['num_instances']} "
+            f"segments, {len(masks)} detections) {seconds:.0f}s loss {curve[0]:.3f} -> {curve[-1]:.3f}")
+        del model
+    label = "eomt (fine-tuned, layer decay)" if head == "eomt" else "pmt (frozen backbone)"
+    rows.append(make_row(label, head, runs, steps=args.mask_steps, num_queries=args.num_queries,
+                         num_blocks=args.num_blocks))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# table, arguments, main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def format_table(rows: list[dict], scale: float) -> str:
+    lines = [f"**{scale:g}x** (test: right half; mean ± std over seeds)", "",
+             "| method | kind | PQ | SQ | RQ | AP50 | AP | train s | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['name']} | {row['kind']} | failed: {row['error'][:80]} | | | | | | |")
+            continue
+
+        def cell(key, digits=3):
+            if f"{key}_mean" not in row:
+                return ""
+            mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+            return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(row["runs"]) > 1 else f"{mean:.{digits}f}"
+
+        lines.append(f"| {row['name']} | {row['kind']} | {cell('pq')} | {cell('sq')} | {cell('rq')} | "
+                     f"{cell('ap50')} | {cell('ap')} | {cell('train_seconds', 0)} | {len(row['runs'])} |")
+    return "\n".join(lines)
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets: a mask transformer beats the best semantic head + components on PQ; both beat watershed."""
+    pq = {r["kind"] if r["kind"] in ("eomt", "pmt", "watershed") else r["name"]: r["pq_mean"]
+          for r in rows if "pq_mean" in r}
+    semantic = {r["name"]: r["pq_mean"] for r in rows if r["kind"] == "semantic" and "pq_mean" in r}
+    out = []
+    masks = {k: v for k, v in pq.items() if k in ("eomt", "pmt")}
+    if masks and semantic:
+        best_mask, best_semantic = max(masks, key=masks.get), max(semantic, key=semantic.get)
+        out.append({"target": "pmt or eomt beats the best semantic head + components on PQ",
+                    "met": masks[best_mask] > semantic[best_semantic],
+                    "evidence": f"{best_mask} {masks[best_mask]:.3f} vs {best_semantic} {semantic[best_semantic]:.3f}"})
+    if "watershed" in pq:
+        for name, value in masks.items():
+            out.append({"target": f"{name} beats the classical baseline on PQ", "met": value > pq["watershed"],
+                        "evidence": f"{name} {value:.3f} vs watershed {pq['watershed']:.3f}"})
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="auto", help="as benchmarks/accuracy.py's --backbone")
+    parser.add_argument("--rows", nargs="+", choices=ROW_KINDS, default=list(ROW_KINDS))
+    parser.add_argument("--semantic-heads", nargs="+", default=["segformer", "unet"],
+                        help="semantic heads followed by connected components (the accuracy table's best)")
+    parser.add_argument("--semantic-predictions", nargs="+", default=None,
+                        help="accuracy.py .npz files: components of their saved seed-0 test predictions of "
+                             "--semantic-heads instead of training those heads again")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--eomt-seeds", type=int, default=None, help="seeds of the (costly) eomt row; default --seeds")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of the semantic heads")
+    parser.add_argument("--mask-steps", type=int, default=None, help="optimizer steps of eomt / pmt; default --steps")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak lr of heads (and of eomt's queries / mask module)")
+    parser.add_argument("--backbone-lr", type=float, default=1e-4, help="eomt: lr of the top backbone layer")
+    parser.add_argument("--layer-decay", type=float, default=0.75)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--num-queries", type=int, default=100)
+    parser.add_argument("--num-blocks", type=int, default=4, help="eomt: last blocks with queries; pmt: new layers")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="least instance score kept")
+    parser.add_argument("--scale", type=float, nargs="+", default=[2.0])
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--tile-stride", type=int, default=None)
+    parser.add_argument("--intensity-views", type=float, nargs="+", default=[1.0, 0.6])
+    parser.add_argument("--region", type=int, default=None, help="only the central NxN pixels of the image")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 1 seed, a 96 px region")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise SystemExit(f"{args.json} exists; pass --overwrite to replace it or choose another --json.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoConfig
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    backbone, description = accuracy.resolve_backbone(args.backbone)
+    backbone_config = AutoConfig.from_pretrained(backbone)
+    patch_size, num_layers = backbone_config.patch_size, backbone_config.num_hidden_layers
+    if args.quick:
+        accuracy.apply_quick(args, patch_size)
+        args.num_queries = min(args.num_queries, 10)
+    args.mask_steps = args.mask_steps or args.steps
+    args.eomt_seeds = args.eomt_seeds or args.seeds
+    for head in args.semantic_heads:
+        accuracy.ensure_heads([head])
+    print(f"backbone: {description}\nrows: {', '.join(args.rows)}", flush=True)
+
+    predictions: dict[str, np.ndarray] = {}
+    results = {"command": "python benchmarks/instances.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "backbone": description, "patch_size": patch_size, "torch_threads": torch.get_num_threads(),
+               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "overwrite")}, "scales": {}}
+
+    def save():
+        if args.json:
+            path = Path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=1))
+            np.savez_compressed(path.with_suffix(".npz"), **predictions)
+
+    processor = ViTSegImageProcessor(patch_size=patch_size)
+    for scale in args.scale:
+        log = lambda *a, s=scale: print(f"[{s:g}x {time.strftime('%H:%M:%S')}]", *a, flush=True)  # noqa: E731
+        data = instance_split(scale, region=args.region)
+        predictions[f"{scale:g}|truth"] = data.test_instances
+        rows = []
+        results["scales"][f"{scale:g}"] = {"split": data.split.describe(), "rows": rows,
+                                           "test_instances": int(data.test_instances.max())}
+        row_makers = {
+            "watershed": lambda: watershed_row(args, data, scale, rows, predictions, log),
+            "semantic": lambda: (
+                saved_semantic_rows(args, data, rows, predictions, log) if args.semantic_predictions
+                else semantic_rows(args, data, backbone, num_layers, patch_size, processor, rows, predictions, log)
+            ),
+            "pmt": lambda: mask_rows("pmt", args, data, backbone, num_layers, patch_size, processor, rows,
+                                     predictions, log),
+            "eomt": lambda: mask_rows("eomt", args, data, backbone, num_layers, patch_size, processor, rows,
+                                      predictions, log),
+        }
+        for kind in args.rows:
+            try:
+                row_makers[kind]()
+            except SystemExit:
+                raise
+            except Exception as error:  # one broken row must not lose the others' results
+                log(f"{kind} FAILED: {type(error).__name__}: {error}")
+                rows.append({"name": kind, "kind": kind, "runs": [], "error": f"{type(error).__name__}: {error}"})
+            save()
+        results["scales"][f"{scale:g}"]["targets"] = check_targets(rows)
+        print("\n" + format_table(rows, scale) + "\n", flush=True)
+        for target in results["scales"][f"{scale:g}"]["targets"]:
+            print(f"- {'met' if target['met'] else 'MISSED'}: {target['target']} ({target['evidence']})")
+        save()
+    return results
+
+
+def watershed_row(args, data: InstanceSplit, scale: float, rows: list, predictions: dict, log) -> None:
+    settings = fit_watershed(data, scale)
+    fitted = {k: v for k, v in settings.items() if k != "train_pq"}
+    started = time.perf_counter()
+    instances, scores = watershed_instances(data.split.test_image, **fitted)
+    seconds = time.perf_counter() - started
+    rows.append(make_row("Otsu + distance-transform watershed", "watershed",
+                         [evaluate(instances, scores, data.test_instances)], fitted_on_train_half=settings,
+                         seconds=seconds))
+    predictions[f"{scale:g}|watershed"] = instances
+    log(f"watershed ({settings}): PQ {rows[-1]['pq_mean']:.3f} AP50 {rows[-1]['ap50_mean']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
