@@ -337,6 +337,11 @@ def test_trainer_overfits_anneals_and_saves_plain_attention(instance_data, tmp_p
                  "eval_loss"):
         assert math.isfinite(metrics[name]), name
     assert metrics["eval_map_50"] > 0  # the objects are found: targets, post-processing and metric fit together
+    from hf_vitseg.training import evaluate_model  # hf-vitseg evaluate: the same numbers, one image at a time
+
+    again = evaluate_model(model, instance_data["dataset"], task="instance", device="cpu")
+    for name in ("map", "map_50", "map_75", "pq", "sq", "rq"):
+        assert again[name] == pytest.approx(metrics[f"eval_{name}"]), name
     saved = ViTSegForUniversalSegmentation.from_pretrained(tmp_path / "run").eval()
     assert saved.attn_mask_probs.tolist() == [0.0, 0.0]
     with torch.no_grad():
@@ -362,6 +367,13 @@ def test_trainer_semantic_task_reports_per_class_iou(tmp_path):
         assert name in metrics
     assert 0 <= metrics["eval_mean_iou"] <= 1
     assert all(torch.equal(p, backbone_before[n]) for n, p in model.backbone.named_parameters())  # pmt: frozen
+    # evaluate_model (hf-vitseg evaluate) measures the same as the Trainer's streaming evaluation
+    from hf_vitseg.training import evaluate_model
+
+    again = evaluate_model(model, dataset, device="cpu")
+    assert again["num_images"] == 2
+    for name in ("mean_iou", "pixel_accuracy", "iou_a", "iou_b", "iou_c"):
+        assert again[name] == pytest.approx(metrics[f"eval_{name}"], nan_ok=True), name
 
 
 def test_train_refuses_a_task_for_pixel_heads(tmp_path):
