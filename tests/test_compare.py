@@ -203,7 +203,7 @@ def test_bad_input_is_one_line_naming_the_flag(tiny_backbone_dir, folders, tmp_p
     err = capsys.readouterr().err.strip()
     assert status in (1, 2) and len(err.splitlines()) == 1 and "Traceback" not in err
     assert re.search(message, err), err
-    assert not (tmp_path / "out" / "results.json").exists()
+    assert not (tmp_path / "out").exists()  # nothing written: the same folder takes the corrected command
 
 
 def test_foreign_output_dir_is_refused_naming_the_flag(tiny_backbone_dir, folders, tmp_path, capsys):

@@ -177,6 +177,7 @@ def compare_heads(
         del tapper
         _log(f"backbone features of {len(train_cache)} training and {len(eval_caches)} validation images, layers "
              f"{union}, cached once in {cache_seconds:.1f}s", progress)
+        _write_json(output_dir / STATE_FILE, {"settings": settings})  # every check passed: the folder is ours
         sample_size = crop or train_cache.image_size
         for number, head in enumerate(heads, 1):
             if head not in todo:
@@ -247,8 +248,8 @@ def _check_heads(heads, registered: list[str]) -> list[str]:
 
 
 def _open_output_dir(output_dir: Path, settings: dict, heads: list[str]) -> dict:
-    """Check `output_dir` (new, empty, or a comparison with the same settings), record the settings there and
-    return the results of the heads already done. Nothing is deleted."""
+    """Check `output_dir` (new, empty, or a comparison with the same settings) and return the results of the heads
+    already done. Nothing is written here (the settings are recorded once every check has passed)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir (--output-dir) {output_dir} is a file; give a folder.")
     state = output_dir / STATE_FILE
@@ -266,8 +267,6 @@ def _open_output_dir(output_dir: Path, settings: dict, heads: list[str]) -> dict
             f"{output_dir} holds files that hf-vitseg compare did not write; choose an empty or new output_dir "
             "(--output-dir). Nothing was changed."
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(state, {"settings": settings})
     done = {}
     for head in heads:
         folder = output_dir / HEADS_DIR / head
