@@ -165,5 +165,7 @@ def _bench(args, config, heads, size, device) -> list[dict]:
     print(f"backbone alone: {reference_flops:.1f} GFLOPs{memory}")
     if not args.no_prediction:
         print("prediction: one image of --image-size through the processor, the model (batch 1) and "
-              "post_process_semantic_segmentation; post/fwd = post-processing / model forward")
+              "post_process_semantic_segmentation; post/fwd = post-processing / model forward. The heads have "
+              "random weights, whose flat logits are post-processing's worst case (no class can be pruned); on a "
+              "trained model's it is several times cheaper (benchmarks/postprocess.py)")
     return rows
