@@ -368,6 +368,12 @@ def test_bad_targets_are_refused():
         model(x, mask_labels=mask_labels, class_labels=[torch.tensor([0, 3]), torch.tensor([1])])
     with pytest.raises(ValueError, match="same N"):
         model(x, mask_labels=mask_labels, class_labels=[torch.tensor([0]), torch.tensor([1])])
+    bad = [mask_labels[0].clone(), mask_labels[1]]
+    bad[0][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"mask_labels must hold values in \[0, 1\]"):
+        model(x, mask_labels=bad, class_labels=class_labels)
+    with pytest.raises(ValueError, match="not on a labels map"):
+        model(x, labels=torch.zeros(2, 32, 48, dtype=torch.long))
 
 
 def test_loss_without_scipy_says_what_to_install(monkeypatch):

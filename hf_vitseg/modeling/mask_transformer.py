@@ -399,6 +399,11 @@ def check_mask_targets(mask_labels, class_labels, batch_size: int, num_labels: i
             )
         if classes.is_floating_point():
             raise TypeError(f"Image {i}: class_labels must be integer class ids, got {classes.dtype}.")
+        if validate and masks.numel() and not (torch.isfinite(masks).all() and masks.min() >= 0 and masks.max() <= 1):
+            raise ValueError(
+                f"Image {i}: mask_labels must hold values in [0, 1] (1 = the target's pixels), got "
+                f"{float(masks.min())}..{float(masks.max())}; non-finite or out-of-range masks poison the loss."
+            )
         if validate and classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_labels):
             raise ValueError(
                 f"Image {i}: class_labels hold {int(classes.min())}..{int(classes.max())}, outside [0, {num_labels}) "

@@ -407,7 +407,8 @@ class ViTSegForUniversalSegmentation(ViTSegPreTrainedModel):
         class_labels (`list[torch.LongTensor]`, *optional*):
             Per image, `(N_i,)` class ids in `[0, num_labels)` of those masks.
         output_hidden_states (`bool`, *optional*):
-            Return the backbone's hidden states (for `eomt` with the queries in front from the first masked block).
+            Return the backbone's hidden states (for `eomt` all of them, with the queries in front from the first
+            masked block; for `pmt` also indices, as the semantic model takes them).
         output_attentions (`bool`, *optional*):
             Return the backbone's attention probabilities (eager attention for that call under SDPA).
 
@@ -420,15 +421,20 @@ class ViTSegForUniversalSegmentation(ViTSegPreTrainedModel):
         )
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if kwargs.get("labels") is not None:
+            raise ValueError(
+                "ViTSegForUniversalSegmentation trains on mask_labels and class_labels (one mask and one class per "
+                "target), not on a labels map: build them with ViTSegImageProcessor(..., return_mask_labels=True)."
+            )
         if mask_labels is not None or class_labels is not None:
             check_mask_targets(mask_labels, class_labels, pixel_values.shape[0], self.config.num_labels,
                                validate=self.config.validate_labels)
         if isinstance(self.head, PmtHead):
             if self.config.freeze_backbone:
                 with torch.no_grad():
-                    features = self.backbone(pixel_values, bool(output_hidden_states), output_attentions)
+                    features = self.backbone(pixel_values, output_hidden_states, output_attentions)
             else:
-                features = self.backbone(pixel_values, bool(output_hidden_states), output_attentions)
+                features = self.backbone(pixel_values, output_hidden_states, output_attentions)
             return self.decode(features, mask_labels, class_labels, return_dict=return_dict)
         with self.backbone.recording(output_attentions) as recording:
             predictions, hidden_states = self.head(
