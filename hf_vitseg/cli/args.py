@@ -212,7 +212,8 @@ def channel_settings(args, train_dataset) -> dict:
             mean, std = channel_statistics(train_dataset, ViTSegImageProcessor(num_channels=channels))
         except (ValueError, ImportError) as error:
             raise CliError(f"--image-stats auto: {cli_message(error)}") from error
-        print(f"hf-vitseg: --image-stats auto: {len(train_dataset)} training images, {channels} channel(s): "
+        count = f"{len(train_dataset)} " if hasattr(train_dataset, "__len__") else ""
+        print(f"hf-vitseg: --image-stats auto: {count}training images, {channels} channel(s): "
               f"image_mean {mean}, image_std {std} (saved in the model's config and image processor)",
               file=sys.stderr)
         settings["image_mean"], settings["image_std"] = mean, std

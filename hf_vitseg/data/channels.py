@@ -102,7 +102,9 @@ def read_image_file(path: str | os.PathLike) -> Image.Image | np.ndarray:
         pixels = np.asarray(image) if image.mode.startswith("F") else None
     if pixels is not None and pixels.dtype.kind in "fc" and not np.isfinite(pixels).all():
         # one NaN makes every logit NaN and the whole prediction class 0
-        raise ValueError(f"Image {path} holds NaN or infinite pixel values; replace them (e.g. with 0) first.")
+        count = int((~np.isfinite(pixels)).sum())
+        raise ValueError(f"Image {path} holds {count} non-finite pixel value(s) (NaN or infinite); replace them "
+                         "(e.g. with 0) first.")
     return image
 
 
