@@ -8,6 +8,9 @@ The whole data flow is in `forward` and `decode`:
       -> head: logits (B, num_labels, h', w')        at the head's natural stride, `head.output_stride(...)`
       -> loss: logits upsampled to the label size, cross-entropy with ignore_index (+ auxiliary head)
 
+`ViTSegForUniversalSegmentation` (heads `eomt`, `pmt`; see `mask_transformer.py`) shares the backbone adapter,
+`size_divisor`, freezing, saving and pushing (`ViTSegPreTrainedModel`) and predicts a class and a mask per query.
+
 This file and its sibling imports travel with every saved checkpoint (remote code), so they import only
 torch and transformers.
 """
