@@ -110,6 +110,7 @@ def test_cli_bench_reads_a_saved_models_backbone(tmp_path, capsys):
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--heads", "linear", "nope"], "--heads nope: not a registered head"),
+    (["--heads", "eomt"], "--heads eomt: mask transformers"),
     (["--image-size", "30"], "--image-size 30 30: height and width must be multiples of 8"),
     (["--image-size", "32", "32", "32"], "--image-size takes one or two numbers"),
     (["--device", "gpu0"], "--device gpu0: not a device name"),

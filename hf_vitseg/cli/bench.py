@@ -71,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         heads = args.heads or list_heads()
+        from ..modeling.head_base import MASK_HEAD_NAMES
+
+        masks = [h for h in heads if h in MASK_HEAD_NAMES]
+        if masks:
+            raise CliError(f"--heads {' '.join(masks)}: mask transformers (ViTSegForUniversalSegmentation) are not "
+                           "benchmarked yet; bench measures the pixel heads: " + ", ".join(list_heads()) + ".")
         unknown = [h for h in heads if h not in list_heads()]
         if unknown:
             raise CliError(f"--heads {' '.join(unknown)}: not a registered head; choose from "
