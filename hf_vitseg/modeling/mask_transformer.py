@@ -266,27 +266,22 @@ class MaskTransformerHead(nn.Module):
         if prob < 1:
             dropped = torch.rand(batch, num_queries, device=mask_logits.device) > prob
             allowed = allowed | dropped[..., None]
-        mask = torch.ones(batch, seq_len, seq_len, dtype=torch.bool, device=mask_logits.device)
-        mask[:, :num_queries, start:] = allowed
         additive = torch.zeros(batch, 1, seq_len, seq_len, dtype=dtype, device=mask_logits.device)
-        return additive.masked_fill(~mask[:, None], torch.finfo(dtype).min)
+        additive[:, 0, :num_queries, start:] = (~allowed).to(dtype) * torch.finfo(dtype).min
+        return additive
 
     def run_blocks(self, hidden: torch.Tensor, layers, norm: nn.Module, run_layer, layer_kwargs: dict,
-                   grid_hw: tuple[int, int], probs: list[float], first_masked: int, all_hidden: list | None):
-        """Run `layers` over `hidden`; from layer `first_masked` on (where the queries are already in front), each
-        layer is preceded by a prediction and a masked attention when training or when its probability is above 0.
-        Returns the final normed tokens and the predictions before the masked blocks."""
+                   grid_hw: tuple[int, int], probs: list[float], all_hidden: list | None):
+        """Run the masked `layers` over `hidden` (the queries in front): before layer `i`, when training or when
+        `probs[i]` is above 0, a prediction from the normed tokens and the masked attention it gives; otherwise
+        plain attention. Returns the final normed tokens and the predictions made before the layers."""
         predictions = []
-        attention_mask = None
-        for i, layer in enumerate(layers):
-            if i >= first_masked:
-                prob = probs[i - first_masked]
-                if self.training or prob > 0:
-                    masks, classes = self.predict(norm(hidden), grid_hw)
-                    predictions.append((masks, classes))
-                    attention_mask = self.attention_mask(masks, grid_hw, prob, hidden.shape[1], hidden.dtype)
-                else:
-                    attention_mask = None
+        for layer, prob in zip(layers, probs):
+            attention_mask = None
+            if self.training or prob > 0:
+                masks, classes = self.predict(norm(hidden), grid_hw)
+                predictions.append((masks, classes))
+                attention_mask = self.attention_mask(masks, grid_hw, prob, hidden.shape[1], hidden.dtype)
             hidden = run_layer(layer, hidden, layer_kwargs, attention_mask)
             if all_hidden is not None:
                 all_hidden.append(hidden)
@@ -313,7 +308,7 @@ class EomtHead(MaskTransformerHead):
                 all_hidden.append(hidden)
         hidden = torch.cat([self.queries(hidden.shape[0], hidden), hidden], dim=1)
         hidden, predictions = self.run_blocks(
-            hidden, layers[start:], norm, adapter.run_layer, layer_kwargs, grid_hw, probs, 0, all_hidden
+            hidden, layers[start:], norm, adapter.run_layer, layer_kwargs, grid_hw, probs, all_hidden
         )
         predictions.append(self.predict(hidden, grid_hw))
         return predictions, tuple(all_hidden) if all_hidden is not None else None
@@ -363,7 +358,7 @@ class PmtHead(MaskTransformerHead):
         layer_kwargs = adapter.layer_kwargs_for_grid((height, width), patch_map)
         hidden = torch.cat([self.queries(batch, tokens), tokens], dim=1)
         hidden, predictions = self.run_blocks(
-            hidden, self.layers, self.norm, adapter.run_layer, layer_kwargs, (height, width), probs, 0, None
+            hidden, self.layers, self.norm, adapter.run_layer, layer_kwargs, (height, width), probs, None
         )
         predictions.append(self.predict(hidden, (height, width)))
         return predictions
