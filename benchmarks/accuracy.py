@@ -3,6 +3,8 @@
     python benchmarks/accuracy.py --scale 2 --json benchmarks/results/accuracy.json
     python benchmarks/accuracy.py --heads linear unet dpt --seeds 3 --steps 300 --scale 1 2 --json out.json
     python benchmarks/accuracy.py --quick --backbone path/to/tiny --heads linear conv --json /tmp/q.json
+    python benchmarks/accuracy.py --heads linear --num-channels 1 --seeds 3 --steps 200 --batch-size 4 --no-probe \
+        --finetune-top 0 --json out.json   # the grayscale image fed as ONE channel (default 3: replicated to RGB)
 
 Data (`benchmarks/data.py`): the stardist nuclei image, trained on tiles of its LEFT half, tested on its
 whole RIGHT half, at the native scale and/or 2x, intensities normalised with training-half statistics.
@@ -54,6 +56,7 @@ from benchmarks.data import foreground_iou, nuclei_split, otsu_threshold, patch_
 from hf_vitseg import ViTSegForSemanticSegmentation, ViTSegImageProcessor  # noqa: E402
 
 ID2LABEL = {0: "background", 1: "nucleus"}
+INPUT_CHANNELS = 3  # --num-channels: 3 = the grayscale image replicated to RGB, 1 = fed as one channel
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intensity-views", type=float, nargs="+", default=[1.0, 0.6],
                         help="brightness factors of the training views")
     parser.add_argument("--linear-layers", choices=["last", "last4"], default="last4")
+    parser.add_argument("--num-channels", type=int, choices=[1, 3], default=3,
+                        help="feed the grayscale image as 1 channel (the patch embedding's RGB filters summed, "
+                             "from_pretrained_backbone(num_channels=1)) instead of replicated to RGB (3)")
     parser.add_argument("--region", type=int, default=None, help="use only the central NxN pixels of the image")
     parser.add_argument("--finetune-top", type=int, default=2,
                         help="fine-tune the best N frozen heads end to end (0: none)")
@@ -151,7 +157,8 @@ def head_layers(head: str, num_layers: int, linear_layers: str) -> list[int]:
 def build_model(backbone: str, head: str, layers: list[int], seed: int, freeze: bool = True):
     torch.manual_seed(seed)  # the head's initialisation
     return ViTSegForSemanticSegmentation.from_pretrained_backbone(
-        backbone, head=head, id2label=ID2LABEL, backbone_out_indices=layers, freeze_backbone=freeze
+        backbone, head=head, id2label=ID2LABEL, backbone_out_indices=layers, freeze_backbone=freeze,
+        num_channels=None if INPUT_CHANNELS == 3 else INPUT_CHANNELS,
     )
 
 
@@ -161,10 +168,13 @@ def build_model(backbone: str, head: str, layers: list[int], seed: int, freeze: 
 
 
 def encode(gray: np.ndarray, processor: ViTSegImageProcessor) -> torch.Tensor:
-    """A [0, 1] grayscale `(H, W)` image -> normalised RGB `(3, H, W)` (the processor's padding cut off)."""
+    """A [0, 1] grayscale `(H, W)` image -> normalised RGB `(3, H, W)`, or `(1, H, W)` with a one-channel processor
+    (the processor's padding cut off)."""
     height, width = gray.shape
-    rgb = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=-1)
-    return processor(rgb, return_tensors="pt")["pixel_values"][0, :, :height, :width]
+    image = np.clip(gray, 0.0, 1.0)
+    if processor.num_channels == 3:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    return processor(image, return_tensors="pt")["pixel_values"][0, :, :height, :width]
 
 
 def training_views(split, crop: int, stride: int | None, factors: list[float], processor) -> dict:
@@ -491,7 +501,7 @@ def run_scale(scale: float, args, backbone: str, heads: list[str], num_layers: i
               predictions: dict, on_row=None) -> dict:
     log = lambda *a: print(f"[{scale:g}x {time.strftime('%H:%M:%S')}]", *a, flush=True)  # noqa: E731
     split = nuclei_split(scale, region=args.region)
-    processor = ViTSegImageProcessor(patch_size=patch_size)
+    processor = ViTSegImageProcessor(patch_size=patch_size, num_channels=args.num_channels)
     views = training_views(split, args.crop, args.tile_stride, args.intensity_views, processor)
     test_pixels = encode(split.test_image, processor)
     truth = split.test_mask
@@ -600,6 +610,15 @@ def finetune_rows(args, backbone, heads, views, test_pixels, truth, patch_size, 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    global INPUT_CHANNELS
+    INPUT_CHANNELS = args.num_channels
+    try:
+        return run(args, argv)
+    finally:
+        INPUT_CHANNELS = 3  # build_model called directly afterwards (the tests) gets the RGB default again
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     if args.json and Path(args.json).exists() and not args.overwrite:
         raise SystemExit(f"{args.json} exists; pass --overwrite to replace it or choose another --json.")
     if args.threads:

@@ -421,3 +421,16 @@ def test_a_k_channel_model_exports_to_onnx(tmp_path):
 
     session = onnxruntime.InferenceSession(str(tmp_path / "two.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[1] == 2
+
+
+def test_accuracy_benchmark_feeds_the_image_as_one_channel(tiny_backbone_dir):
+    from benchmarks import accuracy
+
+    results = accuracy.main(["--quick", "--backbone", str(tiny_backbone_dir), "--heads", "unet", "--num-channels",
+                             "1", "--no-probe", "--finetune-top", "0"])
+    row = next(r for r in results["scales"]["2"]["rows"] if r["name"] == "unet")
+    assert "error" not in row and 0.0 <= row["fg_iou_mean"] <= 1.0
+    assert results["settings"]["num_channels"] == 1
+    assert accuracy.INPUT_CHANNELS == 3  # restored for whoever calls build_model next
+    model = accuracy.build_model(str(tiny_backbone_dir), "linear", [4], seed=0)
+    assert model.config.num_channels == 3
