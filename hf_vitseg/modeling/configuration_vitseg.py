@@ -60,10 +60,12 @@ class ViTSegConfig(PreTrainedConfig):
             Apply the backbone's final layer norm to every tapped layer, as DINOv2's linear evaluation does.
             (ViT families only; SAM has no final norm and hierarchical backbones norm their own maps.)
         head (`str`, *optional*, defaults to `"linear"`):
-            A registered head name, see `hf_vitseg.list_heads()`.
+            A registered head name, see `hf_vitseg.list_heads()`, or a mask-transformer head, `"eomt"` or
+            `"pmt"` (`list_heads("mask")`), which builds `ViTSegForUniversalSegmentation` (`is_mask_transformer`).
         head_kwargs (`dict`, *optional*):
             Keyword arguments of the head's constructor (its own and `BaseHead`'s: `channels`, `dropout`,
-            `in_index`, `input_transform`). Unknown keys are an error.
+            `in_index`, `input_transform`). Unknown keys are an error. For `eomt` / `pmt`: the settings of
+            `mask_transformer.MASK_HEAD_DEFAULTS` (`num_queries`, `num_blocks`, loss weights, point sampling).
         num_labels / id2label / label2id:
             The classes. `num_labels` and `id2label` must agree.
         ignore_index (`int`, *optional*, defaults to 255):
