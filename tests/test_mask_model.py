@@ -154,6 +154,21 @@ def test_eomt_hidden_states_before_the_queries_are_the_backbone_s_and_attentions
     assert len(attentions) == 4 and attentions[-1].shape[-1] == 5 + 3 + 24  # queries, CLS + 2 registers, 4 x 6
 
 
+def test_eomt_on_a_truncated_backbone_and_tuple_outputs():
+    """backbone_out_indices=[3] of 4 layers: eomt runs 3 layers (the queries before the last 2 of them); the 4th
+    layer gets no gradient (marked unused, as for pixel heads). return_dict=False gives the output's tuple."""
+    model = mask_model("eomt", "dinov2", backbone_out_indices=[3]).eval()
+    x, _, _ = mask_batch()
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+        as_tuple = model(x, return_dict=False)
+    assert len(out.hidden_states) == 4  # embeddings + 3 layers
+    assert all(not p.requires_grad for p in model.backbone.layers[3].parameters())
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], out.class_queries_logits, rtol=0, atol=0)
+    torch.testing.assert_close(as_tuple[1], out.masks_queries_logits, rtol=0, atol=0)
+
+
 def test_pmt_backbone_frozen_decoder_copied_and_decode_from_features_equals_forward():
     model = mask_model("pmt", "dinov3_vit")
     assert model.config.freeze_backbone  # pmt's default
