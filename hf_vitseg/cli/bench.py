@@ -115,13 +115,14 @@ def _bench(args, config, heads, size, device) -> list[dict]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = {}
-    try:
-        for head in heads:  # every head builds before anything is measured: a bad size stops at once
-            models[head] = build_model(config, head, args.num_labels)
-    except ValueError as error:
-        raise CliError(f"--heads {head}: {error}") from error
-    first = models[heads[0]]
+    from ..modeling import ViTSegConfig
+
+    for head in heads:  # every head's config is checked before anything is measured; models are built one by one
+        try:
+            ViTSegConfig(backbone_config=config, head=head, num_labels=args.num_labels)
+        except ValueError as error:
+            raise CliError(f"--heads {head}: {error}") from error
+    first = build_model(config, heads[0], args.num_labels)
     divisor = first.size_divisor
     if size[0] % divisor or size[1] % divisor:
         raise CliError(f"--image-size {size[0]} {size[1]}: height and width must be multiples of {divisor} (the "
@@ -146,8 +147,8 @@ def _bench(args, config, heads, size, device) -> list[dict]:
     header += "" if args.no_prediction else f"{'proc ms':>9}{'model ms':>10}{'post ms':>9}{'post/fwd':>10}"
     print(header)
     rows = []
-    for head in heads:
-        model = models.pop(head).to(device)
+    for position, head in enumerate(heads):
+        model = (first if position == 0 else build_model(config, head, args.num_labels)).to(device)
         row = {"head": head}
         row.update(measure_head(model, reference, pixel_values, repeats=args.repeats,
                                 reference_optimizer=reference_optimizer, reference_gflops=reference_flops))
@@ -167,6 +168,7 @@ def _bench(args, config, heads, size, device) -> list[dict]:
         rows.append(row)
         print(line, flush=True)
         del model
+        first = None  # the reference keeps the first model's backbone alone
     memory = f", peak training-step memory {reference_memory:.0f} MB" if reference_memory else ""
     print(f"backbone alone: {reference_flops:.1f} GFLOPs{memory}")
     if not args.no_prediction:
