@@ -25,7 +25,8 @@ Rows (`--rows`):
   Both mask models: one class ("nucleus"; background is "no object"), the same views, batch order and AdamW
   schedule as the semantic rows; the test half is segmented in ONE forward pass (padded to the patch size, the
   padding cut in post-processing); instances from `post_process_instance_segmentation` (scored, for AP) and
-  `post_process_panoptic_segmentation` (non-overlapping, for PQ), both with `--score-threshold`.
+  `post_process_panoptic_segmentation` (non-overlapping, for PQ), both with `--score-threshold`. Their foreground
+  (any nucleus segment) also gives the semantic accuracy table's fg IoU / mIoU (`fg_iou`, `miou` in the JSON).
 
 Metrics (`hf_vitseg.training.mask_metrics`): PQ, SQ, RQ of the nucleus class (panopticapi's definition; background
 is a labelled stuff segment, so a false nucleus on background counts) and COCO mask AP50 / AP (pycocotools) of
@@ -52,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks.*` when run as a script
 
 from benchmarks import accuracy  # noqa: E402
-from benchmarks.data import NucleiSplit, nuclei_split, otsu_threshold, tile_starts  # noqa: E402
+from benchmarks.data import NucleiSplit, foreground_iou, nuclei_split, otsu_threshold, tile_starts  # noqa: E402
 from hf_vitseg import ViTSegImageProcessor  # noqa: E402
 from hf_vitseg.training.mask_metrics import MaskAP, PanopticQuality  # noqa: E402
 
@@ -232,7 +233,7 @@ def fit_watershed(data: InstanceSplit, scale: float) -> dict:
 
 def make_row(name: str, kind: str, runs: list[dict], **extra) -> dict:
     row = {"name": name, "kind": kind, **extra, "runs": runs}
-    for key in ("pq", "sq", "rq", "ap50", "ap", "train_seconds"):
+    for key in ("pq", "sq", "rq", "ap50", "ap", "fg_iou", "miou", "train_seconds"):
         values = [r[key] for r in runs if r.get(key) is not None and not np.isnan(r[key])]
         if values:
             row[f"{key}_mean"] = statistics.fmean(values)
@@ -412,6 +413,9 @@ def mask_rows(head, args, data, backbone, num_layers, patch_size, processor, row
                   [0] * len(truth_ids))
         ap_result = ap.compute()
         result.update(ap50=ap_result["map_50"], ap=ap_result["map"], num_detections=len(masks))
+        # the semantic accuracy table's numbers: foreground = any nucleus segment of the panoptic output
+        fg_iou, miou = foreground_iou((instances > 0).astype(np.uint8), data.split.test_mask)
+        result.update(fg_iou=fg_iou, miou=miou)
         runs.append({"seed": seed, **result, "train_seconds": seconds, "loss_curve": curve})
         if seed == 0:
             predictions[f"{data.split.scale:g}|{head}"] = instances

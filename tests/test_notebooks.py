@@ -63,7 +63,9 @@ def run_notebook(name: str, tmp_path: Path, monkeypatch, params: dict[str, str])
 
 
 # -- the notebooks themselves -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "finetune_with_trainer.ipynb", "publish_to_hub.ipynb"])
+@pytest.mark.parametrize(
+    "name", ["quickstart.ipynb", "finetune_with_trainer.ipynb", "publish_to_hub.ipynb", "panoptic_nuclei.ipynb"]
+)
 def test_notebook_is_stored_clean(name):
     """No stored outputs or execution counts, a `parameters` cell, and the standard python3 kernel."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -210,3 +212,33 @@ def test_publish_to_hub(tmp_path, monkeypatch, saved_model):
     assert set(results["pipeline_labels"]) <= {"background", "nucleus"} and results["pipeline_labels"]
     # the user's folder is left as it was
     assert {p.name: p.read_bytes() for p in saved_model.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_panoptic_nuclei(tmp_path, monkeypatch, tiny_backbone_dir):
+    """The mask-transformer notebook: instance files -> pmt trained with train() -> panoptic output, picture, PQ."""
+    workdir = run_notebook(
+        "panoptic_nuclei.ipynb", tmp_path, monkeypatch,
+        {
+            "HF_VITSEG_NB_BACKBONE": str(tiny_backbone_dir),
+            "HF_VITSEG_NB_SAMPLE_SIZE": "96",
+            "HF_VITSEG_NB_SCALE": "1",
+            "HF_VITSEG_NB_TILE": "32",
+            "HF_VITSEG_NB_NUM_QUERIES": "8",
+            "HF_VITSEG_NB_MAX_STEPS": "3",
+            "HF_VITSEG_NB_BATCH_SIZE": "2",
+            "HF_VITSEG_NB_THRESHOLD": "0.0",
+            "HF_VITSEG_NB_OUTPUT_DIR": "out",
+        },
+    )
+    out = workdir / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert results["head"] == "pmt" and results["test_image_shape"] == [96, 48]
+    assert results["segmentation_shape"] == [96, 48], "the panoptic map has the image's size, padding cut away"
+    assert results["attn_mask_probs"] == [0.0] * len(results["attn_mask_probs"]), "annealed to plain attention"
+    if results["num_segments"]:
+        assert results["segment_keys"] == ["id", "label_id", "score", "was_fused"]
+    assert 0.0 <= results["nucleus_pq"] <= 1.0
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["images", "masks"]
+    with Image.open(out / "panoptic.png") as figure:
+        assert figure.width >= 3 * 48 and figure.height >= 96

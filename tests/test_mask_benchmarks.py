@@ -1,0 +1,106 @@
+"""The fast parts of the mask-transformer benchmarks, so they cannot rot: the instance split (the accuracy table's
+split with instance ids), scoring, watershed and connected components, `instances.py --quick` and `mask_speed.py` on
+tiny models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import instances  # noqa: E402
+from benchmarks.data import nuclei_split  # noqa: E402
+
+
+def discs(size: int = 64, seed: int = 0):
+    """A uint16 image of five bright discs (two of them touching, one cut by the middle line) and its instance map."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    centres = [(16, 14), (16, 25), (44, 44), (48, 16), (30, 32)]  # the first two touch; the last on the middle line
+    for index, (cy, cx) in enumerate(centres, start=1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = index
+    image = np.where(labels > 0, 3000, 500) + rng.integers(0, 100, (size, size))
+    return image.astype(np.uint16), labels
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_instance_split_is_the_accuracy_tables_split_with_ids(scale):
+    image, labels = discs()
+    data = instances.instance_split(scale, image=image, instances=labels)
+    reference = nuclei_split(scale, image=image, mask=labels > 0)
+    np.testing.assert_array_equal(data.split.test_image, reference.test_image)
+    np.testing.assert_array_equal(data.test_instances > 0, reference.test_mask > 0)
+    # ids renumbered per half from 1; a disc cut by the middle line is one instance on each side
+    assert sorted(np.unique(data.train_instances)) == list(range(data.train_instances.max() + 1))
+    assert data.train_instances.max() == 4 and data.test_instances.max() == 2
+    tiles = data.train_tiles(16 * scale)
+    assert [t[0].shape for t in tiles] == [(16 * scale, 16 * scale)] * len(tiles)
+    np.testing.assert_array_equal(tiles[0][1] > 0, reference.train_tiles(16 * scale)[0][1] > 0)
+
+
+def test_scores_of_a_perfect_a_merged_and_an_empty_prediction():
+    _, labels = discs()
+    perfect = instances.evaluate(labels, {i: 1.0 for i in range(1, 6)}, labels)
+    assert (perfect["pq"], perfect["rq"], perfect["ap50"], perfect["num_instances"]) == (1.0, 1.0, 1.0, 5)
+    # the two touching discs merged into one component: it matches the larger of the two (IoU just above 0.5, the
+    # later disc owns the shared pixels), the other is missed: 4 true positives, 1 false negative
+    merged, scores = instances.connected_components((labels > 0).astype(float))
+    assert merged.max() == 4 and set(scores.values()) == {1.0}
+    result = instances.evaluate(merged, scores, labels)
+    assert result["rq"] == pytest.approx(4 / (4 + 0.5 * 1))
+    empty = instances.evaluate(np.zeros_like(labels), {}, labels)
+    assert (empty["pq"], empty["ap50"]) == (0.0, 0.0)
+
+
+def test_watershed_splits_touching_discs_that_components_merge():
+    pytest.importorskip("skimage", reason="the watershed baseline needs scikit-image (benchmarks / dev extra)")
+    image, labels = discs()
+    gray = image.astype(np.float32) / image.max()
+    split, scores = instances.watershed_instances(gray, threshold=0.5, min_distance=4)
+    assert split.max() == 5 and len(scores) == 5
+    assert instances.evaluate(split, scores, labels)["pq"] > 0.9
+
+
+@pytest.mark.slow
+def test_instances_quick_end_to_end(tiny_backbone_dir, tmp_path, monkeypatch):
+    image, labels = discs(96)
+    monkeypatch.setattr("hf_vitseg.demo.assets.load_stardist_instances", lambda: (image, labels))
+    out = tmp_path / "quick.json"
+    results = instances.main(["--quick", "--backbone", str(tiny_backbone_dir), "--rows", "watershed", "pmt", "eomt",
+                              "--scale", "1", "--json", str(out)])
+    rows = {r["kind"]: r for r in results["scales"]["1"]["rows"]}
+    assert set(rows) == {"watershed", "pmt", "eomt"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert 0.0 <= row["pq_mean"] <= 1.0 and 0.0 <= row["ap50_mean"] <= 1.0
+    assert rows["pmt"]["runs"][0]["train_seconds"] > 0 and 0.0 <= rows["eomt"]["fg_iou_mean"] <= 1.0
+    saved = json.loads(out.read_text())
+    assert [r["kind"] for r in saved["scales"]["1"]["rows"]] == ["watershed", "pmt", "eomt"]
+    with np.load(out.with_suffix(".npz")) as npz:
+        assert npz["1|pmt"].shape == npz["1|truth"].shape == (96, 48)
+    with pytest.raises(SystemExit, match="exists"):
+        instances.main(["--quick", "--backbone", str(tiny_backbone_dir), "--rows", "watershed", "--json", str(out)])
+
+
+@pytest.mark.slow
+def test_mask_speed_runs_on_a_tiny_config(tmp_path):
+    from benchmarks import mask_speed
+
+    out = tmp_path / "speed.json"
+    results = mask_speed.main(["--sizes", "32", "--hidden-size", "32", "--layers", "4", "--heads", "2",
+                               "--num-blocks", "2", "--num-queries", "5", "--repeats", "1", "--warmup", "0",
+                               "--json", str(out)])
+    row = results["sizes"]["32"]
+    for key in ("eomt_forward_ratio", "eomt_train_step_ratio", "pmt_forward_over_backbone"):
+        assert row[key] > 0
+    assert json.loads(out.read_text())["sizes"]["32"]["forward_seconds"].keys() == {
+        "transformers eomt", "ours eomt", "pmt", "pmt backbone alone"}
+    with pytest.raises(SystemExit, match="multiples of the patch size"):
+        mask_speed.main(["--sizes", "30"])
