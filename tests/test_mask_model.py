@@ -394,6 +394,27 @@ def test_bad_targets_are_refused():
         model(x, labels=torch.zeros(2, 32, 48, dtype=torch.long))
 
 
+@pytest.mark.parametrize("head", [*HEADS, "linear"])
+def test_non_finite_pixel_values_are_refused_in_one_line(head):
+    """NaN / inf pixels would make every output (and the loss) NaN: the backbone check refuses them, for both mask
+    heads and the semantic model alike; a size off the patch grid is refused as well."""
+    if head == "linear":
+        torch.manual_seed(0)
+        config = ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), num_labels=3)
+        model = ViTSegForSemanticSegmentation(config)
+    else:
+        model = mask_model(head)
+    x, _, _ = mask_batch()
+    for value in (float("nan"), float("inf")):
+        bad = x.clone()
+        bad[1, 0, 3, 4] = value
+        with pytest.raises(ValueError, match=r"pixel_values hold 1 non-finite value\(s\)") as error:
+            model(bad)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="must be multiples of 8"):
+        model(torch.randn(1, 3, 30, 48))
+
+
 def test_loss_without_scipy_says_what_to_install(monkeypatch):
     model = mask_model("eomt")
     x, mask_labels, class_labels = mask_batch()

@@ -188,6 +188,13 @@ class BackboneAdapter(nn.Module):
                 f"got {h}x{w}. Pad with ViTSegImageProcessor (it pads to a multiple of patch_size), e.g. to "
                 f"{-(-h // d) * d}x{-(-w // d) * d}."
             )
+        # one host sync; skipped while torch.compile / torch.export trace (a data-dependent branch)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+            count = int((~torch.isfinite(pixel_values)).sum())
+            raise ValueError(
+                f"pixel_values hold {count} non-finite value(s) (NaN or inf), which would make every output NaN; "
+                "pass finite normalised images (ViTSegImageProcessor refuses non-finite images)."
+            )
 
     def forward(
         self,
