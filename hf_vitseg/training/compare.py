@@ -115,6 +115,7 @@ def compare_heads(
     from .. import list_heads
     from .trainer import check_training_arguments
 
+    began = time.perf_counter()
     check_training_arguments(max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                              warmup_ratio=warmup_ratio)
     heads = _check_heads(heads, list_heads())
@@ -201,6 +202,7 @@ def compare_heads(
         _save_model(output_dir, recommendation["saved"], backbone, common, processor)
         files.append("model/")
     summary["files"] = files
+    summary["seconds"] = round(time.perf_counter() - began, 1)  # this call (heads done earlier not included)
     _write_json(output_dir / "results.json", summary)
     return summary
 
@@ -376,6 +378,7 @@ def _run_head(head, number, count, backbone, common, train_cache, eval_caches, s
 
     from ..modeling import ViTSegForSemanticSegmentation
 
+    started = time.perf_counter()
     set_seed(settings["seed"])  # the head's initialisation (and its dropout) as in every other head's run
     model = ViTSegForSemanticSegmentation.from_pretrained_backbone(backbone, head=head, **common).to(device)
     losses, train_seconds = _train(model, train_cache, settings, crop, device,
@@ -390,6 +393,7 @@ def _run_head(head, number, count, backbone, common, train_cache, eval_caches, s
         "train_seconds": round(train_seconds, 2), "seconds_per_step": round(train_seconds / settings["max_steps"], 4),
         "loss_first": losses[0], "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])),
     }
+    result["seconds"] = round(time.perf_counter() - started, 2)  # the whole head: build, train, evaluate, measure
     _log(f"[{number}/{count}] {head}: mIoU {result['miou']:.3f}, forward {result['forward_ratio']:.2f}x the "
          f"backbone's, trained in {train_seconds:.1f}s", progress)
     folder = output_dir / HEADS_DIR / head
