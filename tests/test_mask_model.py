@@ -320,6 +320,19 @@ def test_torch_compile_equals_eager_for_both_heads():
             assert (traced.auxiliary_logits is None) == (prob == 0.0)
 
 
+def test_class_labels_of_any_integer_dtype_give_the_same_loss():
+    """int32 / uint8 class ids (numpy's default int on some platforms, a user's own collator) are class ids like int64
+    ones (transformers' EoMT loss indexes with them and needs int64)."""
+    model = mask_model("eomt").train()
+    x, mask_labels, class_labels = mask_batch()
+    losses = []
+    for dtype in (torch.long, torch.int32, torch.uint8):
+        torch.manual_seed(2)
+        losses.append(model(x, mask_labels=mask_labels, class_labels=[c.to(dtype) for c in class_labels]).loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    torch.testing.assert_close(losses[2], losses[0], rtol=0, atol=0)
+
+
 def test_empty_targets_give_a_finite_loss():
     model = mask_model("eomt").train()
     x, mask_labels, class_labels = mask_batch()

@@ -481,7 +481,7 @@ class ViTSegForUniversalSegmentation(ViTSegPreTrainedModel):
         if mask_labels is not None:
             device = predictions[-1][0].device
             loss, loss_dict = mask_classification_loss(
-                predictions, [m.to(device) for m in mask_labels], [c.to(device) for c in class_labels],
+                predictions, [m.to(device) for m in mask_labels], [c.to(device, torch.long) for c in class_labels],
                 self.head.settings, self.config.num_labels,
             )
         masks, classes = predictions[-1]
