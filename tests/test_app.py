@@ -105,6 +105,36 @@ def test_a_large_image_is_predicted_in_sliding_windows(model_folder, tmp_path, m
         always.model, always.processor, read_image(small), sliding_window=always.sliding_window))
 
 
+def test_a_mask_transformer_is_served_with_predicts_semantic_map(tmp_path, monkeypatch, capsys):
+    """An eomt model folder: the page's prediction is `hf-vitseg predict`'s label map for it (whole images, also
+    a large one), and sliding windows are refused in one line naming the flag."""
+    from hf_vitseg import ViTSegConfig
+    from hf_vitseg.cli import predict
+    from hf_vitseg.modeling import ViTSegForUniversalSegmentation
+
+    torch.manual_seed(0)
+    folder = tmp_path / "eomt"
+    ViTSegForUniversalSegmentation(ViTSegConfig(
+        backbone_config=tiny_backbone_config("dinov2"), head="eomt", num_labels=3, id2label=ID2LABEL,
+        head_kwargs={"num_queries": 6, "num_blocks": 2})).save_pretrained(folder)
+    ViTSegImageProcessor(patch_size=8).save_pretrained(folder)
+    monkeypatch.setattr(predict, "MAX_PLAIN_TOKENS", 10)  # 'large' images stay whole for a mask model
+    image = save_image(tmp_path / "cells.png")
+    result = SegmentationApp.from_pretrained(folder).predict(image)
+    assert main(["predict", str(image), "--model", str(folder), "--out", str(tmp_path / "out")]) == 0
+    np.testing.assert_array_equal(result.label_map, np.asarray(Image.open(tmp_path / "out" / "cells_labels.png")))
+    model = ViTSegForUniversalSegmentation.from_pretrained(folder).eval()
+    processor = ViTSegImageProcessor.from_pretrained(folder)
+    with torch.no_grad():  # 40 x 56: patch multiples, no padding to cut
+        expected = processor.post_process_semantic_segmentation(model(**processor(Image.open(image))),
+                                                                target_sizes=[(40, 56)])[0].numpy()
+    np.testing.assert_array_equal(result.label_map, expected)
+    assert sum(row[3] for row in result.areas) == 40 * 56
+    capsys.readouterr()
+    assert main(["app", str(folder), "--sliding-window"]) == 1
+    assert "--sliding-window is for pixel heads" in one_line_error(capsys)
+
+
 def test_the_page_has_its_parts_and_no_analytics(model_folder):
     app = SegmentationApp.from_pretrained(model_folder)
     page = app.build()

@@ -158,7 +158,9 @@ def predict_label_map(model, processor, image: Image.Image | np.ndarray, scales=
     Plain inference unless `scales` / `flip` / `sliding_window` ask for more (see
     `hf_vitseg.inference.predict_logits`). The processor's padding is cut away exactly. With
     `large_image_window` (sliding-window settings), an image of more than `MAX_PLAIN_TOKENS` patch tokens (at
-    the largest scale) is predicted window by window, with a one-line notice on stderr.
+    the largest scale) is predicted window by window, with a one-line notice on stderr. A mask transformer (head
+    eomt / pmt) predicts whole images (its semantic post-processing; `large_image_window` unused) and refuses
+    `sliding_window`, `scales` and `flip` with a `ValueError`.
     """
     import torch
 
@@ -169,6 +171,18 @@ def predict_label_map(model, processor, image: Image.Image | np.ndarray, scales=
     inputs.pop("input_sizes")
     input_boxes = inputs.pop("input_boxes")  # the exact geometry, for padded and centre-cropped inputs alike
     pixel_values = inputs["pixel_values"]
+    parameter = next(model.parameters())
+    device = parameter.device if device is None else torch.device(device)
+    if getattr(model.config, "is_mask_transformer", False):  # eomt / pmt: whole images, semantic post-processing
+        if sliding_window is not None or tuple(scales) != (1.0,) or flip:
+            raise ValueError("sliding_window is for pixel heads: a mask transformer (head eomt / pmt) predicts whole "
+                             "images, without sliding windows or test-time augmentation (scales, flip). Drop them.")
+        with torch.no_grad():
+            outputs = model(pixel_values=pixel_values.to(device, parameter.dtype))
+        return processor.post_process_semantic_segmentation(
+            outputs, target_sizes=[(height, width)], input_boxes=input_boxes,
+            padded_size=tuple(pixel_values.shape[-2:]),
+        )[0].cpu().numpy()
     tokens = pixel_values.shape[-2] * pixel_values.shape[-1] * max(scales) ** 2 // model.size_divisor ** 2
     if sliding_window is None and large_image_window is not None and tokens > MAX_PLAIN_TOKENS:
         from tqdm.auto import tqdm
@@ -178,8 +192,6 @@ def predict_label_map(model, processor, image: Image.Image | np.ndarray, scales=
                    f"{MAX_PLAIN_TOKENS:,}): predicting it in sliding {window} windows (--sliding-window --crop-size "
                    "to choose).", file=sys.stderr)
         sliding_window = large_image_window
-    parameter = next(model.parameters())
-    device = parameter.device if device is None else torch.device(device)
     if sliding_window is None and tuple(scales) == (1.0,) and not flip:
         with torch.no_grad():
             logits = model(pixel_values=pixel_values.to(device, parameter.dtype)).logits.float().cpu()
@@ -417,7 +429,7 @@ def _run_mask_model(args: argparse.Namespace, model, processor, device) -> int:
         shown = display_image(image, processor)
         try:
             if task == "semantic":
-                label_map = _mask_model_label_map(model, processor, image, device)
+                label_map = predict_label_map(model, processor, image, device=device)
             else:
                 segment_map, segments = predict_segments(model, processor, image, task, args.threshold, device)
         except ValueError as error:  # e.g. the processor refusing the pixels: name the file
@@ -438,20 +450,3 @@ def _run_mask_model(args: argparse.Namespace, model, processor, device) -> int:
                               display_channels=args.display_channels).save(overlay_path)
         tqdm.write(f"{image_path} -> {', '.join(str(path) for path in written)}", file=sys.stdout)
     return 0
-
-
-def _mask_model_label_map(model, processor, image, device) -> np.ndarray:
-    """The class map of one image from a mask transformer (`post_process_semantic_segmentation` on its outputs)."""
-    import torch
-
-    height, width = image_size(image, processor)
-    inputs = processor(image, return_input_sizes=True, return_tensors="pt")
-    inputs.pop("input_sizes")
-    input_boxes = inputs.pop("input_boxes")
-    parameter = next(model.parameters())
-    pixel_values = inputs["pixel_values"]
-    with torch.no_grad():
-        outputs = model(pixel_values=pixel_values.to(device or parameter.device, parameter.dtype))
-    return processor.post_process_semantic_segmentation(
-        outputs, target_sizes=[(height, width)], input_boxes=input_boxes, padded_size=tuple(pixel_values.shape[-2:]),
-    )[0].cpu().numpy()

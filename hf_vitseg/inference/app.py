@@ -91,7 +91,8 @@ class SegmentationApp:
     """A loaded model behind the web page: `predict(image)` for one image, `build()` for the Gradio page.
 
     Args:
-        model: a `ViTSegForSemanticSegmentation` in eval mode (e.g. from `hub.loading.load_model`).
+        model: a `ViTSegForSemanticSegmentation` in eval mode (e.g. from `hub.loading.load_model`), or a
+            `ViTSegForUniversalSegmentation` (eomt / pmt: its semantic segmentation of whole images).
         processor: its image processor (`hub.loading.load_image_processor`).
         sliding_window: window settings (`{"crop_size", "stride", "blend", "batch_size"}`) to predict every image
             window by window, or None for one pass.
@@ -141,7 +142,13 @@ class SegmentationApp:
         processor = load_image_processor(source, model)
         flags = SimpleNamespace(sliding_window=sliding_window, crop_size=crop_size, stride=stride, blend=blend,
                                 window_batch_size=window_batch_size)
-        windows = _sliding_window_settings(flags, model, force=True)
+        if getattr(model.config, "is_mask_transformer", False):  # whole images only (predict_label_map)
+            if sliding_window or crop_size or stride:
+                raise ValueError("sliding_window is for pixel heads: a mask transformer (head eomt / pmt) predicts "
+                                 "whole images. Drop --sliding-window, --crop-size and --stride.")
+            windows = None
+        else:
+            windows = _sliding_window_settings(flags, model, force=True)
         kwargs.setdefault("title", f"hf-vitseg: {Path(source).name if os.path.isdir(source) else source}")
         return cls(model, processor, sliding_window=windows if sliding_window else None, large_image_window=windows,
                    device=device, **kwargs)
