@@ -64,7 +64,7 @@ from hf_vitseg.training.run_dir import (
     resolve_output_dir,
     snapshot_files,
 )
-from hf_vitseg.training.trainer import MASK_MODEL_INPUTS, PixelMaskCollator, _void_pixels
+from hf_vitseg.training.trainer import MASK_MODEL_INPUTS, _void_pixels
 from hf_vitseg.training.universal_metrics import check_task, compute_universal_metrics, encode_mask_targets
 
 
@@ -157,9 +157,8 @@ def train_with_accelerate(
     train_dataset, eval_dataset = prepare_datasets(
         train_dataset, eval_dataset, processor, crop_size, **{"seed": seed, **(augment or {}), **targets}
     )
+    # for a mask model its batches carry void_mask (ignored pixels and padding): the metrics keep them out of PQ / AP
     collator = SegmentationCollator(pad_multiple=unwrap_model(model).size_divisor, ignore_index=config.ignore_index)
-    if mask_model:  # + the padding mask: the metrics keep the padding out of PQ and AP
-        collator = PixelMaskCollator(collator)
     train_loader = DataLoader(
         train_dataset, batch_size=batch_size, shuffle=True, collate_fn=collator, num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),  # one data order, the same on every process

@@ -484,11 +484,12 @@ def test_accelerate_example_trains_a_mask_model(instance_data):
 
 
 def test_batch_padding_is_void_for_the_metrics():
-    """Two images of different sizes in one batch: the collator's padding is marked (`pixel_mask`), and a segment
-    predicted there is no false positive."""
+    """Two images of different sizes in one batch (samples without a void_mask of their own, e.g. a user's
+    dataset): the collator marks the padding void (`void_mask`), and a segment predicted there is no false
+    positive; a collator of one's own that gives transformers' `pixel_mask` instead is read the same way."""
     from hf_vitseg import ViTSegImageProcessor
     from hf_vitseg.data.collator import SegmentationCollator
-    from hf_vitseg.training.trainer import PixelMaskCollator, _void_pixels
+    from hf_vitseg.training.trainer import _void_pixels
     from hf_vitseg.training.universal_metrics import compute_universal_metrics, encode_mask_targets
 
     small, large = torch.zeros(1, 16, 32), torch.zeros(1, 32, 32)
@@ -496,9 +497,11 @@ def test_batch_padding_is_void_for_the_metrics():
     large[0, 16:, 16:] = 1
     features = [{"pixel_values": torch.zeros(3, 16, 32), "mask_labels": small, "class_labels": torch.tensor([0])},
                 {"pixel_values": torch.zeros(3, 32, 32), "mask_labels": large, "class_labels": torch.tensor([0])}]
-    batch = PixelMaskCollator(SegmentationCollator(pad_multiple=8))(features)
-    assert batch["pixel_mask"][0].sum() == 16 * 32 and batch["pixel_mask"][1].sum() == 32 * 32
+    batch = SegmentationCollator(pad_multiple=8)(features)
+    assert (~batch["void_mask"][0]).sum() == 16 * 32 and not batch["void_mask"][1].any()
     void = _void_pixels(batch, tiny_mask_model().config)
+    pixel_mask = (~batch["void_mask"]).long()  # transformers' name, 1 on image pixels
+    assert torch.equal(_void_pixels({"pixel_mask": pixel_mask}, tiny_mask_model().config), void)
     predicted = [torch.stack([batch["mask_labels"][0][0], torch.zeros(32, 32)]), batch["mask_labels"][1]]
     predicted[0][1, 16:, :] = 1  # a segment in the first image's padding
     outputs = _perfect_outputs(predicted, [torch.tensor([0, 0]), torch.tensor([0])], num_labels=1)

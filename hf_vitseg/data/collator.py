@@ -25,8 +25,9 @@ class SegmentationCollator:
     Mask-classification targets (`ViTSegForUniversalSegmentation`): samples with `mask_labels` `(N_i, H, W)` and
     `class_labels` `(N_i,)` (from `SegmentationTransform(..., return_mask_labels=True)`) come out as lists, one entry
     per image, as the model takes them: `mask_labels` `[(N_i, H', W')]` float32, padded with 0 (padding belongs to
-    no target), and `class_labels` `[(N_i,)]` int64. `N_i` may be 0. A `void_mask` `(H, W)` bool per sample (the
-    pixels to ignore) is stacked to `(B, H', W')`, padded with True: metrics skip it; the model does not take it.
+    no target), and `class_labels` `[(N_i,)]` int64. `N_i` may be 0. Such a batch also carries `void_mask`
+    `(B, H', W')` bool, the pixels the metrics skip: each sample's own `void_mask` `(H, W)` (ignored pixels; none
+    when no sample gives one) and the batch padding, True. The model does not take it.
 
     Args:
         pad_multiple (`int`, defaults to 14): the backbone's patch size (14 for DINOv2, 16 for ViT / DeiT / SAM).
@@ -87,7 +88,7 @@ class SegmentationCollator:
 
         if any("mask_labels" in feature or "class_labels" in feature for feature in features):
             batch["mask_labels"], batch["class_labels"] = _mask_targets(features, images, (height, width))
-        if any(feature.get("void_mask") is not None for feature in features):
+        if "mask_labels" in batch or any(feature.get("void_mask") is not None for feature in features):
             batch["void_mask"] = _void_masks(features, images, (height, width))
 
         for key in features[0]:
@@ -120,9 +121,13 @@ def _mask_targets(features, images, padded_hw) -> tuple[list[torch.Tensor], list
 
 
 def _void_masks(features, images, padded_hw) -> torch.Tensor:
-    """`(B, H', W')` bool: each sample's `void_mask`, the padding True."""
+    """`(B, H', W')` bool: each sample's `void_mask` (all False when no sample has one), the padding True."""
     void = torch.ones((len(images), *padded_hw), dtype=torch.bool)
+    given = any(feature.get("void_mask") is not None for feature in features)
     for index, (feature, image) in enumerate(zip(features, images)):
+        if not given:
+            void[index, : image.shape[1], : image.shape[2]] = False
+            continue
         if feature.get("void_mask") is None:
             raise ValueError(f"Sample {index} of the batch has no 'void_mask' while others have; give all or none.")
         mask = torch.as_tensor(feature["void_mask"], dtype=torch.bool)

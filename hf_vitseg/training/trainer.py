@@ -168,33 +168,10 @@ class SegmentationTrainer(Trainer):
 MASK_MODEL_INPUTS = ("pixel_values", "mask_labels", "class_labels")
 
 
-class PixelMaskCollator:
-    """A collator whose batches also carry `pixel_mask` (B, H, W) long, 1 on each image's pixels and 0 on the
-    batch padding (transformers' name), unless the collator gives one: a mask model's metrics treat the padding
-    as void (`_void_pixels`), not as background where a predicted segment would count as a false positive.
-
-    Args:
-        collator: the collator (`SegmentationCollator`), whose samples carry `pixel_values` `(C, H, W)`.
-    """
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        if "pixel_mask" not in batch:
-            pixel_mask = torch.zeros((len(features), *batch["pixel_values"].shape[-2:]), dtype=torch.long)
-            for index, feature in enumerate(features):
-                height, width = torch.as_tensor(feature["pixel_values"]).shape[-2:]
-                pixel_mask[index, :height, :width] = 1
-            batch["pixel_mask"] = pixel_mask
-        return batch
-
-
 def _void_pixels(inputs, config) -> torch.Tensor | None:
     """(B, H, W) bool: the pixels of a mask model's batch that carry no label, or `None` when the batch does not
-    say: a `labels` map's `ignore_index`; the batch padding (`pixel_mask` 0, transformers' name) and a `void_mask`
-    (ignore pixels) when the collator gives them."""
+    say: a `labels` map's `ignore_index`; else `SegmentationCollator`'s `void_mask` (ignored pixels and the batch
+    padding) and a `pixel_mask`'s 0 (the batch padding, transformers' name, from a collator of one's own)."""
     if inputs.get("labels") is not None:
         return inputs["labels"] == config.ignore_index
     void = None
@@ -384,7 +361,7 @@ def train(
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=PixelMaskCollator(collator) if mask_model else collator,
+        data_collator=collator,
         processing_class=processor,
         compute_metrics=(
             compute_universal_metrics(processor, task, config.num_labels, config.id2label) if mask_model
