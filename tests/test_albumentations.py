@@ -158,6 +158,10 @@ def test_mistakes_are_named(processor):
     too_large = SegmentationTransform(processor, train=True, crop_size=16, augmentation=A.Compose([A.NoOp()]))
     with pytest.raises(ValueError, match=r"larger than crop_size \(16, 16\): end it with a crop"):
         run(too_large, image, mask)
+    poisoned = SegmentationTransform(processor, train=True, augmentation=A.Compose(
+        [A.Lambda(image=lambda pixels, **kwargs: np.where(pixels > 128, np.inf, pixels / 255.0))]))
+    with pytest.raises(ValueError, match=r"Compose returned an image with \d+ NaN or infinite value"):
+        run(poisoned, image, mask)
 
 
 def test_train_takes_a_compose_through_augment(tmp_path, tiny_backbone_dir):

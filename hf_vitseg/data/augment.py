@@ -362,6 +362,9 @@ class SegmentationTransform:
         if image.shape[1:] != mask.shape:
             raise ValueError(f"The albumentations Compose returned an image of size {image.shape[1:]} but a mask of "
                              f"size {mask.shape}; its transforms must move image and mask together.")
+        if not np.isfinite(image).all():
+            raise ValueError(f"The albumentations Compose returned an image with {int((~np.isfinite(image)).sum())} "
+                             "NaN or infinite value(s); check its transforms (a division by a zero std, say).")
         if self._normalize is None:
             image = self.processor.normalize_sample(image if eight_bit else image * np.float32(255.0))
         if self.crop_size is None:
