@@ -70,6 +70,9 @@ def test_load_instance_folder_with_class_maps(instance_folder):
     (masks / "cell1.json").unlink()
     with pytest.raises(ValueError, match=r"1 class map\(s\) .* missing or unreadable: cell1.json \(missing\)"):
         load_instance_folder(images, masks, class_map_suffix=".json")
+    (masks / "cell1.json").write_text('{"1": 0.5, "2": 1.0}')  # int() would have made class 0 of 0.5
+    with pytest.raises(ValueError, match=r"cell1.json \(class id 0.5 is not a whole number\)"):
+        load_instance_folder(images, masks, class_map_suffix=".json")
     with pytest.raises(ValueError, match="instance_class must be a class id"):
         load_instance_folder(images, masks, instance_class=-1)
 

@@ -117,6 +117,11 @@ def test_instance_map_errors_name_the_problem():
         segmentation_map_to_targets(seg, [0])
     with pytest.raises(ValueError, match="pass the instance maps too"):
         ViTSegImageProcessor(patch_size=PATCH)(np.zeros((8, 8, 3), np.uint8), instance_id_to_semantic_id=0)
+    for bad in (0.5, float("nan"), float("inf"), "1", True):  # a fraction was truncated to class 0 before
+        with pytest.raises(ValueError, match=r"gives instance 1 the class .*whole numbers"):
+            segmentation_map_to_targets(seg, {1: bad, 2: 0, 3: 0})
+    _, classes = segmentation_map_to_targets(seg, {1: 2.0, 2: np.int64(0), "3": 1})  # whole numbers, JSON keys
+    assert classes.tolist() == [2, 0, 1]
 
 
 def test_processor_mask_labels_are_padded_with_zeros_and_match_pixel_values():

@@ -212,7 +212,7 @@ def load_instance_folder(
             mapping = json.loads(class_file.read_text(encoding="utf-8"))
             if not isinstance(mapping, dict):
                 raise ValueError("not a JSON object")
-            entries.append(json.dumps({str(int(key)): int(class_id) for key, class_id in mapping.items()}))
+            entries.append(json.dumps({str(int(key)): _class_id(class_id) for key, class_id in mapping.items()}))
         except FileNotFoundError:
             problems.append(f"{class_file.name} (missing)")
         except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError
@@ -226,6 +226,13 @@ def load_instance_folder(
             '{"<instance id>": <class id>}; or pass instance_class for one class for all.'
         )
     return dataset.add_column(INSTANCE_CLASSES_COLUMN, entries)
+
+
+def _class_id(value) -> int:
+    """A class map's class id: a whole number (`1` or `1.0`), else a `ValueError` (`int` would truncate 0.5 to 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError(f"class id {value!r} is not a whole number")
+    return int(value)
 
 
 def _image_files(folder: Path, pattern: str) -> list[Path]:

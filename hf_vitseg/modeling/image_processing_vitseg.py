@@ -1063,6 +1063,10 @@ def _instance_class(instance_id: int, mapping, ignore_index, reduce: bool, all_i
                 f"ids {named[:10]}{' ...' if len(named) > 10 else ''}); give every instance its class (0 is background "
                 f"and {ignore_index} ignored unless named)."
             )
+        if isinstance(class_id, bool) or not isinstance(class_id, (int, np.integer, float, np.floating)) or (
+                not float(class_id).is_integer()):  # NaN and inf included
+            raise ValueError(f"instance_id_to_semantic_id gives instance {instance_id} the class {class_id!r}; "
+                             "classes are whole numbers 0..num_labels-1.")
         class_id = int(class_id)
     else:
         raise TypeError(
