@@ -4,6 +4,8 @@ Mask2Former and EoMT processors on the same outputs, and padding cut exactly as 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -292,6 +294,27 @@ def test_instance_needs_mask_outputs_and_panoptic_reads_semantic_ones_as_stuff()
     for info in result["segments_info"]:
         assert info["was_fused"] and info["score"] is None
         torch.testing.assert_close(result["segmentation"] == info["id"], label_map == info["label_id"])
+
+
+@pytest.mark.parametrize("method", ["semantic", "instance", "panoptic"])
+def test_non_finite_outputs_thresholds_and_empty_sizes_are_refused(method):
+    """NaN logits or a NaN threshold used to give an empty result without a word; a 0-pixel target size failed
+    inside torch."""
+    generator = torch.Generator().manual_seed(0)
+    outputs = ModelOutput(class_queries_logits=torch.randn(1, 4, 3, generator=generator),
+                          masks_queries_logits=torch.randn(1, 4, 6, 6, generator=generator))
+    post_process = getattr(ViTSegImageProcessor(), f"post_process_{method}_segmentation")
+    assert len(post_process(outputs, target_sizes=[(12, 12)])) == 1
+    for name in ("class_queries_logits", "masks_queries_logits"):
+        poisoned = ModelOutput(**{**outputs, name: outputs[name].clone().index_fill_(1, torch.tensor([2]), math.nan)})
+        with pytest.raises(ValueError, match=f"{name} hold NaN or infinite values"):
+            post_process(poisoned)
+    with pytest.raises(ValueError, match=r"at least 1 pixel each; got \(0, 12\)"):
+        post_process(outputs, target_sizes=[(0, 12)])
+    if method != "semantic":
+        for threshold in ("threshold", "mask_threshold", "overlap_mask_area_threshold"):
+            with pytest.raises(ValueError, match=f"{threshold} must be a finite number, got nan"):
+                post_process(outputs, **{threshold: math.nan})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ installed hf-vitseg. It builds on transformers' PIL backend, so torchvision is n
 """
 
 import math
+import numbers
 import os
 import warnings
 
@@ -849,7 +850,9 @@ class ViTSegImageProcessor(PilBackend):
             `list[dict]`, one per image: `segmentation`, `(H, W)` float32 instance ids with -1 for no instance (or
             `(N, H, W)` binary maps); `segments_info`, a list of `{"id", "label_id", "was_fused": False, "score"}`.
         """
-        class_logits, mask_logits = _mask_outputs(outputs, "post_process_instance_segmentation")
+        class_logits, mask_logits = _mask_outputs(outputs, "post_process_instance_segmentation", threshold=threshold,
+                                                  mask_threshold=mask_threshold,
+                                                  overlap_mask_area_threshold=overlap_mask_area_threshold)
         batch_size, num_queries, num_columns = class_logits.shape
         num_classes = num_columns - 1
         target_sizes, input_boxes, padded_size = _output_geometry(
@@ -932,7 +935,9 @@ class ViTSegImageProcessor(PilBackend):
             label_maps = self.post_process_semantic_segmentation(outputs, target_sizes, input_sizes, padded_size,
                                                                  input_boxes)
             return [_stuff_segments(label_map) for label_map in label_maps]
-        class_logits, mask_logits = _mask_outputs(outputs, "post_process_panoptic_segmentation")
+        class_logits, mask_logits = _mask_outputs(outputs, "post_process_panoptic_segmentation", threshold=threshold,
+                                                  mask_threshold=mask_threshold,
+                                                  overlap_mask_area_threshold=overlap_mask_area_threshold)
         batch_size, _, num_columns = class_logits.shape
         num_labels = num_columns - 1
         label_ids_to_fuse = set() if label_ids_to_fuse is None else set(label_ids_to_fuse)
@@ -1156,7 +1161,12 @@ def panoptic_to_instance_map(
 # --------------------------------------------------------------------------------------------------
 
 
-def _mask_outputs(outputs, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _mask_outputs(outputs, what: str, **thresholds) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs' `(class_queries_logits, masks_queries_logits)`, checked (shapes, finite values), and the
+    `thresholds` (finite numbers: NaN would silently keep no segment)."""
+    for name, value in thresholds.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{what}: {name} must be a finite number, got {value!r}.")
     class_logits = getattr(outputs, "class_queries_logits", None)
     mask_logits = getattr(outputs, "masks_queries_logits", None)
     if class_logits is None or mask_logits is None:
@@ -1170,6 +1180,10 @@ def _mask_outputs(outputs, what: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"class_queries_logits {tuple(class_logits.shape)} and masks_queries_logits {tuple(mask_logits.shape)} "
             "disagree on the batch size or the number of queries."
         )
+    for name, logits in (("class_queries_logits", class_logits), ("masks_queries_logits", mask_logits)):
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError(f"{what}: the model's {name} hold NaN or infinite values (a diverged model, or inputs "
+                             "out of range); there is nothing to segment from.")
     return class_logits, mask_logits
 
 
@@ -1466,6 +1480,9 @@ def _output_geometry(batch_size: int, target_sizes, input_sizes, input_boxes, pa
         padded_size = (int(padded_size[0]), int(padded_size[1]))
     if target_sizes is not None:
         target_sizes = _as_int_rows(target_sizes)
+        empty = [size for size in target_sizes if len(size) != 2 or min(size) < 1]
+        if empty:
+            raise ValueError(f"target_sizes must be (height, width) pairs of at least 1 pixel each; got {empty[0]}.")
     return target_sizes, input_boxes, padded_size
 
 
