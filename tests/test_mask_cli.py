@@ -145,6 +145,9 @@ def test_errors_name_the_flags(trained, pixel_model, instances, tiny_backbone_di
     err = _error(["evaluate", "--model", str(out), "--sliding-window", "--crop-size", "32", "--instance-masks",
                   "--images", str(images), "--masks", str(masks)], capsys)
     assert "--sliding-window is for pixel heads" in err
+    # instance-id masks without --instance-masks: evaluate has no --num-labels / --ignore-index to suggest
+    err = _error(["evaluate", "--model", str(out), "--images", str(images), "--masks", str(masks)], capsys)
+    assert "add --instance-masks if they hold instance ids" in err and "--num-labels" not in err
     image = str(images / "000.png")
     err = _error(["predict", image, "--model", str(out), "--threshold", "0.3", "--out", str(tmp_path / "p1")], capsys)
     assert "--threshold" in err and "--task instance" in err

@@ -17,6 +17,7 @@ from .args import (
     add_data_flags,
     check_device,
     check_model_folder,
+    cli_message,
     load_dataset_from_args,
     loading,
     model_source,
@@ -75,9 +76,18 @@ def run(args: argparse.Namespace) -> int:
             crop_size=crop_size, stride=stride, blend=args.blend, device=device, task=args.task,
         )
     except (ValueError, OSError) as error:
-        return report("evaluate", error)
+        # the data check's advice names train's flags (--num-labels, --ignore-index), which evaluate has not: the
+        # saved model fixes both, so the masks must fit it
+        return report("evaluate", cli_message(error).replace(TRAIN_HINT, EVALUATE_HINT))
     print(json_metrics(metrics) if args.json else format_metrics(metrics))
     return 0
+
+
+TRAIN_HINT = ("Set --num-labels to the number of classes, mark unlabelled pixels with --ignore-index, or remap the "
+              "mask values to 0..num_labels-1.")
+EVALUATE_HINT = ("The masks must hold the --model's class ids 0..num_labels-1 (or its ignore index): remap them, or "
+                 "add --instance-masks if they hold instance ids (a mask transformer's), --binary-masks if they are "
+                 "0/255.")
 
 
 def json_metrics(metrics: dict) -> str:
