@@ -129,14 +129,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the model and datasets from `args`, train, print the metrics; returns the exit status."""
-    from .evaluate import format_metrics, json_metrics
+    from .evaluate import TRAIN_HINT, format_metrics, json_metrics
 
     try:
         # --json: stdout carries the JSON alone; Trainer's log lines (printed to stdout) go to stderr
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             metrics = _train_from_args(args)
     except (ValueError, OSError) as error:  # bad input: the message says what and how to fix it
-        return report("train", error)
+        message = cli_message(error)
+        if args.task in ("instance", "panoptic") and not args.instance_masks and TRAIN_HINT in message:
+            message += " Masks of instance ids (one id per object) need --instance-masks."
+        return report("train", message)
     print(json_metrics(metrics) if args.json else format_metrics(metrics))
     print(f"Saved the model and its image processor to {args.output_dir}", file=sys.stderr)
     return 0
