@@ -211,7 +211,7 @@ def test_save_load_and_compatibility(tmp_path):
     assert loaded.strides == cache.strides and loaded.meta == cache.meta
     assert cache.layers == [1, 2, 3, 4]  # linear's default: the last four layers
     other = tiny_model(freeze_backbone=True, backbone_out_indices=[0])
-    with pytest.raises(ValueError, match=r"Layers \[0\] are not in this feature cache \(it holds layers \[1, 2, 3, 4\]\)"):
+    with pytest.raises(ValueError, match=r"Layers \[0\] are not in this feature cache \(it holds layers \[1, 2, 3, 4"):
         CachedBackboneModel(other, loaded)
     unnormed = tiny_model(freeze_backbone=True, backbone_apply_layernorm=False)
     with pytest.raises(ValueError, match="another backbone configuration"):
