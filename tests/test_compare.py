@@ -318,6 +318,8 @@ def test_linear_taps_the_last_four_layers_by_default_and_the_probe_recipe_the_la
     assert probe.head == "linear" and probe.backbone_out_indices == [12]
     assert ViTSegConfig(backbone_config=tiny_backbone_config("dinov2"), head="linear").backbone_out_indices == [
         1, 2, 3, 4]
+    # a hierarchical backbone's stages are not a ViT's last blocks: linear keeps the last stage (stride 32)
+    assert ViTSegConfig(backbone_config=tiny_backbone_config("swin"), head="linear").backbone_out_indices == [4]
 
 
 def test_nuclei_sample_as_image_folders_for_train_and_compare(tmp_path):

@@ -167,7 +167,7 @@ class ViTSegConfig(PreTrainedConfig):
             if head in MASK_HEAD_NAMES:  # eomt runs the backbone to its last layer, pmt decodes the last layer
                 backbone_out_indices = [num_levels]
             else:
-                backbone_out_indices = self.default_out_indices(num_levels, get_head_class(head))
+                backbone_out_indices = self.default_out_indices(num_levels, get_head_class(head), family.kind)
 
         id2label = kwargs.get("id2label")
         if id2label is not None and kwargs.get("num_labels") is not None and len(id2label) != kwargs["num_labels"]:
@@ -330,9 +330,11 @@ class ViTSegConfig(PreTrainedConfig):
     def default_out_indices(num_levels: int, head_cls) -> list[int]:
         """The head's `num_default_taps` evenly spaced layers (its last ones with `head_cls.default_taps_last`,
         e.g. `linear`: 9, 10, 11, 12 of 12); on a backbone shallower than that, the last layer alone (a pyramid
-        neck and multi-level heads take 1 tap, not 2 or 3)."""
+        neck and multi-level heads take 1 tap, not 2 or 3). `default_taps_last` is about a ViT's last blocks: on
+        a hierarchical backbone (`kind="hierarchical"`, stages at strides 4-32) such a head taps the last stage."""
         num_taps = head_cls.num_default_taps if num_levels >= head_cls.num_default_taps else 1
         if getattr(head_cls, "default_taps_last", False):
+            num_taps = 1 if kind == "hierarchical" else num_taps
             return list(range(num_levels - num_taps + 1, num_levels + 1))
         return evenly_spaced_indices(num_levels, num_taps)
 
