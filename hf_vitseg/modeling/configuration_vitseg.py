@@ -327,7 +327,7 @@ class ViTSegConfig(PreTrainedConfig):
         return self.head in MASK_HEAD_NAMES
 
     @staticmethod
-    def default_out_indices(num_levels: int, head_cls) -> list[int]:
+    def default_out_indices(num_levels: int, head_cls, kind: str = "vit") -> list[int]:
         """The head's `num_default_taps` evenly spaced layers (its last ones with `head_cls.default_taps_last`,
         e.g. `linear`: 9, 10, 11, 12 of 12); on a backbone shallower than that, the last layer alone (a pyramid
         neck and multi-level heads take 1 tap, not 2 or 3). `default_taps_last` is about a ViT's last blocks: on
