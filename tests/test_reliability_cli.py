@@ -432,3 +432,17 @@ def test_notebook_output_folders_are_git_ignored():
         for where in (f"notebooks/{default.group(1)}/model.safetensors", f"{default.group(1)}/model.safetensors"):
             ignored = subprocess.run(["git", "check-ignore", "-q", where], check=False, cwd=repo)
             assert ignored.returncode == 0, f"{where} ({notebook.name}'s output) is not git-ignored"
+
+
+def test_predict_on_a_lora_run_folder_says_it_holds_an_adapter(tmp_path, capsys):
+    """A LoRA run folder (adapter, no config.json) given to predict: one line saying it is an adapter and how to
+    merge it, not 'has no config.json ... save_pretrained' (evaluate reads such folders as they are)."""
+    from hf_vitseg.training.lora import apply_lora, save_lora
+
+    folder = tmp_path / "run_lora"
+    save_lora(apply_lora(tiny_model()), folder, save_base=True)
+    assert (folder / "adapter_config.json").is_file() and not (folder / "config.json").exists()
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(image)
+    status, _, err = cli(["predict", image, "--model", folder, "--out", tmp_path / "out"], capsys)
+    assert_one_line_error(status, err, "--model", "LoRA adapter", "merge_and_unload")

@@ -52,6 +52,15 @@ def check_vitseg_model_type(model_type: str | None, source: str | os.PathLike) -
         )
 
 
+def lora_folder_message(folder) -> str:
+    """The one message for a LoRA adapter folder (no `config.json`) given where a whole model is needed."""
+    return (
+        f"{folder} holds a LoRA adapter, not a model: `hf-vitseg evaluate` reads it as it is; to predict with it, "
+        "serve or push it, merge it first (hf_vitseg.training.lora.load_lora(folder).merge_and_unload()) and save "
+        "the merged model with save_pretrained."
+    )
+
+
 def check_model_folder(folder: str | os.PathLike, *, vitseg: bool = True) -> None:
     """Check a saved model folder before loading it: `config.json` parses and (with `vitseg`) says model_type
     `vitseg`, its `head` is known (when hf-vitseg is importable), and every `*.safetensors` weights file is
@@ -70,6 +79,8 @@ def check_model_folder(folder: str | os.PathLike, *, vitseg: bool = True) -> Non
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
+        if (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(lora_folder_message(folder))
         raise FileNotFoundError(
             f"{folder} has no config.json: it is not a saved model folder. Save one with "
             "model.save_pretrained(folder)."

@@ -39,7 +39,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.utils import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, validate_repo_id
 
 from .cards import card_is_ours_and_unedited, render_model_card
-from .loading import check_safetensors_file, check_vitseg_model_type
+from .loading import check_safetensors_file, check_vitseg_model_type, lora_folder_message
 
 logger = logging.getLogger(__name__)
 
@@ -190,10 +190,7 @@ def upload_plan(folder: str | os.PathLike) -> tuple[dict[str, Path], dict[str, s
     config_file = folder / "config.json"
     if not config_file.exists() and not config_file.is_symlink():
         if (folder / "adapter_config.json").is_file():
-            raise FileNotFoundError(
-                f"{folder} holds a LoRA adapter, not a model: merge it first (hf_vitseg.training.lora.load_lora("
-                "folder).merge_and_unload()), save the merged model with save_pretrained, and push that folder."
-            )
+            raise FileNotFoundError(lora_folder_message(folder))
         raise FileNotFoundError(
             f"{folder} has no config.json: it is not a saved model folder. Save one with model.save_pretrained(folder)."
         )
