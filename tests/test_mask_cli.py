@@ -142,6 +142,13 @@ def test_errors_name_the_flags(trained, pixel_model, instances, tiny_backbone_di
     err = _error(["train", "--backbone", str(tiny_backbone_dir), "--head", "eomt", "--task", "instance",
                   "--num-labels", "1", *data, "--output-dir", str(tmp_path / "d")], capsys)  # ids 1, 2 read as classes
     assert err.endswith("Masks of instance ids (one id per object) need --instance-masks.")
+    # a pixel head on instance ids would ignore every background pixel: refused, pointing to --binary-masks
+    err = _error(["train", "--backbone", str(tiny_backbone_dir), "--head", "linear", "--instance-masks",
+                  "--num-labels", "2", *data, "--output-dir", str(tmp_path / "e")], capsys)
+    assert err.startswith("hf-vitseg train: error: --instance-masks is for mask transformers") and "--binary-masks" in err
+    err = _error(["evaluate", "--model", str(pixel_model), "--instance-masks", "--images", str(images), "--masks",
+                  str(masks)], capsys)
+    assert err.startswith("hf-vitseg evaluate: error: --instance-masks is for mask transformers")
     err = _error(["evaluate", "--model", str(pixel_model), "--task", "panoptic", "--images", str(images), "--masks",
                   str(masks)], capsys)
     assert err.startswith("hf-vitseg evaluate: error: --task panoptic needs a mask-transformer model")
@@ -159,7 +166,7 @@ def test_errors_name_the_flags(trained, pixel_model, instances, tiny_backbone_di
     assert "--task instance needs a mask transformer" in err
     err = _error(["predict", image, "--model", str(out), "--flip", "--out", str(tmp_path / "p3")], capsys)
     assert err.startswith("hf-vitseg predict: error: --flip: a mask transformer")
-    assert not any((tmp_path / name).exists() for name in ("a", "b", "c", "d", "p1", "p2", "p3"))
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c", "d", "e", "p1", "p2", "p3"))
 
 
 def test_no_mask_annealing_keeps_the_models_attention(trained, instances, tmp_path, pixel_model, capsys):

@@ -318,6 +318,15 @@ def model_source(value: str, flag: str) -> str:
     return value
 
 
+def check_instance_masks_for(args, mask_model: bool, what: str) -> None:
+    """`--instance-masks` is for mask transformers: a pixel head reading instance ids would see every background
+    pixel (id 0) as unlabelled, never learn or be scored on it. One message for train and evaluate."""
+    if getattr(args, "instance_masks", False) and not mask_model:
+        raise CliError(f"--instance-masks is for mask transformers (--head eomt / pmt); {what} is a pixel head, for "
+                       "which the background (id 0) would be ignored. For 0 / instance-id masks use --binary-masks "
+                       "(background 0, every object 1) instead.")
+
+
 def check_model_folder(value: str, flag: str) -> None:
     """A saved model folder given to `flag` is a complete ViTSeg model before anything loads it: `config.json`
     with model_type `vitseg` (or a LoRA folder's config), safetensors weights only (no pickle), none of them

@@ -16,6 +16,7 @@ import math
 from .args import (
     add_data_flags,
     check_device,
+    check_instance_masks_for,
     check_model_folder,
     cli_message,
     load_dataset_from_args,
@@ -53,7 +54,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics; returns the exit status."""
     from ..training.evaluation import evaluate_model
-    from ..training.loading import load_trainable_model, resolve_processor
+    from ..training.loading import is_mask_model, load_trainable_model, resolve_processor
 
     try:
         # every argument is checked before the model loads
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         dataset = load_dataset_from_args(args, args.images, args.masks, args.split, "")
         with loading("--model", source, errors=(OSError, ValueError)):  # ValueError: e.g. another model type
             model = load_trainable_model(source)
+        check_instance_masks_for(args, is_mask_model(model), f"--model {source}")
         processor = resolve_processor(None, model, source)
         if args.reduce_labels:
             processor.do_reduce_labels = True

@@ -37,6 +37,7 @@ from .args import (
     add_label_flags,
     add_training_data_flags,
     channel_settings,
+    check_instance_masks_for,
     check_model_folder,
     cli_message,
     fraction,
@@ -307,6 +308,7 @@ def _check_task_flags(args, mask_model: bool, what: str) -> None:
     if args.no_mask_annealing and not mask_model:
         raise CliError(f"--no-mask-annealing is for mask transformers (--head eomt / pmt); {what} has no masked "
                        "attention. Drop it.")
+    check_instance_masks_for(args, mask_model, what)
     if args.task not in (None, "semantic") and not mask_model:
         raise CliError(f"--task {args.task} needs a mask-transformer head (--head eomt or --head pmt); {what} is a "
                        "pixel head, which segments semantically. Drop --task or use --head eomt / pmt.")
