@@ -19,12 +19,12 @@ import socket
 
 from .args import (
     CliError,
+    add_window_flags,
     bounded_number,
     check_device,
     check_model_folder,
     loading,
     model_source,
-    positive_int,
     report,
     size_pair,
     unit_float,
@@ -42,11 +42,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default: 127.0.0.1, this machine only; 0.0.0.0: the network)")
     parser.add_argument("--sliding-window", action="store_true", help="predict every image window by window")
-    parser.add_argument("--crop-size", type=positive_int, nargs="+", metavar="N",
-                        help="window height [width], multiples of the patch size (default: the backbone's "
-                             "image_size, rounded down to the patch size)")
-    parser.add_argument("--stride", type=positive_int, nargs="+", metavar="N",
-                        help="step between windows, height [width] (default: 2/3 of the window)")
+    add_window_flags(parser)
     parser.add_argument("--alpha", type=unit_float, default=0.5, help="weight of the class colours in the overlay")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
 

@@ -318,6 +318,15 @@ def model_source(value: str, flag: str) -> str:
     return value
 
 
+def add_window_flags(parser) -> None:
+    """`--crop-size` and `--stride` of sliding-window inference, as `predict` and `app` take them."""
+    parser.add_argument("--crop-size", type=positive_int, nargs="+", metavar="N",
+                        help="window height [width], multiples of the patch size (default: the backbone's "
+                             "image_size, rounded down to the patch size)")
+    parser.add_argument("--stride", type=positive_int, nargs="+", metavar="N",
+                        help="step between windows, height [width] (default: 2/3 of the window)")
+
+
 def check_instance_masks_for(args, mask_model: bool, what: str) -> None:
     """`--instance-masks` is for mask transformers: a pixel head reading instance ids would see every background
     pixel (id 0) as unlabelled, never learn or be scored on it. One message for train and evaluate."""

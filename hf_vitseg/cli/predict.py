@@ -33,6 +33,7 @@ from PIL import Image
 
 from .args import (
     CliError,
+    add_window_flags,
     check_device,
     check_model_folder,
     loading,
@@ -58,11 +59,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved model folder or a Hub repo id")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     parser.add_argument("--sliding-window", action="store_true", help="predict window by window (large images)")
-    parser.add_argument("--crop-size", type=positive_int, nargs="+", metavar="N",
-                        help="window height [width], multiples of the patch size (default: the backbone's "
-                             "image_size, rounded down to the patch size)")
-    parser.add_argument("--stride", type=positive_int, nargs="+", metavar="N",
-                        help="step between windows, height [width] (default: 2/3 of the window)")
+    add_window_flags(parser)
     parser.add_argument("--blend", choices=["uniform", "gaussian"], default="gaussian",
                         help="how overlapping windows are averaged (default: gaussian)")
     parser.add_argument("--window-batch-size", type=positive_int, default=1, help="windows per forward pass")

@@ -184,6 +184,15 @@ def _class_name(class_id: int, id2label: Mapping | None) -> str:
     return str(class_id)
 
 
+def _with_legend(image: Image.Image, entries) -> Image.Image:
+    """`image` with the legend strip of `entries` ((id, caption, colour) rows) below it."""
+    strip = _legend_strip(entries, image.width)
+    with_legend = Image.new("RGB", (image.width, image.height + strip.height), "white")
+    with_legend.paste(image, (0, 0))
+    with_legend.paste(strip, (0, image.height))
+    return with_legend
+
+
 def _legend_strip(entries: Sequence[tuple[int, str, tuple[int, int, int]]], width: int) -> Image.Image:
     """A white strip `width` pixels wide listing `(class_id, name, color)` entries, wrapped into rows."""
     font = _default_font(width)
@@ -257,11 +266,7 @@ def overlay(
     palette = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
     entries = [(int(k), _class_name(int(k), id2label), tuple(int(c) for c in palette[k])) for k in present]
     if legend and entries:
-        strip = _legend_strip(entries, result.width)
-        with_legend = Image.new("RGB", (result.width, result.height + strip.height), "white")
-        with_legend.paste(result, (0, 0))
-        with_legend.paste(strip, (0, result.height))
-        result = with_legend
+        result = _with_legend(result, entries)
     result.info["legend"] = entries
     return result
 
@@ -325,11 +330,7 @@ def overlay_instances(
         entries.append((int(instance_id), caption, tuple(int(c) for c in palette[index])))
     drawn = Image.fromarray(np.round(result).astype(np.uint8))
     if legend and entries:
-        strip = _legend_strip(entries, drawn.width)
-        with_legend = Image.new("RGB", (drawn.width, drawn.height + strip.height), "white")
-        with_legend.paste(drawn, (0, 0))
-        with_legend.paste(strip, (0, drawn.height))
-        drawn = with_legend
+        drawn = _with_legend(drawn, entries)
     drawn.info["instances"] = entries
     return drawn
 
