@@ -153,45 +153,15 @@ class ViTSegUniversalSegmenterOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-# -- the mask module (transformers' EomtScaleBlock / EomtMaskHead) ------------------------------------------------
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a `(B, C, h, w)` map."""
+# -- the mask module: transformers' own EomtScaleLayer / EomtMaskHead (same parameter names, so EoMT checkpoints
+# convert key for key) ---------------------------------------------------------------------------------------------
+def _eomt_mask_module(hidden_size: int, hidden_act: str, num_upscale_blocks: int) -> tuple[nn.Module, nn.ModuleList]:
+    """The MLP on the query tokens (the mask embeddings) and the 2x upscaling layers of the patch map (transposed
+    conv, activation, depthwise 3x3 conv, LayerNorm2d), built from transformers' EoMT classes."""
+    from transformers.models.eomt.modeling_eomt import EomtMaskHead, EomtScaleLayer
 
-    def __init__(self, num_channels: int, eps: float = 1e-6):
-        super().__init__(num_channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
-
-class ScaleLayer(nn.Module):
-    """2x upsampling of the patch map: transposed conv, activation, depthwise 3x3 conv, LayerNorm2d."""
-
-    def __init__(self, hidden_size: int, hidden_act: str):
-        super().__init__()
-        self.conv1 = nn.ConvTranspose2d(hidden_size, hidden_size, kernel_size=2, stride=2)
-        self.activation = ACT2FN[hidden_act]
-        self.conv2 = nn.Conv2d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size, bias=False)
-        self.layernorm2d = LayerNorm2d(hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layernorm2d(self.conv2(self.activation(self.conv1(x))))
-
-
-class MaskMLP(nn.Module):
-    """Three linear layers on the query tokens (the mask embeddings)."""
-
-    def __init__(self, hidden_size: int, hidden_act: str):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, hidden_size)
-        self.fc2 = nn.Linear(hidden_size, hidden_size)
-        self.fc3 = nn.Linear(hidden_size, hidden_size)
-        self.activation = ACT2FN[hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(self.activation(self.fc2(self.activation(self.fc1(x)))))
+    settings = SimpleNamespace(hidden_size=hidden_size, hidden_act=hidden_act)
+    return EomtMaskHead(settings), nn.ModuleList(EomtScaleLayer(settings) for _ in range(num_upscale_blocks))
 
 
 class MaskTransformerHead(nn.Module):
@@ -220,9 +190,8 @@ class MaskTransformerHead(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.query = nn.Embedding(self.num_queries, hidden_size)
         self.class_predictor = nn.Linear(hidden_size, num_labels + 1)
-        self.mask_head = MaskMLP(hidden_size, settings["hidden_act"])
-        self.upscale_block = nn.ModuleList(
-            ScaleLayer(hidden_size, settings["hidden_act"]) for _ in range(int(settings["num_upscale_blocks"]))
+        self.mask_head, self.upscale_block = _eomt_mask_module(
+            hidden_size, settings["hidden_act"], int(settings["num_upscale_blocks"])
         )
 
     def reset_mask_module(self) -> None:
