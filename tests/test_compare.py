@@ -133,6 +133,46 @@ def test_the_backbone_runs_once_per_image_for_all_heads(tiny_backbone_dir, datas
     assert all("error" not in r for r in summary["heads"])
 
 
+def test_backbone_weights_are_read_once_and_each_head_is_built_as_from_pretrained_backbone(
+        tiny_backbone_dir, datasets_, tmp_path, monkeypatch):
+    from transformers import set_seed
+
+    from hf_vitseg.modeling import modeling_vitseg
+
+    monkeypatch.setattr(compare, "_measure", _fake_measure)
+    reads, built = [], {}
+    load = modeling_vitseg._load_backbone_state_dict
+    monkeypatch.setattr(modeling_vitseg, "_load_backbone_state_dict", lambda *a, **k: reads.append(1) or load(*a, **k))
+    train = compare._train
+
+    def keeping(model, *args, **kwargs):
+        built[model.config.head] = {k: v.clone() for k, v in model.state_dict().items()}  # before any step
+        return train(model, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "_train", keeping)
+    _run(tiny_backbone_dir, datasets_, tmp_path / "out", ["linear", "mlp", "segformer"])
+    assert len(reads) == 1  # probe, tapper, three heads and the saved model all share one read of the checkpoint
+    monkeypatch.setattr(modeling_vitseg, "_load_backbone_state_dict", load)
+    for head, state in built.items():  # the same backbone weights and the same seeded head initialisation
+        set_seed(0)
+        reference = ViTSegForSemanticSegmentation.from_pretrained_backbone(
+            str(tiny_backbone_dir), head=head, num_labels=3, freeze_backbone=True).state_dict()
+        assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state), head
+
+
+def test_measure_counts_the_backbone_share_in_one_pass_as_bench_does(tiny_backbone_dir):
+    from hf_vitseg.bench import BackboneOnly, gflops
+
+    model = ViTSegForSemanticSegmentation.from_pretrained_backbone(str(tiny_backbone_dir), head="dpt",
+                                                                     num_labels=3)
+    measured = compare._measure(model, (16, 24), torch.device("cpu"), repeats=1)
+    pixel_values = torch.randn(1, 3, 16, 24)
+    assert measured["gflops"] == pytest.approx(gflops(model, pixel_values))
+    assert measured["backbone_gflops"] > 0 and measured["head_gflops"] > 0
+    assert measured["backbone_gflops"] == pytest.approx(gflops(BackboneOnly(model), pixel_values))
+    assert measured["head_gflops"] == pytest.approx(measured["gflops"] - measured["backbone_gflops"])
+
+
 def test_rerun_resumes_finished_heads_and_refuses_other_settings_or_foreign_folders(tiny_backbone_dir, datasets_,
                                                                                     tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "_measure", _fake_measure)

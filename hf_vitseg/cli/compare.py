@@ -60,7 +60,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--warmup-ratio", type=ratio, default=0.1, help="share of the steps to warm up over, in [0, 1)")
     run.add_argument("--no-flip", action="store_true", help="no random left-right flips of the training samples")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--repeats", type=positive_int, default=5, help="timed forward passes per head")
+    run.add_argument("--repeats", type=positive_int, default=3,
+                     help="timed forward passes per head (and of its backbone alone, interleaved), after one warm-up")
     run.add_argument("--grid-images", type=non_negative_int, default=4,
                      help="validation images shown in predictions.png")
     run.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is there")

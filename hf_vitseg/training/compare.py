@@ -76,7 +76,7 @@ def compare_heads(
     device: str | torch.device | None = None,
     processor=None,
     cache_dtype: torch.dtype = torch.float32,
-    repeats: int = 5,
+    repeats: int = 3,
     grid_images: int = 4,
     config_kwargs: dict | None = None,
     progress: bool = True,
@@ -100,7 +100,8 @@ def compare_heads(
         device: where the backbone and heads run (default: CUDA when available, else the CPU).
         processor: the `ViTSegImageProcessor` (default: `ViTSegImageProcessor.for_model`).
         cache_dtype: storage dtype of the cached features (`torch.float16` halves the memory).
-        repeats: timed forward passes per head (and as many of the backbone alone, interleaved).
+        repeats: timed forward passes per head (and as many of the backbone alone, interleaved), after one
+            warm-up of each; the GFLOPs are counted in one more pass.
         grid_images: validation images shown in `predictions.png`.
         config_kwargs: more `ViTSegConfig` settings for every head (e.g. `{"dice_loss_weight": 0.5}`).
         progress: progress bars (one per head, and for the feature cache).
@@ -143,22 +144,31 @@ def compare_heads(
         "cuda" if torch.cuda.is_available() else "cpu")
     common = {**labels, "ignore_index": ignore_index, "freeze_backbone": True, **(config_kwargs or {})}
 
+    from transformers import AutoConfig
+
     from ..modeling import ViTSegConfig, ViTSegForSemanticSegmentation
+    from ..modeling.modeling_vitseg import _load_backbone_state_dict
     from .loading import resolve_processor, validate
 
-    # The backbone once, tapping every layer a head reads: a `linear` head on the union of the taps.
-    set_seed(seed)
-    probe = ViTSegForSemanticSegmentation.from_pretrained_backbone(backbone, head="linear", **common)
-    taps = {head: list(ViTSegConfig(backbone_config=probe.config.backbone_config, head=head, **common)
+    # The checkpoint's weights are read once; every model below (tapper, heads, saved model) is built on them.
+    config_common = dict(common)
+    probe_config = ViTSegConfig(backbone_config=AutoConfig.from_pretrained(str(backbone)), head="linear",
+                                **config_common)
+    common["backbone_state_dict"] = _load_backbone_state_dict(backbone, probe_config, {})
+    taps = {head: list(ViTSegConfig(backbone_config=probe_config.backbone_config, head=head, **config_common)
                        .backbone_out_indices) for head in heads}
     union = sorted({layer for layers in taps.values() for layer in layers})
-    processor = resolve_processor(processor, probe)
+    # The backbone once, tapping every layer a head reads: a `linear` head on the union of the taps (built once,
+    # it is also the model the data are checked against).
+    set_seed(seed)
+    tapper = ViTSegForSemanticSegmentation.from_pretrained_backbone(
+        backbone, head="linear", **{**common, "backbone_out_indices": union})
+    processor = resolve_processor(processor, tapper)
     for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-        validate(dataset, probe.config, processor, name)
-    if crop is not None and (crop[0] % probe.size_divisor or crop[1] % probe.size_divisor or min(crop) < 1):
+        validate(dataset, tapper.config, processor, name)
+    if crop is not None and (crop[0] % tapper.size_divisor or crop[1] % tapper.size_divisor or min(crop) < 1):
         raise ValueError(f"crop_size ({crop[0]}, {crop[1]}) must be positive multiples of the patch size "
-                         f"{probe.size_divisor}.")
-    del probe
+                         f"{tapper.size_divisor}.")
 
     todo = [head for head in heads if head not in done]
     results = dict(done)
@@ -167,9 +177,7 @@ def compare_heads(
         from ..modeling import get_head_class
 
         reads_image = any(get_head_class(head).uses_pixel_values for head in todo)
-        set_seed(seed)
-        tapper = ViTSegForSemanticSegmentation.from_pretrained_backbone(
-            backbone, head="linear", **{**common, "backbone_out_indices": union}).to(device)
+        tapper = tapper.to(device)
         started = time.perf_counter()
         train_cache = _training_cache(tapper, train_dataset, processor, crop, batch_size, device, cache_dtype,
                                       reads_image, progress)
@@ -474,12 +482,19 @@ def _evaluate(model, eval_caches, grid_images: int, device) -> tuple[dict, list[
 def _measure(model, sample_size, device, repeats: int) -> dict:
     """Head parameters, GFLOPs of one `sample_size` image (the model's and the head's share), forward time as a
     ratio to the backbone alone (`hf_vitseg.bench`)."""
-    from ..bench import BackboneOnly, forward_ratio, gflops, head_parameters_m
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..bench import forward_ratio, head_parameters_m
 
     channels = getattr(model.config.backbone_config, "num_channels", 3)
     pixel_values = torch.randn(1, channels, *sample_size, device=device)
-    model_gflops = gflops(model, pixel_values)
-    backbone_gflops = gflops(BackboneOnly(model), pixel_values)
+    # one counted pass gives both the model's GFLOPs and its backbone's share (as `bench.gflops` of the model and
+    # of `BackboneOnly(model)` count them, in two passes)
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(pixel_values)
+    model_gflops = counter.get_total_flops() / 1e9
+    backbone_gflops = sum(counter.get_flop_counts().get(f"{type(model).__name__}.backbone", {}).values()) / 1e9
     return {
         "head_params_m": head_parameters_m(model),
         "gflops": model_gflops,
