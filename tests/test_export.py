@@ -97,3 +97,15 @@ def test_adaptive_pooling_blocks_a_dynamic_export_only():
 def test_example_size_must_be_a_patch_multiple(tmp_path):
     with pytest.raises(ValueError, match=r"multiples of model.size_divisor \(8\)"):
         export_onnx(with_batchnorm_statistics(tiny_model("linear")), tmp_path / "x.onnx", example_size=(30, 48))
+
+
+@pytest.mark.slow
+def test_dinov2_with_registers_exports_with_a_dynamic_size(tmp_path):
+    """transformers' registers embeddings turn the grid into Python ints (`torch_int`), which fixed the exported
+    graph to the example's size; `backbones.embed_registers` keeps it symbolic under torch.export."""
+    model = tiny_model("linear", "dinov2_with_registers").eval()
+    divisor = model.size_divisor
+    path = tmp_path / "registers.onnx"
+    export_onnx(model, path, example_size=(3 * divisor, 5 * divisor))
+    assert onnx_max_error(model, path, (3 * divisor, 5 * divisor), batch_size=2) <= 1e-4
+    assert onnx_max_error(model, path, (6 * divisor, 4 * divisor), batch_size=1) <= 1e-4

@@ -65,6 +65,30 @@ def embed_plain(model: nn.Module, pixel_values: torch.Tensor, grid_hw: tuple[int
     return model.embeddings(pixel_values), {}
 
 
+def embed_registers(model: nn.Module, pixel_values: torch.Tensor, grid_hw: tuple[int, int]):
+    """DINOv2 with registers: the model's own embeddings, except under `torch.export` (ONNX), where transformers'
+    `interpolate_pos_encoding` turns the grid size into Python ints (`torch_int`) and would fix the exported graph
+    to the example's size. There the same steps run on the symbolic grid: patch embedding, CLS, the position
+    embedding resampled in float32 (bicubic, antialiased, as transformers does it), registers after CLS."""
+    embeddings = model.embeddings
+    if not torch.compiler.is_exporting():
+        return embeddings(pixel_values), {}
+    tokens = embeddings.patch_embeddings(pixel_values)
+    tokens = torch.cat((embeddings.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
+    position = embeddings.position_embeddings
+    side = int(round((position.shape[1] - 1) ** 0.5))
+    patch_position = position[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch_position = torch.nn.functional.interpolate(
+        patch_position.to(torch.float32), size=(grid_hw[0], grid_hw[1]), mode="bicubic", align_corners=False,
+        antialias=True,
+    ).to(position.dtype)
+    patch_position = patch_position.permute(0, 2, 3, 1).reshape(1, -1, position.shape[-1])
+    tokens = tokens + torch.cat((position[:, :1], patch_position), dim=1)
+    tokens = torch.cat((tokens[:, :1], embeddings.register_tokens.expand(tokens.shape[0], -1, -1), tokens[:, 1:]),
+                       dim=1)
+    return embeddings.dropout(tokens), {}
+
+
 def embed_rope(model: nn.Module, pixel_values: torch.Tensor, grid_hw: tuple[int, int]):
     """DINOv3: no absolute position embedding; every layer gets the RoPE (cos, sin) for this grid."""
     return model.embeddings(pixel_values), {"position_embeddings": model.rope_embeddings(pixel_values)}
@@ -262,7 +286,7 @@ FAMILIES: tuple[BackboneFamily, ...] = (
     ),
     BackboneFamily(
         model_types=("dinov2_with_registers",), kind="vit", source_name="DINOv2 with registers", license=APACHE,
-        class_tokens=1,
+        class_tokens=1, embed=embed_registers,
         citation='Darcet et al., "Vision Transformers Need Registers", ICLR 2024',
         paper_url="https://arxiv.org/abs/2309.16588",
     ),
