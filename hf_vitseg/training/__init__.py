@@ -7,6 +7,7 @@ from .evaluation import evaluate_model
 from .feature_cache import CachedBackboneModel, FeatureCache, train_head_on_cache
 from .lora import apply_lora, load_lora, save_lora
 from .mask_annealing import MaskAnnealing, MaskAnnealingCallback
+from .mask_metrics import MaskAP, PanopticQuality
 from .metrics import (
     ConfusionMatrix,
     compute_segmentation_metrics,
@@ -22,8 +23,10 @@ __all__ = [
     "ConfusionMatrix",
     "FeatureCache",
     "MaskAnnealing",
+    "MaskAP",
     "MaskAnnealingCallback",
     "OptimizerSettings",
+    "PanopticQuality",
     "SegmentationTrainer",
     "apply_lora",
     "build_optimizer",
