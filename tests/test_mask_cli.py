@@ -145,7 +145,8 @@ def test_errors_name_the_flags(trained, pixel_model, instances, tiny_backbone_di
     # a pixel head on instance ids would ignore every background pixel: refused, pointing to --binary-masks
     err = _error(["train", "--backbone", str(tiny_backbone_dir), "--head", "linear", "--instance-masks",
                   "--num-labels", "2", *data, "--output-dir", str(tmp_path / "e")], capsys)
-    assert err.startswith("hf-vitseg train: error: --instance-masks is for mask transformers") and "--binary-masks" in err
+    assert err.startswith("hf-vitseg train: error: --instance-masks is for mask transformers")
+    assert "--binary-masks" in err
     err = _error(["evaluate", "--model", str(pixel_model), "--instance-masks", "--images", str(images), "--masks",
                   str(masks)], capsys)
     assert err.startswith("hf-vitseg evaluate: error: --instance-masks is for mask transformers")
