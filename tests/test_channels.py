@@ -87,7 +87,7 @@ def test_from_pretrained_backbone_adapts_only_the_patch_embedding(family, tmp_pa
             assert torch.equal(adapted_state[name], value), name
     assert adapted.config.num_channels == k == adapted.config.backbone_config.num_channels
     assert plain.config.num_channels == 3
-    logits = adapted(torch.randn(1, k, 32, 32)).logits
+    logits = adapted.eval()(torch.randn(1, k, 32, 32)).logits  # eval: BatchNorm on swin's 1x1 last stage
     assert logits.shape[:2] == (1, 2) and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match=f"has 3 channels but the backbone expects {k}"):
         adapted(torch.randn(1, 3, 32, 32))
