@@ -398,10 +398,12 @@ def _run_head(head, number, count, backbone, common, train_cache, eval_caches, s
         "miou": metrics["mean_iou"], "per_class_iou": metrics["per_class_iou"],
         "pixel_accuracy": metrics["pixel_accuracy"],
         **_measure(model, sample_size, device, repeats),
-        "train_seconds": round(train_seconds, 2), "seconds_per_step": round(train_seconds / settings["max_steps"], 4),
+        # four significant digits, not fixed decimals: a few steps of a linear head take milliseconds
+        "train_seconds": float(f"{train_seconds:.4g}"),
+        "seconds_per_step": float(f"{train_seconds / settings['max_steps']:.4g}"),
         "loss_first": losses[0], "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])),
     }
-    result["seconds"] = round(time.perf_counter() - started, 2)  # the whole head: build, train, evaluate, measure
+    result["seconds"] = float(f"{time.perf_counter() - started:.4g}")  # the whole head: build, train, evaluate, measure
     _log(f"[{number}/{count}] {head}: mIoU {result['miou']:.3f}, forward {result['forward_ratio']:.2f}x the "
          f"backbone's, trained in {train_seconds:.1f}s", progress)
     folder = output_dir / HEADS_DIR / head
