@@ -317,7 +317,8 @@ def build_mask_model(backbone: str, head: str, seed: int, args):
     from hf_vitseg import ViTSegForUniversalSegmentation
 
     torch.manual_seed(seed)
-    head_kwargs = {"num_queries": args.num_queries, "num_blocks": args.num_blocks}
+    head_kwargs = {"num_queries": args.num_queries, "num_blocks": args.num_blocks,
+                   "train_num_points": args.train_num_points}
     return ViTSegForUniversalSegmentation.from_pretrained_backbone(
         backbone, head=head, id2label=NUCLEUS_ID2LABEL, head_kwargs=head_kwargs, freeze_backbone=head == "pmt"
     )
@@ -424,7 +425,7 @@ def mask_rows(head, args, data, backbone, num_layers, patch_size, processor, row
         del model
     label = "eomt (fine-tuned, layer decay)" if head == "eomt" else "pmt (frozen backbone)"
     rows.append(make_row(label, head, runs, steps=args.mask_steps, num_queries=args.num_queries,
-                         num_blocks=args.num_blocks))
+                         num_blocks=args.num_blocks, train_num_points=args.train_num_points, lr=args.lr))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -491,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--num-queries", type=int, default=100)
     parser.add_argument("--num-blocks", type=int, default=4, help="eomt: last blocks with queries; pmt: new layers")
+    parser.add_argument("--train-num-points", type=int, default=12544,
+                        help="points sampled per mask by the loss (EoMT's 12544 exceeds a 224 crop's 56x56 mask "
+                             "logits; fewer makes each step cheaper)")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="least instance score kept")
     parser.add_argument("--scale", type=float, nargs="+", default=[2.0])
     parser.add_argument("--crop", type=int, default=224)

@@ -1,12 +1,14 @@
 """`post_process_semantic_segmentation` prunes classes that cannot win a pixel and resamples only the others
-(`_labels_of_resampled`): its label maps must equal, bit for bit, those of the previous implementation (every class
-resampled everywhere, then `argmax`), for both geometries (`F.interpolate` with `target_sizes` alone, `grid_sample`
-through `input_boxes`, padding cut and crops included), exact ties, near ties and flat logits; and the pruning
-must really run (no silent fallback) on logits a trained model gives."""
+(`_labels_of_resampled`): its label maps must equal, bit for bit, those of the full resampling (every class
+resampled everywhere, then `argmax`), for both geometries (`F.interpolate` with `target_sizes` alone, `_resample_box`
+through `input_boxes`, padding cut and crops included), exact ties, near ties, flat and untrained logits; the
+pruning must really run (no silent fallback) on a trained model's logits and on an untrained one's; and the
+emulation of `F.interpolate`'s arithmetic it relies on (`_fma`, `_interpolate_arithmetic`) must be exact."""
 
 from __future__ import annotations
 
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,7 @@ def cases(class_counts):
 @pytest.mark.parametrize(("kind", "classes"), cases([2, 5, 150]))
 def test_label_maps_equal_the_full_resampling_with_target_sizes(monkeypatch, kind, classes):
     full = count_full_resamplings(monkeypatch)
+    pruned = record_pruning(monkeypatch)
     for seed, (grid, target) in enumerate([((13, 17), (181, 240)), ((9, 9), (126, 126)), ((20, 11), (7, 5)),
                                            ((1, 6), (3, 80))]):
         logits = logits_of(kind, classes, grid, seed)
@@ -76,13 +79,16 @@ def test_label_maps_equal_the_full_resampling_with_target_sizes(monkeypatch, kin
         assert torch.equal(maps[0], independent_reference(logits, target)), (grid, target)
         assert torch.equal(maps[0], reference_labels(PROCESSOR, logits, target_sizes=[target])[0])
     if kind in PRUNED and classes == 150:
-        assert len(full) == 4, "a full resampling ran besides the 4 of reference_labels"
+        # the two large targets are pruned; outputs of at most 128 rows + columns (another ATen kernel) are
+        # resampled in full, as are the 4 references
+        assert pruned == [True, True] and len(full) == 4 + 2
 
 
 @pytest.mark.parametrize(("kind", "classes"), cases([3, 150]))
 def test_label_maps_equal_the_full_resampling_through_input_boxes(monkeypatch, kind, classes):
     """The pipeline's geometry: padding cut (box ending inside the canvas), crops (negative offsets), any target."""
     full = count_full_resamplings(monkeypatch)
+    pruned = record_pruning(monkeypatch)
     geometries = [((13, 17), (182, 238), (0, 0, 170, 230), (170, 230)),  # padding cut, native size
              ((13, 17), (182, 238), (0, 0, 170, 230), (340, 461)),  # padding cut, 2x
              ((10, 10), (140, 140), (-12, -3, 170, 150), (85, 75)),  # centre crop, downsampled
@@ -94,7 +100,7 @@ def test_label_maps_equal_the_full_resampling_through_input_boxes(monkeypatch, k
         assert torch.equal(maps[0], independent_reference(logits, target, box, padded)), (grid, box, target)
         assert torch.equal(maps[0], reference_labels(PROCESSOR, logits, **geometry)[0])
     if kind in PRUNED and classes == 150:
-        assert len(full) == 4, "a full resampling ran besides the 4 of reference_labels"
+        assert pruned == [True] * 4 and len(full) == 4, "a full resampling ran besides the 4 of reference_labels"
 
 
 def test_a_batch_with_one_geometry_per_image():
@@ -117,42 +123,106 @@ def count_full_resamplings(monkeypatch) -> list:
     return calls
 
 
+def record_pruning(monkeypatch) -> list:
+    """Each `_labels_of_rows` call: True when it returned the labels, False when it left them to the full path."""
+    outcomes = []
+    original = processing._labels_of_rows
+
+    def recording(*args, **kwargs):
+        labels = original(*args, **kwargs)
+        outcomes.append(labels is not None)
+        return labels
+
+    monkeypatch.setattr(processing, "_labels_of_rows", recording)
+    return outcomes
+
+
 @pytest.mark.parametrize("with_boxes", [False, True])
-def test_pruning_runs_on_a_trained_models_logits(monkeypatch, with_boxes):
-    """Scene-like logits (a few classes own regions) at 150 classes: no full resampling, only the classes on
-    region boundaries are resampled, and far fewer values than 150 planes are computed."""
-    logits = scene_logits(150, (37, 37), present=12, seed=0)
+@pytest.mark.parametrize(("kind", "share"), [("scene", 0.05), ("untrained", 0.2)])
+def test_pruning_runs_and_computes_a_small_share_of_the_values(monkeypatch, with_boxes, kind, share):
+    """At 150 classes and 518x518: a trained model's logits (a few classes own regions) and an untrained head's
+    (every class near every other: about 17 candidates per band and column) are pruned, never resampled in full,
+    and the candidates' values are under `share` of the 150 x 518 x 518 (the pruned path gives up beyond
+    `_PRUNED_FRACTION`, set to `share` here)."""
+    if kind == "scene":
+        logits = scene_logits(150, (37, 37), present=12, seed=0)
+    else:
+        logits = torch.randn(1, 150, 37, 37, generator=torch.Generator().manual_seed(0))
     geometry = {"target_sizes": [(518, 518)]}
     if with_boxes:
         geometry.update(input_boxes=[(0, 0, 518, 518)], padded_size=(518, 518))
+    monkeypatch.setattr(processing, "_PRUNED_FRACTION", share)
     full = count_full_resamplings(monkeypatch)
-    resampled = []
-    original_interpolate, original_grid_sample = F.interpolate, F.grid_sample
-
-    def interpolate(logits, *args, **kwargs):
-        resampled.append(logits.shape[1] * 518 * 518)
-        return original_interpolate(logits, *args, **kwargs)
-
-    def grid_sample(logits, grid, *args, **kwargs):
-        resampled.append(logits.shape[1] * grid.shape[1] * grid.shape[2])
-        return original_grid_sample(logits, grid, *args, **kwargs)
-
-    monkeypatch.setattr(processing.F, "interpolate", interpolate)
-    monkeypatch.setattr(processing.F, "grid_sample", grid_sample)
+    pruned = record_pruning(monkeypatch)
     maps = PROCESSOR.post_process_semantic_segmentation(logits, **geometry)
-    assert full == [] and resampled, "the pruned path did not run"
-    assert sum(resampled) < 0.2 * 150 * 518 * 518
+    assert full == [] and pruned == [True], "the pruned path did not run"
     monkeypatch.undo()
     assert torch.equal(maps[0], reference_labels(PROCESSOR, logits, **geometry)[0])
 
 
-def test_flat_logits_fall_back_to_the_full_resampling(monkeypatch):
-    """An untrained head: every class may win everywhere; pruning would cost more than it saves."""
-    logits = 1e-3 * torch.randn(1, 150, 12, 12)
+def test_logits_where_every_class_may_win_everywhere_fall_back_to_the_full_resampling(monkeypatch):
+    """Classes all within rounding of each other: pruning would compute every value and more; the full path does."""
+    logits = torch.zeros(1, 150, 12, 12) + 1e-9 * torch.randn(1, 1, 12, 12)
     full = count_full_resamplings(monkeypatch)
+    pruned = record_pruning(monkeypatch)
     maps = PROCESSOR.post_process_semantic_segmentation(logits, target_sizes=[(168, 168)])
-    assert full == [1]
+    assert full == [1] and pruned == [False]
     assert torch.equal(maps[0], independent_reference(logits, (168, 168)))
+
+
+def round_to_float32(value: Fraction) -> float:
+    """The float32 nearest to an exact rational, ties to even (normal range)."""
+    if value == 0:
+        return 0.0
+    exponent = abs(value).numerator.bit_length() - abs(value).denominator.bit_length()
+    while abs(value) >= Fraction(2) ** (exponent + 1):
+        exponent += 1
+    while abs(value) < Fraction(2) ** exponent:
+        exponent -= 1
+    quantum = Fraction(2) ** (exponent - 23)
+    return float(round(value / quantum) * quantum)  # round(): ties to even
+
+
+def test_fma_rounds_once_even_where_float64_would_round_twice():
+    # a * b = 2**-24 + 2**-70 (2**46 + 1 = 8384513 * 8392705): 1 + a * b lies just above the float32 midpoint
+    # 1 + 2**-24; float64 drops the 2**-70 and a second rounding to float32 ties to even, down to 1.0
+    a = torch.tensor([8384513 * 2.0**-23])
+    b = torch.tensor([8392705 * 2.0**-47])
+    c = torch.tensor([1.0])
+    naive = (a.double() * b.double() + c.double()).float()
+    assert naive.item() == 1.0
+    assert processing._fma(a, b, c).item() == 1.0 + 2.0**-23
+    generator = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(2000, generator=generator) * 4 for _ in range(3))
+    fused = processing._fma(a, b, c)
+    for x, y, z, result in zip(a.tolist(), b.tolist(), c.tolist(), fused.tolist()):
+        assert result == round_to_float32(Fraction(x) * Fraction(y) + Fraction(z))
+
+
+@pytest.mark.parametrize(("in_hw", "out_hw"), [((37, 37), (518, 518)), ((13, 17), (181, 240)), ((40, 30), (100, 77)),
+                                               ((9, 9), (9, 300))])
+def test_the_emulated_arithmetic_is_f_interpolates_bit_for_bit(in_hw, out_hw):
+    arithmetic = processing._interpolate_arithmetic(in_hw, out_hw)
+    assert arithmetic is not None, "this machine's bilinear kernel was not recognised"
+    fused_index, fused = arithmetic
+    logits = torch.randn(1, 6, *in_hw, generator=torch.Generator().manual_seed(1)) * 10
+    rows = processing._BilinearAxis.like_interpolate(in_hw[0], out_hw[0], fused_index)
+    cols = processing._BilinearAxis.like_interpolate(in_hw[1], out_hw[1], fused_index)
+    emulated = rows.apply(cols.apply(logits, dim=-1, fused=fused), dim=-2, fused=fused)
+    assert torch.equal(emulated, F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False))
+
+
+def test_near_ties_are_settled_in_the_kernels_exact_arithmetic(monkeypatch):
+    """Two classes one float step apart: their plain float32 values are within rounding, so the pruned path
+    recomputes those pixels with the kernel's fused arithmetic, and agrees with F.interpolate."""
+    logits = logits_of("near_ties", 150, (37, 37), 0)
+    calls = []
+    original = processing._fma
+    monkeypatch.setattr(processing, "_fma", lambda *args: calls.append(1) or original(*args))
+    pruned = record_pruning(monkeypatch)
+    maps = PROCESSOR.post_process_semantic_segmentation(logits, target_sizes=[(518, 518)])
+    assert pruned == [True] and calls
+    assert torch.equal(maps[0], independent_reference(logits, (518, 518)))
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "channels_last"])

@@ -1516,13 +1516,18 @@ def _resample_box(
     align_corners=False)` geometry: output row `i` is canvas row `top + (i + 0.5) * height / out_h`, i.e. logits
     row `that * h / padded_h - 0.5`, clamped to the rows that cover the image's content (never the padding; parts
     of the image outside the canvas, cropped away, take the nearest row). With the box covering the whole canvas
-    this is exactly `F.interpolate`; with a box ending on a logits row it equals cropping those rows and calling
-    `F.interpolate`.
+    this is `F.interpolate` up to float rounding; with a box ending on a logits row it equals cropping those rows
+    and calling `F.interpolate`, up to rounding.
+
+    The arithmetic is spelled out (`_BilinearAxis`, `_combine` with `fused=False`): columns first, then rows, each
+    a float32 `t0 * l0 + t1 * l1` of separate multiplications and an addition. Those operations round the same way
+    on every device and for any subset of classes and pixels, which is what lets `_labels_of_resampled` compute
+    only the classes that can win a pixel and still return this function's `argmax` bit for bit.
     """
     rows, cols = _box_source_indices(logits, box, padded_hw, out_hw)
-    ys, xs = _grid_coordinate(rows, logits.shape[-2]), _grid_coordinate(cols, logits.shape[-1])
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]  # (1, out_h, out_w, 2), (x, y) order
-    return F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    rows, cols = _BilinearAxis.from_positions(rows, logits.shape[-2]), _BilinearAxis.from_positions(cols, logits.shape[-1])
+    columns = cols.apply(logits, dim=-1, fused=False)  # (1, C, h, out_w)
+    return rows.apply(columns, dim=-2, fused=False)
 
 
 def _box_source_indices(
@@ -1541,106 +1546,262 @@ def _box_source_indices(
             source_index(out_hw[1], left, width, padded_hw[1], logits.shape[-1]))
 
 
-def _grid_coordinate(index: torch.Tensor, in_len: int) -> torch.Tensor:
-    """Source positions (float64, in logits rows) as `grid_sample`'s `align_corners=False` coordinates (float32)."""
-    return ((2.0 * index + 1.0) / in_len - 1.0).float()
+class _BilinearAxis:
+    """Bilinear sampling along one axis: output `i` is `l0[i] * source[i0[i]] + l1[i] * source[i1[i]]` (float32
+    weights, int64 indices), combined by `_combine`."""
+
+    def __init__(self, i0: torch.Tensor, i1: torch.Tensor, l0: torch.Tensor, l1: torch.Tensor):
+        self.i0, self.i1, self.l0, self.l1 = i0, i1, l0, l1
+
+    @classmethod
+    def from_positions(cls, positions: torch.Tensor, in_len: int) -> "_BilinearAxis":
+        """From float64 source positions (already clamped to `[0, in_len - 1]`): the two neighbours and weights."""
+        i0 = positions.floor().long().clamp(0, in_len - 1)
+        l1 = (positions - i0.double()).clamp(0.0, 1.0).float()
+        return cls(i0, (i0 + 1).clamp(max=in_len - 1), 1.0 - l1, l1)
+
+    @classmethod
+    def like_interpolate(cls, in_len: int, out_len: int, fused: bool) -> "_BilinearAxis":
+        """`F.interpolate(mode="bilinear", align_corners=False, size=...)`'s indices and weights for one axis, in the
+        float32 arithmetic of ATen's CPU kernel (`compute_source_index_and_lambda`): `scale = in / out`, source
+        `scale * (i + 0.5) - 0.5` (one fused multiply-add when `fused`, as compilers emit it with FMA
+        instructions, else two roundings) clamped at 0, `l1 = min(max(source - floor, 0), 1)`, `l0 = 1 - l1`."""
+        if in_len == out_len:
+            index = torch.arange(out_len)
+            return cls(index, index, torch.ones(out_len), torch.zeros(out_len))
+        scale = torch.tensor(float(in_len), dtype=torch.float32) / torch.tensor(float(out_len), dtype=torch.float32)
+        centres = torch.arange(out_len, dtype=torch.float32) + 0.5
+        if fused:  # exact in float64 (24 + 15 significant bits, then a multiple of 0.5), so one rounding
+            source = (scale.double() * centres.double() - 0.5).float()
+        else:
+            source = scale * centres - 0.5
+        source = source.clamp(min=0.0)
+        i0 = source.floor().long().clamp(max=in_len - 1)
+        l1 = (source - i0.float()).clamp(0.0, 1.0)
+        return cls(i0, i0 + (i0 < in_len - 1).long(), 1.0 - l1, l1)
+
+    def apply(self, values: torch.Tensor, dim: int, fused: bool) -> torch.Tensor:
+        """Resample `values` along `dim` (negative) onto this axis's outputs (None as `_combine` returns it)."""
+        device = values.device
+        i0, i1 = self.i0.to(device), self.i1.to(device)
+        shape = [1] * (-dim)
+        shape[0] = -1
+        l0, l1 = self.l0.to(device).view(shape), self.l1.to(device).view(shape)
+        if fused:
+            return _combine(values.index_select(dim, i0), l0, values.index_select(dim, i1), l1, fused=True)
+        out_len = i0.numel()
+        out = values.new_empty(values.shape[: values.dim() + dim] + (out_len,) + values.shape[values.dim() + dim + 1 :])
+        step = max(1, (1 << 18) // max(1, values.numel() // values.shape[dim]))  # pieces that stay in cache
+        for start in range(0, out_len, step):
+            part = slice(start, start + step)
+            torch.add(values.index_select(dim, i0[part]) * l0[part], values.index_select(dim, i1[part]) * l1[part],
+                      out=out.narrow(dim, start, min(step, out_len - start)))
+        return out
+
+
+def _combine(t0: torch.Tensor, l0: torch.Tensor, t1: torch.Tensor, l1: torch.Tensor, fused: bool) -> torch.Tensor:
+    """`t0 * l0 + t1 * l1` in float32: three separate roundings, or, `fused`, `fma(t0, l0, t1 * l1)` as ATen's
+    bilinear CPU kernel computes it when compiled with FMA instructions (None when that cannot be emulated
+    exactly: a result in float32's subnormal range)."""
+    if not fused:
+        return t0 * l0 + t1 * l1
+    return _fma(t0, l0, t1 * l1)
+
+
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
+    """`a * b + c` rounded once to float32 (a fused multiply-add), for float32 tensors, through float64: the product
+    is exact there (24 + 24 significant bits); the sum is rounded to float64 and then to float32, which gives the
+    once-rounded result except when the float64 sum lies exactly halfway between two float32 numbers while the
+    true sum does not. TwoSum recovers the float64 rounding error, and those halfway cases are nudged towards the
+    true sum before the last rounding. Returns None for results in float32's subnormal range (another rounding
+    position; never met by logits in practice)."""
+    product, addend = a.double() * b.double(), c.double()
+    total = product + addend
+    addend_part = total - product
+    error = (product - (total - addend_part)) + (addend - addend_part)  # product + addend == total + error
+    halfway = (total.view(torch.int64) & 0x1FFFFFFF) == 0x10000000  # the 29 bits float32 drops: 1000...0
+    nudge = halfway & (error != 0)
+    if bool(nudge.any()):
+        toward = torch.where(error > 0, math.inf, -math.inf).to(total)
+        total = torch.where(nudge, torch.nextafter(total, toward), total)
+    magnitude = total.abs()
+    if bool(((magnitude < 2.0**-126) & (magnitude > 0)).any()):
+        return None
+    return total.float()
+
+
+# the largest share of (class, pixel) values the pruned label map may compute before resampling everything is faster
+_PRUNED_FRACTION = 0.3
+_FLOOR = 1e37  # the value padding slots of `_labels_of_rows` read (logits at least a quarter of it: full path)
+_INTERPOLATE_ARITHMETIC: dict[tuple[int, int, int, int], tuple[bool, bool] | None] = {}
+
+
+def _interpolate_arithmetic(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[bool, bool] | None:
+    """Which float32 arithmetic this process's `F.interpolate(mode="bilinear", align_corners=False)` performs on the
+    CPU for this geometry: `(fused source index, fused weighting)` such that `_BilinearAxis.like_interpolate` and
+    `_combine` reproduce it bit for bit, or None when no variant does. Decided once per geometry by resampling a
+    random plane both through `F.interpolate` and through the emulation (columns alone, as
+    `_labels_of_resampled` uses them, and the whole result) and comparing every value."""
+    key = (*in_hw, *out_hw)
+    if key not in _INTERPOLATE_ARITHMETIC:
+        if len(_INTERPOLATE_ARITHMETIC) >= 512:  # a bounded memo: a dataset of many image sizes
+            _INTERPOLATE_ARITHMETIC.clear()
+        probe = torch.randn(1, 1, *in_hw, generator=torch.Generator().manual_seed(sum(key))) * 8.0
+        kernel = F.interpolate(probe, size=out_hw, mode="bilinear", align_corners=False)
+        kernel_columns = F.interpolate(probe, size=(in_hw[0], out_hw[1]), mode="bilinear", align_corners=False)
+        _INTERPOLATE_ARITHMETIC[key] = None
+        for fused_index, fused in ((True, True), (False, False), (True, False), (False, True)):
+            rows = _BilinearAxis.like_interpolate(in_hw[0], out_hw[0], fused_index)
+            cols = _BilinearAxis.like_interpolate(in_hw[1], out_hw[1], fused_index)
+            columns = cols.apply(probe, dim=-1, fused=fused)
+            if columns is None or not torch.equal(columns, kernel_columns):
+                continue
+            emulated = rows.apply(columns, dim=-2, fused=fused)
+            if emulated is not None and torch.equal(emulated, kernel):
+                _INTERPOLATE_ARITHMETIC[key] = (fused_index, fused)
+                break
+    return _INTERPOLATE_ARITHMETIC[key]
 
 
 def _labels_of_resampled(item_logits: torch.Tensor, index: int, target_sizes, input_boxes, padded_size):
-    """`_to_output_geometry(item_logits, ...)[0].argmax(0)`, bit for bit, without resampling every class everywhere
-    when it need not: the label map of post-processing.
+    """`_to_output_geometry(item_logits, ...)[0].argmax(0)`, bit for bit, without resampling every class everywhere:
+    the label map of post-processing.
 
-    Bilinear resampling makes every output value a convex combination of the logits at the (at most) 2 x 2
-    neighbouring logit positions it reads. So over the window `S` of logit positions a pixel reads, a class's
-    resampled value lies in `[min_S, max_S]` of its logits (up to float rounding, bounded by `margin`), and a
-    class `k` can only win the pixel (be the argmax, ties included) if `max_S(k) >= max_c min_S(c) - 2 * margin`.
-    Pixels whose window leaves one such candidate get it at once; for the others, only the candidate classes are
-    resampled, through the same kernel (`F.interpolate` one class at a time, `grid_sample` at those pixels
-    alone: either computes each class and each pixel independently of the others, so the values are the very
-    ones a full resampling gives) and the first class with the largest value wins, as in `argmax`. When too many
-    candidates remain (flat logits, e.g. an untrained head), or logits are not finite, contiguous and on the CPU,
-    it resamples everything as before.
+    Resampling is separable: columns first (`columns[c, i, x]`, every class on every logits row: cheap, as there are
+    few logits rows), then rows, where output pixel `(y, x)` of the band of rows that read logits rows `i0, i1`
+    is `combine(columns[c, i0, x], l0[y], columns[c, i1, x], l1[y])`, a convex combination of two numbers up to
+    float rounding. So on that band and column a class can only win (be the argmax, ties included) if the larger of
+    its two numbers reaches the largest smaller-of-two over all classes, less a rounding margin. That leaves a
+    handful of candidates even for flat logits (an untrained head), and only theirs are combined, with the same
+    float32 operations as the full resampling; the first class with the largest value wins, as in `argmax`.
+
+    The full resampling these values must equal is `_resample_box`'s arithmetic with `input_boxes`, and
+    `F.interpolate`'s without: its CPU kernel's arithmetic (fused multiply-adds or not) is recognised once per
+    geometry (`_interpolate_arithmetic`); there the candidates are first combined with plain float32 operations and
+    only pixels whose best two values lie within the kernel's rounding of each other are recomputed in its exact
+    arithmetic. Logits that are not finite or not on the CPU, an unrecognised kernel, or candidates too many to save
+    time fall back to resampling everything, as `_to_output_geometry` does.
     """
     logits_h, logits_w = item_logits.shape[-2:]
     num_classes = item_logits.shape[1]
     target = None if target_sizes is None else tuple(target_sizes[index])
-    if input_boxes is None:
-        if target is None or target == (logits_h, logits_w):
-            target = None
-        else:
-            def source(out_len: int, in_len: int) -> torch.Tensor:  # F.interpolate's align_corners=False geometry
-                centres = torch.arange(out_len, dtype=torch.float64) + 0.5
-                return (centres * (in_len / out_len) - 0.5).clamp(min=0.0)
 
-            rows, cols = source(target[0], logits_h), source(target[1], logits_w)
-
-            def resample(k: int, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-                plane = F.interpolate(item_logits[:, k : k + 1], size=target, mode="bilinear", align_corners=False)
-                return plane[0, 0, ys, xs]
-    elif target is not None:
-        rows, cols = _box_source_indices(item_logits, input_boxes[index], padded_size, target)
-        grid_ys, grid_xs = _grid_coordinate(rows, logits_h), _grid_coordinate(cols, logits_w)
-
-        def resample(k: int, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-            grid = torch.stack([grid_xs[xs], grid_ys[ys]], dim=-1)[None, None]  # (1, 1, P, 2), (x, y) order
-            return F.grid_sample(item_logits[:, k : k + 1], grid, mode="bilinear", padding_mode="border",
-                                 align_corners=False)[0, 0, 0]
-    fast = (target is not None and num_classes > 1 and item_logits.device.type == "cpu"
-            and item_logits.is_contiguous() and bool(torch.isfinite(item_logits).all()))
-    if not fast:
+    def full() -> torch.Tensor:
         return _to_output_geometry(item_logits, index, target_sizes, input_boxes, padded_size)[0].argmax(dim=0)
 
+    if (target is None or (input_boxes is None and target == (logits_h, logits_w)) or num_classes == 1
+            or item_logits.device.type != "cpu" or not bool(torch.isfinite(item_logits).all())):
+        return full()
     logits = item_logits[0]  # (C, h, w)
-    # float rounding of the resampled values: weights summing to 1 within a few ulp, four products and sums
-    margin = 1e-5 * float(logits.abs().max()) + 1e-30
-    row_key, row_windows = _read_windows(rows, logits_h)  # output row -> its window of logit rows
-    col_key, col_windows = _read_windows(cols, logits_w)
-    high = _window_reduce(_window_reduce(logits, 1, row_windows, torch.amax), 2, col_windows, torch.amax)
-    low = _window_reduce(_window_reduce(logits, 1, row_windows, torch.amin), 2, col_windows, torch.amin)
-    candidates = high >= (low.amax(dim=0) - 2 * margin)  # (C, row windows, col windows): who may win there
-    open_candidates = candidates & (candidates.sum(dim=0) > 1)  # windows where more than one class may win
-    classes = open_candidates.flatten(1).any(dim=1).nonzero()[:, 0].tolist()
-    if input_boxes is None:  # F.interpolate resamples whole planes
-        values_to_compute = len(classes) * target[0] * target[1]
-    else:  # grid_sample, at the open pixels alone
-        pixels_per_window = torch.outer(torch.bincount(row_key), torch.bincount(col_key))
-        values_to_compute = int((open_candidates.sum(dim=0) * pixels_per_window).sum())
-    if values_to_compute > 0.5 * num_classes * target[0] * target[1]:
-        # nearly every class may win somewhere (flat logits): resampling everything is cheaper
-        return _to_output_geometry(item_logits, index, target_sizes, input_boxes, padded_size)[0].argmax(dim=0)
-    # settled windows: their one candidate (the first True); the others are overwritten below
-    labels = candidates.to(torch.uint8).argmax(dim=0)[row_key[:, None], col_key[None, :]].flatten()
-    best = torch.full((target[0] * target[1],), -math.inf)
-    for k in classes:  # ascending: on a tie the first class stays, as in argmax
-        pixels = open_candidates[k][row_key][:, col_key].flatten().nonzero()[:, 0]
-        values = resample(k, pixels // target[1], pixels % target[1])
-        better = values > best[pixels]
-        best[pixels[better]] = values[better]
-        labels[pixels[better]] = k
-    return labels.view(target)
+    if input_boxes is None:
+        # ATen resamples NCHW float logits with its generic kernel, whose arithmetic `_interpolate_arithmetic`
+        # recognises, except for outputs of at most 128 rows + columns, channels-last tensors and 3 channels
+        # on one thread (`_use_vectorized_kernel_cond_2d`: a channels-last kernel); those are resampled in full
+        if not (item_logits.is_contiguous() and num_classes >= 4 and sum(target) > 128
+                and logits_h + target[1] > 128):
+            return full()
+        arithmetic = _interpolate_arithmetic((logits_h, logits_w), target)
+        if arithmetic is None:
+            return full()
+        fused_index, fused = arithmetic
+        rows = _BilinearAxis.like_interpolate(logits_h, target[0], fused_index)
+        columns = F.interpolate(item_logits, size=(logits_h, target[1]), mode="bilinear", align_corners=False)[0]
+    else:
+        row_positions, col_positions = _box_source_indices(item_logits, input_boxes[index], padded_size, target)
+        rows = _BilinearAxis.from_positions(row_positions, logits_h)
+        fused = False
+        columns = _BilinearAxis.from_positions(col_positions, logits_w).apply(logits, dim=-1, fused=False)
+    largest = 1.0001 * float(logits.abs().max())  # resampled values are convex combinations of the logits
+    labels = _labels_of_rows(columns, rows, fused, largest)
+    return full() if labels is None else labels
 
 
-def _read_windows(source: torch.Tensor, in_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logit rows each output row reads under bilinear resampling, from its source position (float64; the
-    kernels compute it in float32, so positions within `slack` of an integer may read the row before or after):
-    the window `[start, start + length)`, length 1 to 3. Returns each output row's window key and the distinct
-    windows `(starts, lengths)` as a `(2, n)` tensor."""
-    slack = 1e-3 + 1e-6 * in_len
-    start = (source - slack).floor().clamp(0, in_len - 1).long()
-    end = ((source + slack).floor() + 1).clamp(0, in_len - 1).long()
-    windows, key = torch.unique(torch.stack([start, end - start + 1]), dim=1, return_inverse=True)
-    return key, windows
-
-
-def _window_reduce(values: torch.Tensor, dim: int, windows: torch.Tensor, reduce) -> torch.Tensor:
-    """`reduce` (`torch.amax` / `torch.amin`) of `values` over each window `(start, length)` along `dim`, stacked
-    along `dim` in the order of `windows`."""
-    out = values.new_empty(values.shape[:dim] + (windows.shape[1],) + values.shape[dim + 1 :])
-    for length in windows[1].unique().tolist():
-        chosen = (windows[1] == length).nonzero()[:, 0]
-        reduced = reduce(values.unfold(dim, length, 1), dim=-1).index_select(dim, windows[0, chosen])
-        out.index_copy_(dim, chosen, reduced)
-    return out
+def _labels_of_rows(columns: torch.Tensor, rows: _BilinearAxis, fused: bool, largest: float) -> torch.Tensor | None:
+    """`rows.apply(columns, dim=-2, fused=fused).argmax(0)` for `(C, h, W)` column-resampled logits, computing only
+    the classes that can win each band of rows and column (see `_labels_of_resampled`); None when pruning would not
+    save time. `largest`: at least the largest magnitude in `columns` (that of the logits they resample)."""
+    num_classes, _, width = columns.shape
+    height = rows.i0.numel()
+    # bands: runs of output rows that read the same two logits rows
+    starts = torch.ones(height, dtype=torch.bool)
+    starts[1:] = (rows.i0[1:] != rows.i0[:-1]) | (rows.i1[1:] != rows.i1[:-1])
+    # ... cut to at most the typical band's rows (the first and last bands, clamped, are longer), so that bands
+    # padded to the longest waste little; pieces of one band share its two logits rows and candidates
+    typical = -(-height // columns.shape[1])
+    first_row = starts.nonzero()[:, 0]
+    band_of_row = torch.cumsum(starts.long(), 0) - 1
+    starts[(torch.arange(height) - first_row[band_of_row]) % typical == 0] = True
+    band_start = starts.nonzero()[:, 0]
+    band_length = torch.diff(band_start, append=torch.tensor([height]))
+    by_column = columns.permute(1, 2, 0).contiguous()  # (h, W, C): a unit's classes side by side
+    t0 = by_column[rows.i0[band_start]].view(-1, num_classes)  # (units, C), unit = band * W + column
+    t1 = by_column[rows.i1[band_start]].view(-1, num_classes)
+    # any combination lies within [min, max] of its two numbers up to a few float32 roundings; margin >> those
+    if largest >= _FLOOR / 4:
+        return None  # logits near float32's range: the padding value below could tie or overflow
+    margin = 1e-5 * largest + 1e-30
+    candidates = torch.maximum(t0, t1) >= torch.minimum(t0, t1).amax(dim=1, keepdim=True) - 2 * margin
+    num_units = t0.shape[0]
+    # every (unit, candidate class) pair, by unit then ascending class (argmax keeps the first of equal values)
+    unit_of, class_of = candidates.nonzero(as_tuple=True)
+    counts = torch.bincount(unit_of, minlength=num_units)
+    if int((counts * band_length.repeat_interleave(width)).sum()) > _PRUNED_FRACTION * num_classes * height * width:
+        return None  # nearly every class may win nearly everywhere: resampling everything is cheaper
+    labels = torch.empty(height * width, dtype=torch.long)
+    longest = int(band_length.max())
+    offsets = torch.arange(longest)
+    slot_of = torch.arange(unit_of.numel()) - (torch.cumsum(counts, 0) - counts)[unit_of]
+    # units grouped by their number of candidates, each group padded to its largest
+    bounds = torch.tensor([1, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64, 96, num_classes])
+    bounds = bounds[bounds <= num_classes].unique()
+    group_of_unit = torch.bucketize(counts, bounds)
+    group_of_pair = group_of_unit[unit_of]
+    pair_order = torch.argsort(group_of_pair, stable=True)
+    pair_ends = torch.cumsum(torch.bincount(group_of_pair, minlength=len(bounds)), 0).tolist()
+    position = torch.empty(num_units, dtype=torch.long)  # a unit's row in its group
+    tie_margin = 1e-6 * largest + 1e-30  # > the kernel's rounding differences from plain float32
+    for group, k in enumerate(bounds.tolist()):
+        pairs = pair_order[(pair_ends[group - 1] if group else 0) : pair_ends[group]]
+        if pairs.numel() == 0:
+            continue
+        units = (group_of_unit == group).nonzero()[:, 0]
+        n = units.numel()
+        position[units] = torch.arange(n)
+        row_of = position[unit_of[pairs]]
+        classes = torch.zeros(n * k, dtype=torch.long)
+        place = row_of * k + slot_of[pairs]  # (unit's row, slot) in the group's padded (n, k) arrays
+        classes[place] = class_of[pairs]
+        classes = classes.view(n, k)
+        band, column = units // width, units % width
+        out_rows = (band_start[band][:, None] + offsets).clamp(max=height - 1)  # (n, longest)
+        in_band = offsets < band_length[band][:, None]
+        pixels = (out_rows * width + column[:, None])[in_band]
+        if k == 1:  # one candidate: it wins
+            labels[pixels] = classes.expand(-1, longest)[in_band]
+            continue
+        # padding slots read -FLOOR at both rows: below every real value (|logits| < FLOOR), finite once weighted
+        a = torch.full((n * k,), -_FLOOR)
+        b = torch.full((n * k,), -_FLOOR)
+        flat = unit_of[pairs] * num_classes + class_of[pairs]
+        a[place] = t0.view(-1)[flat]
+        b[place] = t1.view(-1)[flat]
+        a, b = a.view(n, 1, k), b.view(n, 1, k)
+        l0, l1 = rows.l0[out_rows][..., None], rows.l1[out_rows][..., None]  # (n, longest, 1)
+        values = a * l0 + b * l1  # (n, longest, k): the full resampling's values, unless `fused`
+        best = values.argmax(dim=-1)  # (n, longest)
+        if fused:
+            # the kernel fuses multiply-adds: where another plain value is within its rounding of the best, recompute
+            top = values.gather(-1, best[..., None])
+            close = ((values >= top - tie_margin).sum(dim=-1) > 1) & in_band
+            if bool(close.any()):
+                unit_at, offset_at = close.nonzero(as_tuple=True)
+                exact = _combine(a[unit_at, 0], l0[unit_at, offset_at], b[unit_at, 0], l1[unit_at, offset_at],
+                                 fused=True)  # (m, k)
+                if exact is None:
+                    return None
+                best[unit_at, offset_at] = exact.argmax(dim=-1)
+        labels[pixels] = classes.gather(1, best)[in_band]
+    return labels.view(height, width)
 
 
 __all__ = [
