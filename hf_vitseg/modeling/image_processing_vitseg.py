@@ -1525,7 +1525,8 @@ def _resample_box(
     only the classes that can win a pixel and still return this function's `argmax` bit for bit.
     """
     rows, cols = _box_source_indices(logits, box, padded_hw, out_hw)
-    rows, cols = _BilinearAxis.from_positions(rows, logits.shape[-2]), _BilinearAxis.from_positions(cols, logits.shape[-1])
+    rows = _BilinearAxis.from_positions(rows, logits.shape[-2])
+    cols = _BilinearAxis.from_positions(cols, logits.shape[-1])
     columns = cols.apply(logits, dim=-1, fused=False)  # (1, C, h, out_w)
     return rows.apply(columns, dim=-2, fused=False)
 
