@@ -3,25 +3,28 @@
     python benchmarks/postprocess.py                        # 150 classes, 518x518, 1 thread, median of 5
     python benchmarks/postprocess.py --classes 150 --size 518 --repeats 7 --json post.json
 
-`ViTSegImageProcessor.post_process_semantic_segmentation` returns label maps only; since issue 12 it resamples only
-the classes that can win each pixel (a bilinear value lies between the smallest and largest of the logits it
-reads, so a class whose largest logit there is below another class's smallest cannot win; see
-`_labels_of_resampled`), through the same kernels, and gives the same maps bit for bit
-(tests/test_postprocess_speedup.py). "Before" is the previous implementation, which every call with
+`ViTSegImageProcessor.post_process_semantic_segmentation` returns label maps only; since issue 12 it computes only
+the classes that can win each pixel (`_labels_of_resampled`: resampling is separable; after the cheap column pass,
+each band of output rows mixes two numbers per class, so a class whose larger number is below another class's smaller
+one cannot win there), in the full resampling's own float32 arithmetic, and gives the same maps bit for bit
+(tests/test_postprocess_speedup.py). "Before" is the full resampling, which every call with
 `return_segmentation_scores=True` still runs (resample all classes everywhere, then argmax): `reference_labels`.
 
 Rows, each timed interleaved with the forward pass of the `linear` model (DINOv2-S/14 sized, random weights, the
-`hf-vitseg bench` default) on one 518x518 image, one CPU thread, medians; ratio = post-processing / forward:
+`hf-vitseg bench` default) on one 518x518 image, one CPU thread, medians; ratio = post-processing / forward.
+Columns: `first` (the first release's code, `first_release_labels`), `full` (today's full resampling), `after`
+(the pruned label maps); speed-up = first / after; "same maps": after == full bit for bit (with `target_sizes`
+also == first; through `input_boxes` first differs from full by float rounding only, in ties).
 
 - `scene`: logits shaped like a trained model's on a scene (`scene_logits`: `--present` classes own smooth regions
   of the 37x37 patch grid, the other classes score lower, plus noise). What a trained model gives, and what
   pruning is for.
-- `untrained`: the random-weight model's own logits: every class within a hair of every other everywhere, so
-  almost every class can win almost every pixel; nothing can be pruned, and the code falls back to resampling
-  everything (the worst case: the cost is the old one plus the bounds, a few ms).
+- `untrained`: the random-weight model's own logits: every class near every other everywhere (the `hf-vitseg bench`
+  case): about 17 of 150 classes can still win each band of rows and column, so about a ninth of the values are
+  computed.
 
-Both geometries: `target_sizes` alone (`F.interpolate`, whole planes per class) and the processor's `input_boxes`
-(the pipeline's and `hf-vitseg predict`'s, `grid_sample` at the undecided pixels only).
+Both geometries: `target_sizes` alone (`F.interpolate`'s arithmetic, recognised once per geometry) and the
+processor's `input_boxes` (the pipeline's and `hf-vitseg predict`'s: `_resample_box`'s explicit arithmetic).
 """
 
 from __future__ import annotations
@@ -38,10 +41,31 @@ from hf_vitseg.modeling import ViTSegImageProcessor
 
 
 def reference_labels(processor: ViTSegImageProcessor, logits, **geometry) -> list[torch.Tensor]:
-    """The label maps of the previous implementation: every class resampled everywhere, then the argmax (what
+    """The label maps of the full resampling: every class resampled everywhere, then the argmax (what
     `return_segmentation_scores=True` computes)."""
     return [out["segmentation"] for out in
             processor.post_process_semantic_segmentation(logits, return_segmentation_scores=True, **geometry)]
+
+
+def first_release_labels(logits, target_sizes, input_boxes=None, padded_size=None) -> list[torch.Tensor]:
+    """What post-processing ran before issue 12, written out: `F.interpolate` of every class (`target_sizes` alone)
+    or `grid_sample` at each pixel's source position (`input_boxes`), then the argmax. The "before" of the
+    issue's ratio; `_resample_box` now does the second with explicit separable arithmetic (same geometry)."""
+    from hf_vitseg.modeling.image_processing_vitseg import _box_source_indices
+
+    maps = []
+    for index, target in enumerate(target_sizes):
+        item = logits[index : index + 1]
+        if input_boxes is None:
+            maps.append(F.interpolate(item, size=tuple(target), mode="bilinear", align_corners=False)[0].argmax(0))
+            continue
+        rows, cols = _box_source_indices(item, input_boxes[index], padded_size, tuple(target))
+        ys = ((2.0 * rows + 1.0) / item.shape[-2] - 1.0).float()
+        xs = ((2.0 * cols + 1.0) / item.shape[-1] - 1.0).float()
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
+        resampled = F.grid_sample(item, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        maps.append(resampled[0].argmax(0))
+    return maps
 
 
 def scene_logits(num_classes: int = 150, grid: tuple[int, int] = (37, 37), present: int = 12, seed: int = 0,
@@ -90,11 +114,12 @@ def main(argv=None):
     rows = []
     print(f"post-processing / linear model forward, {args.classes} classes, {args.size}x{args.size}, "
           f"{torch.get_num_threads()} thread(s), median of {args.repeats}")
-    print(f"{'logits':<11}{'geometry':<14}{'before':>8}{'after':>8}{'speed-up':>10}  same maps")
+    print(f"{'logits':<11}{'geometry':<14}{'first':>8}{'full':>8}{'after':>8}{'speed-up':>10}  same maps")
     for case, logits in cases.items():
         for geometry, kwargs in geometries.items():
             stages = {
                 "forward": forward,
+                "first": lambda: first_release_labels(logits, **kwargs),
                 "before": lambda: reference_labels(processor, logits, **kwargs),
                 "after": lambda: processor.post_process_semantic_segmentation(logits, **kwargs),
             }
@@ -111,14 +136,16 @@ def main(argv=None):
             row = {
                 "logits": case,
                 "geometry": geometry,
+                "first_release_ratio": round(median["first"] / median["forward"], 3),
                 "before_ratio": round(median["before"] / median["forward"], 3),
                 "after_ratio": round(median["after"] / median["forward"], 3),
-                "speed_up": round(median["before"] / median["after"], 1),
+                "speed_up": round(median["first"] / median["after"], 1),
                 "same_maps": same,
                 "forward_s": round(median["forward"], 3),
             }
             rows.append(row)
-            print(f"{case:<11}{geometry:<14}{row['before_ratio']:>8}{row['after_ratio']:>8}{row['speed_up']:>9}x"
+            print(f"{case:<11}{geometry:<14}{row['first_release_ratio']:>8}{row['before_ratio']:>8}"
+                  f"{row['after_ratio']:>8}{row['speed_up']:>9}x"
                   f"  {same}", flush=True)
     if args.json:
         write_json(args.json, rows)

@@ -1707,44 +1707,85 @@ def _labels_of_resampled(item_logits: torch.Tensor, index: int, target_sizes, in
         fused_index, fused = arithmetic
         rows = _BilinearAxis.like_interpolate(logits_h, target[0], fused_index)
         columns = F.interpolate(item_logits, size=(logits_h, target[1]), mode="bilinear", align_corners=False)[0]
+        by_column = columns.permute(1, 2, 0).contiguous()  # (h, W, C): a unit's classes side by side
     else:
         row_positions, col_positions = _box_source_indices(item_logits, input_boxes[index], padded_size, target)
         rows = _BilinearAxis.from_positions(row_positions, logits_h)
         fused = False
-        columns = _BilinearAxis.from_positions(col_positions, logits_w).apply(logits, dim=-1, fused=False)
+        # the same operations as `_resample_box`'s column pass, element for element, in the (h, W, C) layout
+        cols = _BilinearAxis.from_positions(col_positions, logits_w)
+        by_column = cols.apply(logits.permute(1, 2, 0), dim=-2, fused=False)
     largest = 1.0001 * float(logits.abs().max())  # resampled values are convex combinations of the logits
-    labels = _labels_of_rows(columns, rows, fused, largest)
+    labels = _labels_of_rows(by_column, rows, fused, largest)
     return full() if labels is None else labels
 
 
-def _labels_of_rows(columns: torch.Tensor, rows: _BilinearAxis, fused: bool, largest: float) -> torch.Tensor | None:
-    """`rows.apply(columns, dim=-2, fused=fused).argmax(0)` for `(C, h, W)` column-resampled logits, computing only
-    the classes that can win each band of rows and column (see `_labels_of_resampled`); None when pruning would not
-    save time. `largest`: at least the largest magnitude in `columns` (that of the logits they resample)."""
-    num_classes, _, width = columns.shape
+def _row_candidates(t0: torch.Tensor, t1: torch.Tensor, largest: float) -> tuple[torch.Tensor, ...]:
+    """The classes that can win some pixel of each unit (a band of output rows, one column), as `(unit, class)`
+    pairs sorted by unit, then class, with their two numbers: `(unit_of, class_of, p0, p1)`; `t0`, `t1`:
+    `(units, C)`, the two numbers each class mixes there.
+
+    A pixel's value is, up to float rounding, the line `v(l) = t0 + l * (t1 - t0)` at its row's weight `l` in
+    `[0, 1]`. First the cheap bound: `v` lies between `t0` and `t1`, so a class whose larger number is below
+    another's smaller one cannot win. Then, on the remaining pairs, a tighter one: take `a`, the class largest
+    at `l = 0`, and `b`, the one largest at `l = 1`; the winner's value is at least `max(v_a, v_b)`, convex with
+    one corner where the two lines cross; a class below it by more than the margin at 0, at 1 and at that corner
+    is below it everywhere between (the difference is convex too). The margin (2e-5 of the largest logit) is far
+    above the few float32 roundings between these lines and the kernel's values."""
+    margin = 2e-5 * largest + 1e-30
+    candidates = torch.maximum(t0, t1) >= torch.minimum(t0, t1).amax(dim=1, keepdim=True) - margin
+    unit_of, class_of = candidates.nonzero(as_tuple=True)
+    counts = torch.bincount(unit_of, minlength=t0.shape[0])
+    flat = unit_of * t0.shape[1] + class_of
+    p0, p1 = t0.view(-1)[flat], t1.view(-1)[flat]
+
+    def unit_max(values: torch.Tensor) -> torch.Tensor:
+        return torch.segment_reduce(values, "max", lengths=counts)
+
+    a_lo = unit_max(p0)  # every unit has at least one candidate: the class with the largest smaller number
+    a_hi = unit_max(torch.where(p0 == a_lo[unit_of], p1, -math.inf))
+    b_hi = unit_max(p1)
+    b_lo = unit_max(torch.where(p1 == b_hi[unit_of], p0, -math.inf))
+    lead, gain = a_lo - b_lo, b_hi - a_hi  # both >= 0: where b overtakes a
+    corner = torch.where(lead + gain > 0, lead / (lead + gain), torch.zeros_like(lead)).clamp(0.0, 1.0)
+    envelope = a_lo + corner * (a_hi - a_lo)
+    keep = ((p0 >= a_lo[unit_of] - margin) | (p1 >= b_hi[unit_of] - margin)
+            | (p0 + corner[unit_of] * (p1 - p0) >= envelope[unit_of] - margin))
+    return unit_of[keep], class_of[keep], p0[keep], p1[keep]
+
+
+def _labels_of_rows(by_column: torch.Tensor, rows: _BilinearAxis, fused: bool, largest: float) -> torch.Tensor | None:
+    """`rows.apply(columns, dim=-2, fused=fused).argmax(0)` for column-resampled logits given as `by_column`, `(h, W,
+    C)`, computing only the classes that can win each band of rows and column (see `_labels_of_resampled`); None
+    when pruning would not save time. `largest`: at least the largest magnitude in `by_column` (that of the logits
+    it resamples)."""
+    logits_rows, width, num_classes = by_column.shape
     height = rows.i0.numel()
     # bands: runs of output rows that read the same two logits rows
     starts = torch.ones(height, dtype=torch.bool)
     starts[1:] = (rows.i0[1:] != rows.i0[:-1]) | (rows.i1[1:] != rows.i1[:-1])
     # ... cut to at most the typical band's rows (the first and last bands, clamped, are longer), so that bands
     # padded to the longest waste little; pieces of one band share its two logits rows and candidates
-    typical = -(-height // columns.shape[1])
+    typical = -(-height // logits_rows)
     first_row = starts.nonzero()[:, 0]
     band_of_row = torch.cumsum(starts.long(), 0) - 1
     starts[(torch.arange(height) - first_row[band_of_row]) % typical == 0] = True
     band_start = starts.nonzero()[:, 0]
     band_length = torch.diff(band_start, append=torch.tensor([height]))
-    by_column = columns.permute(1, 2, 0).contiguous()  # (h, W, C): a unit's classes side by side
-    t0 = by_column[rows.i0[band_start]].view(-1, num_classes)  # (units, C), unit = band * W + column
-    t1 = by_column[rows.i1[band_start]].view(-1, num_classes)
-    # any combination lies within [min, max] of its two numbers up to a few float32 roundings; margin >> those
     if largest >= _FLOOR / 4:
         return None  # logits near float32's range: the padding value below could tie or overflow
-    margin = 1e-5 * largest + 1e-30
-    candidates = torch.maximum(t0, t1) >= torch.minimum(t0, t1).amax(dim=1, keepdim=True) - 2 * margin
-    num_units = t0.shape[0]
-    # every (unit, candidate class) pair, by unit then ascending class (argmax keeps the first of equal values)
-    unit_of, class_of = candidates.nonzero(as_tuple=True)
+    num_units = band_start.numel() * width  # unit = band * W + column
+    # every (unit, candidate class) pair, by unit then ascending class (argmax keeps the first of equal values),
+    # found a few bands at a time (the (units, C) arrays of a chunk stay in cache)
+    parts = []
+    bands_per_chunk = max(1, 4096 // width)
+    for first in range(0, band_start.numel(), bands_per_chunk):
+        chunk = band_start[first : first + bands_per_chunk]
+        t0 = by_column[rows.i0[chunk]].view(-1, num_classes)  # (units of the chunk, C)
+        t1 = by_column[rows.i1[chunk]].view(-1, num_classes)
+        unit_of, class_of, p0, p1 = _row_candidates(t0, t1, largest)
+        parts.append((unit_of + first * width, class_of, p0, p1))
+    unit_of, class_of, p0, p1 = (torch.cat(part) for part in zip(*parts))
     counts = torch.bincount(unit_of, minlength=num_units)
     if int((counts * band_length.repeat_interleave(width)).sum()) > _PRUNED_FRACTION * num_classes * height * width:
         return None  # nearly every class may win nearly everywhere: resampling everything is cheaper
@@ -1783,9 +1824,8 @@ def _labels_of_rows(columns: torch.Tensor, rows: _BilinearAxis, fused: bool, lar
         # padding slots read -FLOOR at both rows: below every real value (|logits| < FLOOR), finite once weighted
         a = torch.full((n * k,), -_FLOOR)
         b = torch.full((n * k,), -_FLOOR)
-        flat = unit_of[pairs] * num_classes + class_of[pairs]
-        a[place] = t0.view(-1)[flat]
-        b[place] = t1.view(-1)[flat]
+        a[place] = p0[pairs]
+        b[place] = p1[pairs]
         a, b = a.view(n, 1, k), b.view(n, 1, k)
         l0, l1 = rows.l0[out_rows][..., None], rows.l1[out_rows][..., None]  # (n, longest, 1)
         values = a * l0 + b * l1  # (n, longest, k): the full resampling's values, unless `fused`
