@@ -174,6 +174,6 @@ def _bench(args, config, heads, size, device) -> list[dict]:
     if not args.no_prediction:
         print("prediction: one image of --image-size through the processor, the model (batch 1) and "
               "post_process_semantic_segmentation; post/fwd = post-processing / model forward. The heads have "
-              "random weights, whose flat logits are post-processing's worst case (no class can be pruned); on a "
-              "trained model's it is several times cheaper (benchmarks/postprocess.py)")
+              "random weights, whose flat logits are post-processing's hard case (about 6 of 150 classes can win each "
+              "band of rows); a trained model's leave 1-2 and cost less (benchmarks/postprocess.py)")
     return rows
