@@ -250,3 +250,22 @@ def test_scores_requested_are_the_full_resampling():
     expected = F.interpolate(logits, size=(126, 126), mode="bilinear", align_corners=False)[0]
     assert torch.equal(out["segmentation_scores"], expected)
     assert torch.equal(out["segmentation"], expected.argmax(0))
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e-3])
+def test_row_candidates_keep_every_class_that_wins_somewhere_on_the_band(spread):
+    """Soundness of the bound on its own: for random lines (a class's value across a band is `t0 + l (t1 - t0)`,
+    l in [0, 1]), every class that is the argmax at some l on a fine grid is among the kept candidates; and the
+    bound prunes (far fewer candidates than classes)."""
+    generator = torch.Generator().manual_seed(3)
+    t0 = torch.randn(400, 150, generator=generator) * spread
+    t1 = torch.randn(400, 150, generator=generator) * spread
+    unit_of, class_of, p0, p1 = processing._row_candidates(t0, t1, float(torch.maximum(t0.abs(), t1.abs()).max()))
+    kept = torch.zeros(400, 150, dtype=torch.bool)
+    kept[unit_of, class_of] = True
+    weights = torch.linspace(0.0, 1.0, 2001, dtype=torch.float64)[:, None, None]
+    winners = (t0.double() + weights * (t1.double() - t0.double())).argmax(dim=-1)  # (grid, units)
+    units = torch.arange(400).expand_as(winners)
+    assert kept[units, winners].all()
+    assert torch.equal(p0, t0[unit_of, class_of]) and torch.equal(p1, t1[unit_of, class_of])
+    assert kept.sum(dim=1).float().mean() < 10

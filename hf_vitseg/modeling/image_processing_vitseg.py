@@ -1728,10 +1728,12 @@ def _row_candidates(t0: torch.Tensor, t1: torch.Tensor, largest: float) -> tuple
     A pixel's value is, up to float rounding, the line `v(l) = t0 + l * (t1 - t0)` at its row's weight `l` in
     `[0, 1]`. First the cheap bound: `v` lies between `t0` and `t1`, so a class whose larger number is below
     another's smaller one cannot win. Then, on the remaining pairs, a tighter one: take `a`, the class largest
-    at `l = 0`, and `b`, the one largest at `l = 1`; the winner's value is at least `max(v_a, v_b)`, convex with
-    one corner where the two lines cross; a class below it by more than the margin at 0, at 1 and at that corner
-    is below it everywhere between (the difference is convex too). The margin (2e-5 of the largest logit) is far
-    above the few float32 roundings between these lines and the kernel's values."""
+    at `l = 0`, and `b`, the one largest at `l = 1`; the winner's value is at least `max(v_a, v_b)`, so a class
+    `c` cannot win where `g = max(v_a, v_b) - v_c > 0`. For any `mu` in `[0, 1]`, `g >= mu * v_a + (1 - mu) * v_b
+    - v_c`, a line, so `g`'s minimum over `[0, 1]` is at least the smaller of that line's two ends (equal to it
+    for the best `mu`, computed per class; any `mu` gives a valid bound, so its rounding cannot make the test
+    wrong). A class whose bound exceeds the margin is dropped. The margin (2e-5 of the largest logit) is far above
+    the few float32 roundings between these lines and the kernel's values."""
     margin = 2e-5 * largest + 1e-30
     candidates = torch.maximum(t0, t1) >= torch.minimum(t0, t1).amax(dim=1, keepdim=True) - margin
     unit_of, class_of = candidates.nonzero(as_tuple=True)
@@ -1746,11 +1748,12 @@ def _row_candidates(t0: torch.Tensor, t1: torch.Tensor, largest: float) -> tuple
     a_hi = unit_max(torch.where(p0 == a_lo[unit_of], p1, -math.inf))
     b_hi = unit_max(p1)
     b_lo = unit_max(torch.where(p1 == b_hi[unit_of], p0, -math.inf))
-    lead, gain = a_lo - b_lo, b_hi - a_hi  # both >= 0: where b overtakes a
-    corner = torch.where(lead + gain > 0, lead / (lead + gain), torch.zeros_like(lead)).clamp(0.0, 1.0)
-    envelope = a_lo + corner * (a_hi - a_lo)
-    keep = ((p0 >= a_lo[unit_of] - margin) | (p1 >= b_hi[unit_of] - margin)
-            | (p0 + corner[unit_of] * (p1 - p0) >= envelope[unit_of] - margin))
+    a_lo, a_hi, b_lo, b_hi = a_lo[unit_of], a_hi[unit_of], b_lo[unit_of], b_hi[unit_of]
+    spread = (a_lo - b_lo) + (b_hi - a_hi)  # >= 0: how much b gains on a from l = 0 to l = 1
+    mu = torch.where(spread > 0, ((b_hi - b_lo) - (p1 - p0)) / spread, torch.ones_like(spread)).clamp(0.0, 1.0)
+    at_0 = mu * a_lo + (1.0 - mu) * b_lo - p0  # the bounding line minus the class's, at l = 0 and l = 1
+    at_1 = mu * a_hi + (1.0 - mu) * b_hi - p1
+    keep = torch.minimum(at_0, at_1) <= margin
     return unit_of[keep], class_of[keep], p0[keep], p1[keep]
 
 
