@@ -1671,10 +1671,11 @@ def _labels_of_resampled(item_logits: torch.Tensor, index: int, target_sizes, in
     Resampling is separable: columns first (`columns[c, i, x]`, every class on every logits row: cheap, as there are
     few logits rows), then rows, where output pixel `(y, x)` of the band of rows that read logits rows `i0, i1`
     is `combine(columns[c, i0, x], l0[y], columns[c, i1, x], l1[y])`, a convex combination of two numbers up to
-    float rounding. So on that band and column a class can only win (be the argmax, ties included) if the larger of
-    its two numbers reaches the largest smaller-of-two over all classes, less a rounding margin. That leaves a
-    handful of candidates even for flat logits (an untrained head), and only theirs are combined, with the same
-    float32 operations as the full resampling; the first class with the largest value wins, as in `argmax`.
+    float rounding: a line in the row's weight. So on that band and column a class can only win (be the argmax, ties
+    included) if its line reaches the upper envelope of the others, less a rounding margin (`_row_candidates`).
+    That leaves 1-2 candidates on a trained model's logits and about 5 of 150 even on flat ones (an untrained
+    head), and only theirs are combined, with the same float32 operations as the full resampling; the first class
+    with the largest value wins, as in `argmax`.
 
     The full resampling these values must equal is `_resample_box`'s arithmetic with `input_boxes`, and
     `F.interpolate`'s without: its CPU kernel's arithmetic (fused multiply-adds or not) is recognised once per
