@@ -405,6 +405,13 @@ def test_bad_targets_are_refused():
         model(x, mask_labels=bad, class_labels=class_labels)
     with pytest.raises(ValueError, match="not on a labels map"):
         model(x, labels=torch.zeros(2, 32, 48, dtype=torch.long))
+    # masks of another size than the (padded) input would be sampled at shifted, stretched positions
+    small = [masks[:, :16, :24] for masks in mask_labels]
+    with pytest.raises(ValueError, match="mask_labels are 16x24 but the input is 32x48"):
+        model(x, mask_labels=small, class_labels=class_labels)
+    pmt = mask_model("pmt")
+    with pytest.raises(ValueError, match="mask_labels are 16x24 but the input is 32x48"):
+        pmt.decode(pmt.backbone(x), mask_labels=small, class_labels=class_labels)
 
 
 @pytest.mark.parametrize("head", [*HEADS, "linear"])

@@ -343,8 +343,11 @@ def build_mask_head(config, adapter) -> MaskTransformerHead:
 
 
 # -- loss ------------------------------------------------------------------------------------------------------
-def check_mask_targets(mask_labels, class_labels, batch_size: int, num_labels: int, validate: bool = True) -> None:
-    """Refuse targets that do not fit the contract, with one line naming the problem."""
+def check_mask_targets(mask_labels, class_labels, batch_size: int, num_labels: int, validate: bool = True,
+                       image_size: tuple[int, int] | None = None) -> None:
+    """Refuse targets that do not fit the contract, with one line naming the problem. `image_size`: the (padded)
+    input's height and width, which every mask must cover pixel for pixel (the loss samples masks at normalised
+    positions, so a mask of another size would silently train on shifted or stretched targets)."""
     if (mask_labels is None) != (class_labels is None):
         raise ValueError("Pass mask_labels and class_labels together (one mask per target and its class), or neither.")
     if isinstance(mask_labels, torch.Tensor) or isinstance(class_labels, torch.Tensor):
@@ -363,6 +366,12 @@ def check_mask_targets(mask_labels, class_labels, batch_size: int, num_labels: i
             )
         if classes.is_floating_point():
             raise TypeError(f"Image {i}: class_labels must be integer class ids, got {classes.dtype}.")
+        if image_size is not None and tuple(masks.shape[-2:]) != tuple(image_size):
+            raise ValueError(
+                f"Image {i}: mask_labels are {masks.shape[-2]}x{masks.shape[-1]} but the input is "
+                f"{image_size[0]}x{image_size[1]}: masks must be padded and resized with the image "
+                "(ViTSegImageProcessor(..., return_mask_labels=True) does both)."
+            )
         if validate and masks.numel() and not (torch.isfinite(masks).all() and masks.min() >= 0 and masks.max() <= 1):
             raise ValueError(
                 f"Image {i}: mask_labels must hold values in [0, 1] (1 = the target's pixels), got "

@@ -436,7 +436,7 @@ class ViTSegForUniversalSegmentation(ViTSegPreTrainedModel):
             )
         if mask_labels is not None or class_labels is not None:
             check_mask_targets(mask_labels, class_labels, pixel_values.shape[0], self.config.num_labels,
-                               validate=self.config.validate_labels)
+                               validate=self.config.validate_labels, image_size=pixel_values.shape[-2:])
         if isinstance(self.head, PmtHead):
             if self.config.freeze_backbone:
                 with torch.no_grad():
@@ -475,8 +475,10 @@ class ViTSegForUniversalSegmentation(ViTSegPreTrainedModel):
             )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if mask_labels is not None or class_labels is not None:
-            check_mask_targets(mask_labels, class_labels, features.feature_maps[-1].shape[0], self.config.num_labels,
-                               validate=self.config.validate_labels)
+            last, stride = features.feature_maps[-1], features.strides[-1]  # the input the features were made from
+            check_mask_targets(mask_labels, class_labels, last.shape[0], self.config.num_labels,
+                               validate=self.config.validate_labels,
+                               image_size=(round(last.shape[-2] * stride), round(last.shape[-1] * stride)))
         predictions = self.head(self.backbone, features, self._mask_probs())
         return self._output(predictions, mask_labels, class_labels, features.hidden_states, features.attentions,
                             return_dict)
