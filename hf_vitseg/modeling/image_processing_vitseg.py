@@ -1600,7 +1600,8 @@ class _BilinearAxis:
         return out
 
 
-def _combine(t0: torch.Tensor, l0: torch.Tensor, t1: torch.Tensor, l1: torch.Tensor, fused: bool) -> torch.Tensor:
+def _combine(t0: torch.Tensor, l0: torch.Tensor, t1: torch.Tensor, l1: torch.Tensor, fused: bool
+             ) -> torch.Tensor | None:
     """`t0 * l0 + t1 * l1` in float32: three separate roundings, or, `fused`, `fma(t0, l0, t1 * l1)` as ATen's
     bilinear CPU kernel computes it when compiled with FMA instructions (None when that cannot be emulated
     exactly: a result in float32's subnormal range)."""
