@@ -50,43 +50,64 @@ def saved_folder(tmp_path_factory) -> Path:
 
 
 class HubRecorder:
-    """Stands in for the Hub: records create_repo / create_commit, serves `remote` files to list/download."""
+    """Stands in for the Hub (the one fake of `HfApi` the tests share): records create_repo / create_commit, serves
+    `remote` files to list / download (only to repos of `remote_repo_type` when given, e.g. "space").
 
-    def __init__(self, tmp_path: Path, remote: dict[str, bytes] | None = None):
+    What it keeps: `calls` (method names, in order) and `repo_calls` (`"method:repo_id"`, or `":filename"` for
+    downloads); the last commit's `operations`, `uploaded` files and `commit_kwargs`, and `create_repo_kwargs`;
+    per repo, `repos[repo_id]` (create_repo's kwargs), `commits[repo_id]` (path -> bytes) and
+    `commit_kwargs_by_repo[repo_id]`."""
+
+    def __init__(self, tmp_path: Path, remote: dict[str, bytes] | None = None, remote_repo_type: str | None = None):
         self.tmp_path = tmp_path
         self.remote = dict(remote or {})
+        self.remote_repo_type = remote_repo_type
         self.calls: list[str] = []
+        self.repo_calls: list[str] = []
         self.operations: list = []
         self.uploaded: dict[str, bytes] = {}
+        self.repos: dict[str, dict] = {}
+        self.commits: dict[str, dict[str, bytes]] = {}
+        self.commit_kwargs_by_repo: dict[str, dict] = {}
+
+    def _record(self, name: str, subject: str) -> None:
+        self.calls.append(name)
+        self.repo_calls.append(f"{name}:{subject}")
 
     def install(self, monkeypatch):
         recorder = self
 
         def create_repo(api, repo_id, **kwargs):
-            recorder.calls.append("create_repo")
-            recorder.create_repo_kwargs = kwargs
+            recorder._record("create_repo", repo_id)
+            recorder.create_repo_kwargs = recorder.repos[repo_id] = kwargs
             return f"https://huggingface.co/{repo_id}"
 
         def list_repo_files(api, repo_id, **kwargs):
-            recorder.calls.append("list_repo_files")
+            recorder._record("list_repo_files", repo_id)
+            if recorder.remote_repo_type is not None and kwargs.get("repo_type") != recorder.remote_repo_type:
+                return []
             return sorted(recorder.remote)
 
         def hf_hub_download(api, repo_id, filename, **kwargs):
             recorder.calls.append(f"hf_hub_download:{filename}")
+            recorder.repo_calls.append(f"hf_hub_download:{filename}")
             path = recorder.tmp_path / "remote" / filename
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(recorder.remote[filename])
             return str(path)
 
         def create_commit(api, repo_id, operations, **kwargs):
-            recorder.calls.append("create_commit")
-            recorder.commit_kwargs = kwargs
+            recorder._record("create_commit", repo_id)
+            assert all(isinstance(op, CommitOperationAdd) for op in operations), "hf-vitseg only adds files"
+            recorder.commit_kwargs = recorder.commit_kwargs_by_repo[repo_id] = kwargs
             recorder.operations = list(operations)
+            recorder.uploaded = {}
             for op in recorder.operations:
                 content = op.path_or_fileobj
                 if not isinstance(content, bytes):
                     content = Path(content).read_bytes()
                 recorder.uploaded[op.path_in_repo] = content
+            recorder.commits[repo_id] = dict(recorder.uploaded)
             return "recorded-commit"
 
         for name, function in [("create_repo", create_repo), ("list_repo_files", list_repo_files),

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_model
-from huggingface_hub import CommitOperationAdd, HfApi, SpaceCard
+from huggingface_hub import SpaceCard
 from PIL import Image
+from test_hub import HubRecorder
 
 import hf_vitseg
 from hf_vitseg import ViTSegImageProcessor
@@ -28,47 +29,9 @@ MODEL_ID, SPACE_ID = "hf-vitseg-tests/tiny-model", "hf-vitseg-tests/tiny-model-d
 SECRET = "hf_SECRET_TOKEN_do_not_upload"
 
 
-class SpaceRecorder:
-    """Stands in for the Hub: records every create_repo / create_commit per repo, serves `remote` Space files."""
-
-    def __init__(self, tmp_path: Path, remote: dict[str, bytes] | None = None):
-        self.tmp_path, self.remote = tmp_path, dict(remote or {})
-        self.calls: list[str] = []
-        self.repos: dict[str, dict] = {}
-        self.commits: dict[str, dict[str, bytes]] = {}
-
-    def install(self, monkeypatch):
-        recorder = self
-
-        def create_repo(api, repo_id, **kwargs):
-            recorder.calls.append(f"create_repo:{repo_id}")
-            recorder.repos[repo_id] = kwargs
-            return f"https://huggingface.co/{repo_id}"
-
-        def list_repo_files(api, repo_id, **kwargs):
-            recorder.calls.append(f"list_repo_files:{repo_id}")
-            return sorted(recorder.remote) if kwargs.get("repo_type") == "space" else []
-
-        def hf_hub_download(api, repo_id, filename, **kwargs):
-            recorder.calls.append(f"hf_hub_download:{filename}")
-            path = recorder.tmp_path / "remote" / filename
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(recorder.remote[filename])
-            return str(path)
-
-        def create_commit(api, repo_id, operations, **kwargs):
-            recorder.calls.append(f"create_commit:{repo_id}")
-            assert all(isinstance(op, CommitOperationAdd) for op in operations), "additions only"
-            recorder.commits[repo_id] = {
-                op.path_in_repo: op.path_or_fileobj if isinstance(op.path_or_fileobj, bytes)
-                else Path(op.path_or_fileobj).read_bytes() for op in operations}
-            recorder.commits[repo_id + ":kwargs"] = kwargs
-            return "recorded-commit"
-
-        for name, function in [("create_repo", create_repo), ("list_repo_files", list_repo_files),
-                               ("hf_hub_download", hf_hub_download), ("create_commit", create_commit)]:
-            monkeypatch.setattr(HfApi, name, function)
-        return self
+def SpaceRecorder(tmp_path: Path, remote: dict[str, bytes] | None = None) -> HubRecorder:
+    """The shared fake Hub, serving `remote` as the Space's files (the model repo looks empty)."""
+    return HubRecorder(tmp_path, remote, remote_repo_type="space")
 
 
 @pytest.fixture
@@ -122,10 +85,10 @@ def test_cli_pushes_the_model_then_a_space_with_only_what_hf_vitseg_writes(model
     assert main(["push", str(model_folder), MODEL_ID, "--space", SPACE_ID, "--private"]) == 0
     out = capsys.readouterr().out
     # the model first, then the Space: created as a Gradio Space, listed before its commit
-    assert recorder.calls.index(f"create_commit:{MODEL_ID}") < recorder.calls.index(f"create_repo:{SPACE_ID}")
+    assert recorder.repo_calls.index(f"create_commit:{MODEL_ID}") < recorder.repo_calls.index(f"create_repo:{SPACE_ID}")
     assert recorder.repos[SPACE_ID]["repo_type"] == "space" and recorder.repos[SPACE_ID]["space_sdk"] == "gradio"
     assert recorder.repos[SPACE_ID]["private"] is True
-    assert recorder.commits[SPACE_ID + ":kwargs"]["repo_type"] == "space"
+    assert recorder.commit_kwargs_by_repo[SPACE_ID]["repo_type"] == "space"
     assert out.index(f"files to Space {SPACE_ID}:") < out.index(f"Wrote the Space {SPACE_ID}")
 
     space = recorder.commits[SPACE_ID]
@@ -168,7 +131,7 @@ def test_a_space_file_a_person_wrote_is_never_replaced(tmp_path, monkeypatch, wr
         return
     with pytest.raises(ValueError, match=r"already holds app\.py, which hf-vitseg did not write"):
         push_space(MODEL_ID, SPACE_ID)
-    assert f"create_commit:{SPACE_ID}" not in recorder.calls
+    assert f"create_commit:{SPACE_ID}" not in recorder.repo_calls
 
 
 def test_bad_space_ids_stop_the_push_before_anything_is_sent(model_folder, recorder, capsys):
