@@ -269,3 +269,18 @@ def test_row_candidates_keep_every_class_that_wins_somewhere_on_the_band(spread)
     assert kept[units, winners].all()
     assert torch.equal(p0, t0[unit_of, class_of]) and torch.equal(p1, t1[unit_of, class_of])
     assert kept.sum(dim=1).float().mean() < 10
+
+
+@pytest.mark.parametrize("with_boxes", [False, True])
+def test_logits_that_require_grad(with_boxes):
+    """A model's outputs outside `torch.no_grad()`: label maps as without grad, and the scores stay differentiable
+    (the input_boxes resampling is autograd-friendly, as grid_sample was)."""
+    logits = scene_logits(150, (12, 12), seed=4).requires_grad_()
+    geometry = {"target_sizes": [(168, 150)]}
+    if with_boxes:
+        geometry.update(input_boxes=[(0, 0, 160, 150)], padded_size=(168, 168))
+    maps = PROCESSOR.post_process_semantic_segmentation(logits, **geometry)
+    assert torch.equal(maps[0], reference_labels(PROCESSOR, logits.detach(), **geometry)[0])
+    scores = PROCESSOR.post_process_semantic_segmentation(logits, return_segmentation_scores=True, **geometry)
+    scores[0]["segmentation_scores"].sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0

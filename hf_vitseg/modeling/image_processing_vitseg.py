@@ -1588,8 +1588,8 @@ class _BilinearAxis:
         shape = [1] * (-dim)
         shape[0] = -1
         l0, l1 = self.l0.to(device).view(shape), self.l1.to(device).view(shape)
-        if fused:
-            return _combine(values.index_select(dim, i0), l0, values.index_select(dim, i1), l1, fused=True)
+        if fused or (values.requires_grad and torch.is_grad_enabled()):  # (autograd refuses `out=`)
+            return _combine(values.index_select(dim, i0), l0, values.index_select(dim, i1), l1, fused=fused)
         out_len = i0.numel()
         out = values.new_empty(values.shape[: values.dim() + dim] + (out_len,) + values.shape[values.dim() + dim + 1 :])
         step = max(1, (1 << 18) // max(1, values.numel() // values.shape[dim]))  # pieces that stay in cache
@@ -1665,6 +1665,7 @@ def _interpolate_arithmetic(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> 
     return _INTERPOLATE_ARITHMETIC[key]
 
 
+@torch.no_grad()  # label maps: nothing to differentiate
 def _labels_of_resampled(item_logits: torch.Tensor, index: int, target_sizes, input_boxes, padded_size):
     """`_to_output_geometry(item_logits, ...)[0].argmax(0)`, bit for bit, without resampling every class everywhere:
     the label map of post-processing.
