@@ -233,7 +233,7 @@ def fit_watershed(data: InstanceSplit, scale: float) -> dict:
 
 def make_row(name: str, kind: str, runs: list[dict], **extra) -> dict:
     row = {"name": name, "kind": kind, **extra, "runs": runs}
-    for key in ("pq", "sq", "rq", "ap50", "ap", "fg_iou", "miou", "train_seconds"):
+    for key in ("pq", "sq", "rq", "ap50", "ap", "fg_iou", "miou", "whole_pq", "whole_ap50", "train_seconds"):
         values = [r[key] for r in runs if r.get(key) is not None and not np.isnan(r[key])]
         if values:
             row[f"{key}_mean"] = statistics.fmean(values)
@@ -393,6 +393,67 @@ def segment_instances(model, processor, test_pixels: torch.Tensor, threshold: fl
     return instances, scores, masks, detection_scores
 
 
+@torch.no_grad()
+def segment_instances_in_windows(model, processor, test_pixels: torch.Tensor, threshold: float, crop: int):
+    """The test half in crop-sized windows, half a crop apart: the size the model was trained at (one pass over
+    the whole half asks crop-trained queries for 10x more objects on 10x more tokens). Each instance is kept by the
+    one window whose centre is nearest its centroid, so every nucleus comes from a window that sees it whole
+    (stardist's tiling rule); pasted in score order, never over an earlier one. Same outputs as `segment_instances`."""
+    height, width = test_pixels.shape[-2:]
+    ys, xs = tile_starts(height, crop, crop // 2), tile_starts(width, crop, crop // 2)
+    centres_y, centres_x = np.array(ys) + crop / 2, np.array(xs) + crop / 2
+    candidates = []  # (score, global mask) of the panoptic segments a window owns
+    detections, detection_scores = [], []
+    for y0 in ys:
+        for x0 in xs:
+            window = test_pixels[..., y0 : y0 + crop, x0 : x0 + crop]
+            instances, scores, masks, window_scores = segment_instances(model, processor, window, threshold)
+
+            def owned(mask: np.ndarray) -> bool:
+                rows, cols = np.nonzero(mask)
+                cy, cx = rows.mean() + y0, cols.mean() + x0
+                return ys[int(np.abs(centres_y - cy).argmin())] == y0 and xs[int(np.abs(centres_x - cx).argmin())] == x0
+
+            for instance_id, score in scores.items():
+                mask = instances == instance_id
+                if mask.any() and owned(mask):
+                    full = np.zeros((height, width), bool)
+                    full[y0 : y0 + crop, x0 : x0 + crop] = mask
+                    candidates.append((score, full))
+            for mask, score in zip(masks, window_scores):
+                if mask.any() and owned(mask):
+                    full = np.zeros((height, width), bool)
+                    full[y0 : y0 + crop, x0 : x0 + crop] = mask
+                    detections.append(full)
+                    detection_scores.append(score)
+    instances = np.zeros((height, width), dtype=np.int32)
+    scores = {}
+    for score, mask in sorted(candidates, key=lambda item: -item[0]):
+        free = mask & (instances == 0)
+        if free.any():
+            new_id = len(scores) + 1
+            instances[free] = new_id
+            scores[new_id] = score
+    masks = np.stack(detections) if detections else np.zeros((0, height, width), bool)
+    return instances, scores, masks, detection_scores
+
+
+def score_instances(instances, scores, masks, detection_scores, data) -> dict:
+    """PQ / SQ / RQ of the panoptic map, mask AP / AP50 of the scored detections, fg IoU and mIoU of the
+    foreground, on the test half."""
+    result = evaluate(instances, scores, data.test_instances)
+    ap = MaskAP(num_labels=1, max_detections=max(100, len(masks)))
+    truth_ids = [i for i in np.unique(data.test_instances) if i > 0]
+    ap.update(masks, detection_scores, [0] * len(masks), np.stack([data.test_instances == i for i in truth_ids]),
+              [0] * len(truth_ids))
+    ap_result = ap.compute()
+    result.update(ap50=ap_result["map_50"], ap=ap_result["map"], num_detections=len(masks))
+    # the semantic accuracy table's numbers: foreground = any nucleus segment of the panoptic output
+    fg_iou, miou = foreground_iou((instances > 0).astype(np.uint8), data.split.test_mask)
+    result.update(fg_iou=fg_iou, miou=miou)
+    return result
+
+
 def mask_rows(head, args, data, backbone, num_layers, patch_size, processor, rows, predictions, log):
     views = instance_views(data, args, processor)
     test_pixels = accuracy.encode(data.split.test_image, processor)
@@ -404,24 +465,21 @@ def mask_rows(head, args, data, backbone, num_layers, patch_size, processor, row
     runs = []
     for seed in range(args.seeds if head == "pmt" else args.eomt_seeds):
         model, seconds, curve = train_mask_model(head, backbone, seed, views, args, features)
-        instances, scores, masks, detection_scores = segment_instances(model, processor, test_pixels,
-                                                                       args.score_threshold)
-        result = evaluate(instances, scores, data.test_instances)
-        # AP from the scored (possibly overlapping) detections of the instance post-processing
-        ap = MaskAP(num_labels=1, max_detections=max(100, len(masks)))
-        truth_ids = [i for i in np.unique(data.test_instances) if i > 0]
-        ap.update(masks, detection_scores, [0] * len(masks), np.stack([data.test_instances == i for i in truth_ids]),
-                  [0] * len(truth_ids))
-        ap_result = ap.compute()
-        result.update(ap50=ap_result["map_50"], ap=ap_result["map"], num_detections=len(masks))
-        # the semantic accuracy table's numbers: foreground = any nucleus segment of the panoptic output
-        fg_iou, miou = foreground_iou((instances > 0).astype(np.uint8), data.split.test_mask)
-        result.update(fg_iou=fg_iou, miou=miou)
+        if args.save_models:
+            model.save_pretrained(Path(args.save_models) / f"{head}_{data.split.scale:g}x_seed{seed}")
+        # the main numbers: crop-sized windows (the training size); "whole_*": the whole half in one pass
+        windowed = segment_instances_in_windows(model, processor, test_pixels, args.score_threshold, args.crop)
+        whole = segment_instances(model, processor, test_pixels, args.score_threshold)
+        result = score_instances(*windowed, data)
+        result.update({f"whole_{key}": value for key, value in score_instances(*whole, data).items()})
+        instances = windowed[0]
         runs.append({"seed": seed, **result, "train_seconds": seconds, "loss_curve": curve})
         if seed == 0:
             predictions[f"{data.split.scale:g}|{head}"] = instances
-        log(f"{head} seed {seed}: PQ {result['pq']:.3f} AP50 {result['ap50']:.3f} ({result['num_instances']} "
-            f"segments, {len(masks)} detections) {seconds:.0f}s loss {curve[0]:.3f} -> {curve[-1]:.3f}")
+        log(f"{head} seed {seed}: windows PQ {result['pq']:.3f} AP50 {result['ap50']:.3f} fg IoU "
+            f"{result['fg_iou']:.3f} ({result['num_instances']} segments, {result['num_detections']} detections); "
+            f"whole half PQ {result['whole_pq']:.3f} AP50 {result['whole_ap50']:.3f}; {seconds:.0f}s loss "
+            f"{curve[0]:.3f} -> {curve[-1]:.3f}")
         del model
     label = "eomt (fine-tuned, layer decay)" if head == "eomt" else "pmt (frozen backbone)"
     rows.append(make_row(label, head, runs, steps=args.mask_steps, num_queries=args.num_queries,
@@ -502,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--intensity-views", type=float, nargs="+", default=[1.0, 0.6])
     parser.add_argument("--region", type=int, default=None, help="only the central NxN pixels of the image")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--save-models", default=None, help="folder to save the trained eomt / pmt models in")
     parser.add_argument("--json", default=None)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 1 seed, a 96 px region")
