@@ -364,11 +364,30 @@ def train_mask_model(head: str, backbone: str, seed: int, views: dict, args, fea
     return model.eval(), seconds, curve
 
 
+def paste_by_score(masks: np.ndarray, scores: list[float], overlap: float = 0.8):
+    """Non-overlapping instances from scored, possibly overlapping masks: in descending score order each mask
+    takes its still free pixels, and is dropped when that is under `overlap` of it (Mask2Former's
+    `overlap_mask_area_threshold`). Returns `(instance map, {id: score})`."""
+    height, width = masks.shape[-2:]
+    instances = np.zeros((height, width), dtype=np.int32)
+    kept = {}
+    for index in np.argsort(-np.asarray(scores, dtype=float), kind="stable"):
+        mask = masks[index]
+        free = mask & (instances == 0)
+        if mask.any() and free.sum() >= overlap * mask.sum():
+            kept[len(kept) + 1] = float(scores[index])
+            instances[free] = len(kept)
+    return instances, kept
+
+
 @torch.no_grad()
 def segment_instances(model, processor, test_pixels: torch.Tensor, threshold: float):
-    """The whole test half in one pass: `(instance map for PQ, scored instance map for AP... as one map, scores)`.
+    """The test image in one pass: `post_process_instance_segmentation`'s scored binary masks (for AP) and, pasted
+    by score without overlap, the instance map (for PQ). (`post_process_panoptic_segmentation` is not used for
+    the map: with one thing class and no stuff class, its per-pixel argmax over the kept queries hands every
+    background pixel to some nucleus.)
 
-    Returns `(panoptic instance map, {id: score}, instance masks (N, H, W), scores (N,))`."""
+    Returns `(instance map, {id: score}, instance masks (N, H, W), scores (N,))`."""
     height, width = test_pixels.shape[-2:]
     divisor = model.size_divisor
     padded = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
@@ -376,13 +395,6 @@ def segment_instances(model, processor, test_pixels: torch.Tensor, threshold: fl
     pixels[0, :, :height, :width] = test_pixels
     outputs = model(pixel_values=pixels)
     geometry = {"target_sizes": [(height, width)], "input_sizes": [(height, width)], "padded_size": padded}
-    panoptic = processor.post_process_panoptic_segmentation(outputs, threshold=threshold, **geometry)[0]
-    segmentation = panoptic["segmentation"].numpy().astype(np.int64)
-    instances = np.zeros((height, width), dtype=np.int32)
-    scores = {}
-    for new_id, segment in enumerate(panoptic["segments_info"], start=1):
-        instances[segmentation == segment["id"]] = new_id
-        scores[new_id] = float(segment["score"])
     detections = processor.post_process_instance_segmentation(outputs, threshold=threshold, return_binary_maps=True,
                                                               **geometry)[0]
     if detections["segments_info"]:
@@ -390,51 +402,36 @@ def segment_instances(model, processor, test_pixels: torch.Tensor, threshold: fl
     else:
         masks = np.zeros((0, height, width), bool)
     detection_scores = [float(s["score"]) for s in detections["segments_info"]]
+    instances, scores = paste_by_score(masks, detection_scores)
     return instances, scores, masks, detection_scores
 
 
 @torch.no_grad()
 def segment_instances_in_windows(model, processor, test_pixels: torch.Tensor, threshold: float, crop: int):
     """The test half in crop-sized windows, half a crop apart: the size the model was trained at (one pass over
-    the whole half asks crop-trained queries for 10x more objects on 10x more tokens). Each instance is kept by the
-    one window whose centre is nearest its centroid, so every nucleus comes from a window that sees it whole
-    (stardist's tiling rule); pasted in score order, never over an earlier one. Same outputs as `segment_instances`."""
+    the whole half asks crop-trained queries for 10x more objects on 10x more tokens). Each detection is kept by
+    the one window whose centre is nearest its centroid, so every nucleus comes from a window that sees it whole
+    (stardist's tiling rule); then pasted by score as in `segment_instances`. Same outputs."""
     height, width = test_pixels.shape[-2:]
     ys, xs = tile_starts(height, crop, crop // 2), tile_starts(width, crop, crop // 2)
     centres_y, centres_x = np.array(ys) + crop / 2, np.array(xs) + crop / 2
-    candidates = []  # (score, global mask) of the panoptic segments a window owns
     detections, detection_scores = [], []
     for y0 in ys:
         for x0 in xs:
             window = test_pixels[..., y0 : y0 + crop, x0 : x0 + crop]
-            instances, scores, masks, window_scores = segment_instances(model, processor, window, threshold)
-
-            def owned(mask: np.ndarray) -> bool:
-                rows, cols = np.nonzero(mask)
-                cy, cx = rows.mean() + y0, cols.mean() + x0
-                return ys[int(np.abs(centres_y - cy).argmin())] == y0 and xs[int(np.abs(centres_x - cx).argmin())] == x0
-
-            for instance_id, score in scores.items():
-                mask = instances == instance_id
-                if mask.any() and owned(mask):
-                    full = np.zeros((height, width), bool)
-                    full[y0 : y0 + crop, x0 : x0 + crop] = mask
-                    candidates.append((score, full))
+            _, _, masks, window_scores = segment_instances(model, processor, window, threshold)
             for mask, score in zip(masks, window_scores):
-                if mask.any() and owned(mask):
+                rows, cols = np.nonzero(mask)
+                if rows.size == 0:
+                    continue
+                cy, cx = rows.mean() + y0, cols.mean() + x0
+                if ys[int(np.abs(centres_y - cy).argmin())] == y0 and xs[int(np.abs(centres_x - cx).argmin())] == x0:
                     full = np.zeros((height, width), bool)
                     full[y0 : y0 + crop, x0 : x0 + crop] = mask
                     detections.append(full)
                     detection_scores.append(score)
-    instances = np.zeros((height, width), dtype=np.int32)
-    scores = {}
-    for score, mask in sorted(candidates, key=lambda item: -item[0]):
-        free = mask & (instances == 0)
-        if free.any():
-            new_id = len(scores) + 1
-            instances[free] = new_id
-            scores[new_id] = score
     masks = np.stack(detections) if detections else np.zeros((0, height, width), bool)
+    instances, scores = paste_by_score(masks, detection_scores)
     return instances, scores, masks, detection_scores
 
 

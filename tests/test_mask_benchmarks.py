@@ -104,3 +104,13 @@ def test_mask_speed_runs_on_a_tiny_config(tmp_path):
         "transformers eomt", "ours eomt", "pmt", "pmt backbone alone"}
     with pytest.raises(SystemExit, match="multiples of the patch size"):
         mask_speed.main(["--sizes", "30"])
+
+
+def test_paste_by_score_gives_pixels_to_the_higher_score_and_drops_mostly_covered_masks():
+    masks = np.zeros((3, 4, 6), bool)
+    masks[0, :, 4:] = True  # score 0.9: first, whole
+    masks[1, :, 3:] = True  # score 0.7: only column 3 is still free, 1/3 < 0.8: dropped
+    masks[2, :, :5] = True  # score 0.6: columns 0-3 free, 4/5 = 0.8: kept there
+    pasted, scores = instances.paste_by_score(masks, [0.9, 0.7, 0.6])
+    assert scores == {1: 0.9, 2: 0.6}
+    assert (pasted[:, 4:] == 1).all() and (pasted[:, :4] == 2).all()
