@@ -558,14 +558,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--region", type=int, default=None, help="only the central NxN pixels of the image")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--save-models", default=None, help="folder to save the trained eomt / pmt models in")
+    parser.add_argument("--score-saved", nargs="+", default=None, metavar="FOLDER",
+                        help="score models saved by --save-models (no training): windows and whole half, --scale")
     parser.add_argument("--json", default=None)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 1 seed, a 96 px region")
     return parser
 
 
+def score_saved(folders: list[str], scale: float, threshold: float, crop: int) -> dict:
+    """Score saved eomt / pmt models on the test half without training: `{folder: {"windows": ..., "whole": ...}}`."""
+    from hf_vitseg import ViTSegForUniversalSegmentation
+
+    data = instance_split(scale)
+    results = {}
+    for folder in folders:
+        model = ViTSegForUniversalSegmentation.from_pretrained(folder).eval()
+        processor = ViTSegImageProcessor.for_model(model, check_labels=False)
+        test_pixels = accuracy.encode(data.split.test_image, processor)
+        results[folder] = {
+            "windows": score_instances(*segment_instances_in_windows(model, processor, test_pixels, threshold, crop),
+                                       data),
+            "whole": score_instances(*segment_instances(model, processor, test_pixels, threshold), data),
+        }
+        for mode, result in results[folder].items():
+            print(f"{folder} {mode}: PQ {result['pq']:.3f} SQ {result['sq']:.3f} RQ {result['rq']:.3f} AP50 "
+                  f"{result['ap50']:.3f} AP {result['ap']:.3f} fg IoU {result['fg_iou']:.3f} mIoU {result['miou']:.3f}",
+                  flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.score_saved:
+        if args.json and Path(args.json).exists() and not args.overwrite:
+            raise SystemExit(f"{args.json} exists; pass --overwrite to replace it or choose another --json.")
+        results = score_saved(args.score_saved, args.scale[0], args.score_threshold, args.crop)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"command": "python benchmarks/instances.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]), "models": results}, indent=1, default=float))
+        return results
     if args.json and Path(args.json).exists() and not args.overwrite:
         raise SystemExit(f"{args.json} exists; pass --overwrite to replace it or choose another --json.")
     if args.threads:
