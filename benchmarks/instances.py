@@ -23,10 +23,13 @@ Rows (`--rows`):
 - `eomt`: head `eomt`, the whole model fine-tuned with layer-wise learning-rate decay (`param_groups`), masked
   attention annealed away by `hf_vitseg.training.MaskAnnealing` (the plain-loop form of `MaskAnnealingCallback`).
   Both mask models: one class ("nucleus"; background is "no object"), the same views, batch order and AdamW
-  schedule as the semantic rows; the test half is segmented in ONE forward pass (padded to the patch size, the
-  padding cut in post-processing); instances from `post_process_instance_segmentation` (scored, for AP) and
-  `post_process_panoptic_segmentation` (non-overlapping, for PQ), both with `--score-threshold`. Their foreground
-  (any nucleus segment) also gives the semantic accuracy table's fg IoU / mIoU (`fg_iou`, `miou` in the JSON).
+  schedule as the semantic rows; the test half is segmented in crop-sized windows half a crop apart, each
+  detection kept by the window whose centre is nearest its centroid (`segment_instances_in_windows`), and, for
+  comparison (`whole_*` in the JSON), in ONE forward pass (padded to the patch size, the padding cut in
+  post-processing). Detections from `post_process_instance_segmentation` (scored, for AP), pasted by score without
+  overlap into the instance map (for PQ), both with `--score-threshold`. Their foreground (any nucleus segment)
+  also gives the semantic accuracy table's fg IoU / mIoU (`fg_iou`, `miou` in the JSON). `--save-models` keeps the
+  trained models; `--score-saved` scores saved ones without training.
 
 Metrics (`hf_vitseg.training.mask_metrics`): PQ, SQ, RQ of the nucleus class (panopticapi's definition; background
 is a labelled stuff segment, so a false nucleus on background counts) and COCO mask AP50 / AP (pycocotools) of
@@ -381,27 +384,29 @@ def paste_by_score(masks: np.ndarray, scores: list[float], overlap: float = 0.8)
 
 
 @torch.no_grad()
-def segment_instances(model, processor, test_pixels: torch.Tensor, threshold: float):
-    """The test image in one pass: `post_process_instance_segmentation`'s scored binary masks (for AP) and, pasted
-    by score without overlap, the instance map (for PQ). (`post_process_panoptic_segmentation` is not used for
-    the map: with one thing class and no stuff class, its per-pixel argmax over the kept queries hands every
-    background pixel to some nucleus.)
-
-    Returns `(instance map, {id: score}, instance masks (N, H, W), scores (N,))`."""
-    height, width = test_pixels.shape[-2:]
+def detect_instances(model, processor, pixels: torch.Tensor, threshold: float) -> tuple[np.ndarray, list[float]]:
+    """One forward pass: `post_process_instance_segmentation`'s scored binary masks `(N, H, W)` and scores."""
+    height, width = pixels.shape[-2:]
     divisor = model.size_divisor
     padded = (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
-    pixels = torch.zeros(1, 3, *padded)
-    pixels[0, :, :height, :width] = test_pixels
-    outputs = model(pixel_values=pixels)
+    canvas = torch.zeros(1, 3, *padded)
+    canvas[0, :, :height, :width] = pixels
+    outputs = model(pixel_values=canvas)
     geometry = {"target_sizes": [(height, width)], "input_sizes": [(height, width)], "padded_size": padded}
     detections = processor.post_process_instance_segmentation(outputs, threshold=threshold, return_binary_maps=True,
                                                               **geometry)[0]
-    if detections["segments_info"]:
-        masks = detections["segmentation"].bool().numpy()
-    else:
-        masks = np.zeros((0, height, width), bool)
-    detection_scores = [float(s["score"]) for s in detections["segments_info"]]
+    if not detections["segments_info"]:
+        return np.zeros((0, height, width), bool), []
+    return detections["segmentation"].bool().numpy(), [float(s["score"]) for s in detections["segments_info"]]
+
+
+def segment_instances(model, processor, test_pixels: torch.Tensor, threshold: float):
+    """The test image in one pass: the scored detections (for AP) and, pasted by score without overlap, the
+    instance map (for PQ). (`post_process_panoptic_segmentation` is not used for the map: with one thing class and
+    no stuff class, its per-pixel argmax over the kept queries hands every background pixel to some nucleus.)
+
+    Returns `(instance map, {id: score}, instance masks (N, H, W), scores (N,))`."""
+    masks, detection_scores = detect_instances(model, processor, test_pixels, threshold)
     instances, scores = paste_by_score(masks, detection_scores)
     return instances, scores, masks, detection_scores
 
@@ -419,7 +424,7 @@ def segment_instances_in_windows(model, processor, test_pixels: torch.Tensor, th
     for y0 in ys:
         for x0 in xs:
             window = test_pixels[..., y0 : y0 + crop, x0 : x0 + crop]
-            _, _, masks, window_scores = segment_instances(model, processor, window, threshold)
+            masks, window_scores = detect_instances(model, processor, window, threshold)
             for mask, score in zip(masks, window_scores):
                 rows, cols = np.nonzero(mask)
                 if rows.size == 0:
@@ -445,7 +450,7 @@ def score_instances(instances, scores, masks, detection_scores, data) -> dict:
               [0] * len(truth_ids))
     ap_result = ap.compute()
     result.update(ap50=ap_result["map_50"], ap=ap_result["map"], num_detections=len(masks))
-    # the semantic accuracy table's numbers: foreground = any nucleus segment of the panoptic output
+    # the semantic accuracy table's numbers: foreground = any nucleus segment of the instance map
     fg_iou, miou = foreground_iou((instances > 0).astype(np.uint8), data.split.test_mask)
     result.update(fg_iou=fg_iou, miou=miou)
     return result
