@@ -368,19 +368,15 @@ def train_mask_model(head: str, backbone: str, seed: int, views: dict, args, fea
 
 
 def paste_by_score(masks: np.ndarray, scores: list[float], overlap: float = 0.8):
-    """Non-overlapping instances from scored, possibly overlapping masks: in descending score order each mask
-    takes its still free pixels, and is dropped when that is under `overlap` of it (Mask2Former's
-    `overlap_mask_area_threshold`). Returns `(instance map, {id: score})`."""
-    height, width = masks.shape[-2:]
-    instances = np.zeros((height, width), dtype=np.int32)
-    kept = {}
-    for index in np.argsort(-np.asarray(scores, dtype=float), kind="stable"):
-        mask = masks[index]
-        free = mask & (instances == 0)
-        if mask.any() and free.sum() >= overlap * mask.sum():
-            kept[len(kept) + 1] = float(scores[index])
-            instances[free] = len(kept)
-    return instances, kept
+    """Non-overlapping instances from scored, possibly overlapping `(N, H, W)` masks (the library's
+    `hf_vitseg.inference.paste_by_score`, Mask2Former's `overlap_mask_area_threshold` rule). Returns
+    `(instance map, {id: score})`, ids from 1."""
+    from hf_vitseg.inference import paste_by_score as paste
+
+    segmentation, kept = paste([(0, 0, torch.from_numpy(np.asarray(mask, bool))) for mask in masks], scores,
+                               tuple(masks.shape[-2:]), overlap)
+    instances = (segmentation + 1).numpy().astype(np.int32)
+    return instances, {number: float(scores[index]) for number, index in enumerate(kept, start=1)}
 
 
 @torch.no_grad()
@@ -411,31 +407,18 @@ def segment_instances(model, processor, test_pixels: torch.Tensor, threshold: fl
     return instances, scores, masks, detection_scores
 
 
-@torch.no_grad()
 def segment_instances_in_windows(model, processor, test_pixels: torch.Tensor, threshold: float, crop: int):
     """The test half in crop-sized windows, half a crop apart: the size the model was trained at (one pass over
-    the whole half asks crop-trained queries for 10x more objects on 10x more tokens). Each detection is kept by
-    the one window whose centre is nearest its centroid, so every nucleus comes from a window that sees it whole
-    (stardist's tiling rule); then pasted by score as in `segment_instances`. Same outputs."""
-    height, width = test_pixels.shape[-2:]
-    ys, xs = tile_starts(height, crop, crop // 2), tile_starts(width, crop, crop // 2)
-    centres_y, centres_x = np.array(ys) + crop / 2, np.array(xs) + crop / 2
-    detections, detection_scores = [], []
-    for y0 in ys:
-        for x0 in xs:
-            window = test_pixels[..., y0 : y0 + crop, x0 : x0 + crop]
-            masks, window_scores = detect_instances(model, processor, window, threshold)
-            for mask, score in zip(masks, window_scores):
-                rows, cols = np.nonzero(mask)
-                if rows.size == 0:
-                    continue
-                cy, cx = rows.mean() + y0, cols.mean() + x0
-                if ys[int(np.abs(centres_y - cy).argmin())] == y0 and xs[int(np.abs(centres_x - cx).argmin())] == x0:
-                    full = np.zeros((height, width), bool)
-                    full[y0 : y0 + crop, x0 : x0 + crop] = mask
-                    detections.append(full)
-                    detection_scores.append(score)
-    masks = np.stack(detections) if detections else np.zeros((0, height, width), bool)
+    the whole half asks crop-trained queries for 10x more objects on 10x more tokens). The library's
+    `hf_vitseg.inference.sliding_window_instances`: each detection is kept by the one window whose centre is nearest
+    its centroid, so every nucleus comes from a window that sees it whole (stardist's tiling rule); then pasted by
+    score as in `segment_instances`. Same outputs."""
+    from hf_vitseg.inference import sliding_window_instances
+
+    found = sliding_window_instances(model, processor, test_pixels.reshape(1, -1, *test_pixels.shape[-2:]),
+                                     crop_size=crop, threshold=threshold, return_binary_maps=True)[0]
+    masks = found["segmentation"].numpy()
+    detection_scores = [float(info["score"]) for info in found["segments_info"]]
     instances, scores = paste_by_score(masks, detection_scores)
     return instances, scores, masks, detection_scores
 

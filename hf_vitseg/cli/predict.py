@@ -10,7 +10,10 @@ A mask transformer (head eomt / pmt) with `--task instance` or `--task panoptic`
 `DIR/name_segments.json` (its segments: `id`, `label_id`, `label`, `score`, `was_fused`) and `DIR/name_overlay.png`
 (every segment in its own colour with its outline, and a legend); `--threshold` is the least score a segment keeps
 (default: the post-processing's, 0.5 instance, 0.8 panoptic). Without `--task` (or with `semantic`) it writes the
-label map and overlay as for any model.
+label map and overlay as for any model. `--task instance --sliding-window --crop-size N` finds instances window by
+window (N: the crop the model was trained at; windows half a window apart unless `--stride`; each instance comes
+from the window nearest its centre, `hf_vitseg.inference.sliding_window_instances`): a mask transformer's queries,
+trained on crops, miss most objects of an image many crops large when asked for all of them at once.
 
 Every image is decoded before the model loads, so an unreadable file stops the run before anything is written;
 the output folder is held by one run at a time (a second run into it fails at once), an earlier run's outputs
@@ -58,7 +61,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="image files (any format PIL reads; TIFF with every channel, via tifffile)")
     parser.add_argument("--model", required=True, help="a saved model folder or a Hub repo id")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
-    parser.add_argument("--sliding-window", action="store_true", help="predict window by window (large images)")
+    parser.add_argument("--sliding-window", action="store_true", help="predict window by window (large images; a mask "
+                        "transformer's instances with --task instance)")
     add_window_flags(parser)
     parser.add_argument("--blend", choices=["uniform", "gaussian"], default="gaussian",
                         help="how overlapping windows are averaged (default: gaussian)")
@@ -109,10 +113,17 @@ def segment_output_paths(images: list[Path], out: Path) -> list[tuple[Path, Path
             for image, (labels, overlay) in zip(images, output_paths(images, out))]
 
 
-def predict_segments(model, processor, image, task: str, threshold: float | None = None, device=None):
+def predict_segments(model, processor, image, task: str, threshold: float | None = None, device=None,
+                     sliding_window: dict | None = None, large_image_window: dict | None = None):
     """Instance or panoptic segments of one image, at its size: `(segment_map, segments)`, the map `(H, W)` int32
     with 0 where no segment lies and `k` on the `k`-th segment of `segments` (transformers' `segments_info`
-    entries, `id` renumbered to `k`). Padding is cut exactly (the processor's `input_boxes`)."""
+    entries, `id` renumbered to `k`). Padding is cut exactly (the processor's `input_boxes`).
+
+    With `sliding_window` (`crop_size`, `stride`, `batch_size`), or `large_image_window` and an image of more than
+    `MAX_PLAIN_TOKENS` patch tokens (with a one-line notice), instances are found window by window
+    (`hf_vitseg.inference.sliding_window_instances`) at the processor's resolution, and the segment map is resized
+    to the image by nearest neighbour when the processor resized it. Panoptic segments are whole-image only (stuff
+    spans windows): `sliding_window` with task panoptic is a `ValueError`."""
     import torch
 
     height, width = image_size(image, processor)
@@ -122,12 +133,29 @@ def predict_segments(model, processor, image, task: str, threshold: float | None
     parameter = next(model.parameters())
     device = parameter.device if device is None else torch.device(device)
     pixel_values = inputs["pixel_values"]
-    with torch.no_grad():
-        outputs = model(pixel_values=pixel_values.to(device, parameter.dtype))
-    post_process = getattr(processor, f"post_process_{task}_segmentation")
     kwargs = {} if threshold is None else {"threshold": threshold}
-    result = post_process(outputs, target_sizes=[(height, width)], input_boxes=input_boxes,
-                          padded_size=tuple(pixel_values.shape[-2:]), **kwargs)[0]
+    if task == "panoptic" and sliding_window is not None:
+        raise ValueError("panoptic segments are predicted from whole images (a stuff segment spans windows); use "
+                         "task instance for sliding windows, or drop sliding_window.")
+    tokens = pixel_values.shape[-2] * pixel_values.shape[-1] // model.size_divisor ** 2
+    if task == "instance" and sliding_window is None and large_image_window is not None and tokens > MAX_PLAIN_TOKENS:
+        _notice_large_image(width, height, tokens, large_image_window)
+        sliding_window = large_image_window
+    if sliding_window is not None:
+        from ..inference.sliding_window import sliding_window_instances
+
+        result = sliding_window_instances(
+            model, processor, pixel_values, crop_size=sliding_window["crop_size"], stride=sliding_window["stride"],
+            batch_size=sliding_window.get("batch_size", 1), input_boxes=input_boxes, device=device, **kwargs)[0]
+        if tuple(result["segmentation"].shape) != (height, width):  # the processor resized the image
+            result["segmentation"] = torch.nn.functional.interpolate(
+                result["segmentation"][None, None], size=(height, width), mode="nearest-exact")[0, 0]
+    else:
+        with torch.no_grad():
+            outputs = model(pixel_values=pixel_values.to(device, parameter.dtype))
+        post_process = getattr(processor, f"post_process_{task}_segmentation")
+        result = post_process(outputs, target_sizes=[(height, width)], input_boxes=input_boxes,
+                              padded_size=tuple(pixel_values.shape[-2:]), **kwargs)[0]
     segmentation = torch.as_tensor(result["segmentation"]).long().cpu().numpy()
     segment_map = np.zeros(segmentation.shape, dtype=np.int32)
     segments = []
@@ -182,12 +210,7 @@ def predict_label_map(model, processor, image: Image.Image | np.ndarray, scales=
         )[0].cpu().numpy()
     tokens = pixel_values.shape[-2] * pixel_values.shape[-1] * max(scales) ** 2 // model.size_divisor ** 2
     if sliding_window is None and large_image_window is not None and tokens > MAX_PLAIN_TOKENS:
-        from tqdm.auto import tqdm
-
-        window = "x".join(map(str, large_image_window["crop_size"]))
-        tqdm.write(f"hf-vitseg predict: {width}x{height} is {int(tokens):,} patch tokens (more than "
-                   f"{MAX_PLAIN_TOKENS:,}): predicting it in sliding {window} windows (--sliding-window --crop-size "
-                   "to choose).", file=sys.stderr)
+        _notice_large_image(width, height, tokens, large_image_window)
         sliding_window = large_image_window
     if sliding_window is None and tuple(scales) == (1.0,) and not flip:
         with torch.no_grad():
@@ -200,6 +223,15 @@ def predict_label_map(model, processor, image: Image.Image | np.ndarray, scales=
         padded_size=tuple(pixel_values.shape[-2:]),
     )[0]
     return label_map.numpy()
+
+
+def _notice_large_image(width: int, height: int, tokens: float, window: dict) -> None:
+    """The one-line notice that an image too large for one pass is predicted in windows."""
+    from tqdm.auto import tqdm
+
+    crop = "x".join(map(str, window["crop_size"]))
+    tqdm.write(f"hf-vitseg predict: {width}x{height} is {int(tokens):,} patch tokens (more than {MAX_PLAIN_TOKENS:,}): "
+               f"predicting it in sliding {crop} windows (--sliding-window --crop-size to choose).", file=sys.stderr)
 
 
 def image_size(image: Image.Image | np.ndarray, processor) -> tuple[int, int]:
@@ -217,8 +249,10 @@ def display_image(image: Image.Image | np.ndarray, processor) -> Image.Image | n
     return np.moveaxis(processor.image_channels_first(image), 0, -1)
 
 
-def _sliding_window_settings(args, model, force: bool = False) -> dict | None:
-    """The sliding-window settings `args` ask for (`force`: the defaults even without `--sliding-window`)."""
+def _sliding_window_settings(args, model, force: bool = False,
+                             stride_fraction: tuple[int, int] = (2, 3)) -> dict | None:
+    """The sliding-window settings `args` ask for (`force`: the defaults even without `--sliding-window`); without
+    `--stride`, windows `numerator / denominator` (`stride_fraction`) of a window apart."""
     if not (args.sliding_window or force):
         if args.crop_size or args.stride:
             raise ValueError("--crop-size and --stride need --sliding-window.")
@@ -229,7 +263,8 @@ def _sliding_window_settings(args, model, force: bool = False) -> dict | None:
         image_size = getattr(model.config.backbone_config, "image_size", 518)
         image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
         crop = (max(divisor, image_size // divisor * divisor),) * 2
-    stride = size_pair(args.stride, "--stride") or tuple(max(1, 2 * side // 3) for side in crop)
+    stride = size_pair(args.stride, "--stride") or tuple(max(1, side * stride_fraction[0] // stride_fraction[1])
+                                                         for side in crop)
     from ..inference.sliding_window import check_window
 
     try:  # before the first image: the flags' error, not the image's
@@ -405,17 +440,24 @@ def _run_mask_model(args: argparse.Namespace, model, processor, device) -> int:
 
     from ..inference.overlays import check_display_channels, overlay, overlay_instances
 
-    refused = [flag for flag, used in (("--sliding-window", args.sliding_window), ("--scales", args.scales != [1.0]),
-                                       ("--flip", args.flip)) if used]
+    task = args.task or "semantic"
+    refused = [flag for flag, used in (("--scales", args.scales != [1.0]), ("--flip", args.flip)) if used]
     if refused:
-        raise CliError(f"{', '.join(refused)}: a mask transformer (head {model.config.head}) predicts whole images, "
-                       "without sliding windows or test-time augmentation. Drop them.")
+        raise CliError(f"{', '.join(refused)}: a mask transformer (head {model.config.head}) predicts without "
+                       "test-time augmentation. Drop them.")
+    if args.sliding_window and task != "instance":
+        raise CliError(f"--sliding-window with a mask transformer (head {model.config.head}) finds instances window "
+                       f"by window: add --task instance, or drop --sliding-window (--task {task} predicts whole "
+                       "images).")
+    # instances in windows: half a window apart by default, so an object up to half a window across is whole in
+    # the window nearest its centre (`sliding_window_instances`)
+    sliding_window = _sliding_window_settings(args, model, stride_fraction=(1, 2))
+    large_image_window = _sliding_window_settings(args, model, force=True, stride_fraction=(1, 2))
     if args.display_channels is not None:
         try:
             check_display_channels(args.display_channels, processor.num_channels)
         except ValueError as error:
             raise CliError(f"--display-channels: {error}") from None
-    task = args.task or "semantic"
     id2label = model.config.id2label
     images = list(args.images)
     paths = segment_output_paths(images, args.out) if task != "semantic" else output_paths(images, args.out)
@@ -428,7 +470,9 @@ def _run_mask_model(args: argparse.Namespace, model, processor, device) -> int:
             if task == "semantic":
                 label_map = predict_label_map(model, processor, image, device=device)
             else:
-                segment_map, segments = predict_segments(model, processor, image, task, args.threshold, device)
+                segment_map, segments = predict_segments(model, processor, image, task, args.threshold, device,
+                                                         sliding_window=sliding_window,
+                                                         large_image_window=large_image_window)
         except ValueError as error:  # e.g. the processor refusing the pixels: name the file
             raise ValueError(f"{image_path}: {error}") from error
         if task == "semantic":

@@ -72,8 +72,9 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
         raise ValueError(f"A tile of {tile} pixels does not fit in {length}; lower --crop or raise --scale.")
     if not 0 < stride <= tile:
         raise ValueError(f"stride must lie in (0, tile={tile}], got {stride}.")
-    count = -(-(length - tile) // stride) + 1
-    return [min(i * stride, length - tile) for i in range(count)]
+    from ..inference.sliding_window import sliding_window_starts
+
+    return sliding_window_starts(length, tile, stride)
 
 
 @dataclass

@@ -5,7 +5,9 @@ from .overlays import colorize, make_palette, overlay, overlay_instances, side_b
 from .sliding_window import (
     forward_logits,
     gaussian_importance_map,
+    paste_by_score,
     sliding_window_inference,
+    sliding_window_instances,
     sliding_window_starts,
 )
 from .tta import predict_logits
@@ -18,9 +20,11 @@ __all__ = [
     "make_palette",
     "overlay",
     "overlay_instances",
+    "paste_by_score",
     "predict_logits",
     "segmentation_pipeline",
     "side_by_side",
     "sliding_window_inference",
+    "sliding_window_instances",
     "sliding_window_starts",
 ]

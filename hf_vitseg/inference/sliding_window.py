@@ -255,3 +255,172 @@ def sliding_window_inference(
             output[image_index] = resize(blended, output_size)[0]
         del accumulated
     return output
+
+
+def _nearest(centres: torch.Tensor, value: float) -> int:
+    """Index of the window centre nearest `value` (the first of two equally near)."""
+    return int(torch.argmin((centres - value).abs()))
+
+
+def paste_by_score(masks: Sequence[tuple[int, int, torch.Tensor]], scores: Sequence[float], size: tuple[int, int],
+                   overlap_mask_area_threshold: float = 0.8) -> tuple[torch.Tensor, list[int]]:
+    """Non-overlapping instances from scored, possibly overlapping masks, by Mask2Former's panoptic rule.
+
+    In descending score order (ties: the earlier mask first) each mask takes its still free pixels, and is dropped
+    when they are fewer than `overlap_mask_area_threshold` of its area.
+
+    Args:
+        masks: `(top, left, mask)` per instance: a boolean `(h, w)` mask placed with its top-left corner at
+            `(top, left)` of the canvas.
+        scores: one score per mask.
+        size: `(H, W)` of the canvas.
+        overlap_mask_area_threshold: the least share of its own area a mask must still find free.
+
+    Returns:
+        `(segmentation, kept)`: an `(H, W)` float32 map holding `k` on the pixels of the `k`-th kept mask (counted
+        from 0) and -1 elsewhere, and the indices into `masks` of the kept masks, in that order.
+    """
+    if len(masks) != len(scores):
+        raise ValueError(f"Got {len(masks)} masks and {len(scores)} scores; pass one score per mask.")
+    segmentation = torch.full(size, -1.0)
+    kept = []
+    order = sorted(range(len(scores)), key=lambda index: -float(scores[index]))
+    for index in order:
+        top, left, mask = masks[index]
+        height, width = mask.shape
+        region = segmentation[top : top + height, left : left + width]
+        free = mask & (region < 0)
+        area = int(mask.sum())
+        if area and int(free.sum()) >= overlap_mask_area_threshold * area:
+            region[free] = len(kept)
+            kept.append(index)
+    return segmentation, kept
+
+
+@torch.inference_mode()
+def sliding_window_instances(
+    model: torch.nn.Module,
+    processor,
+    pixel_values: torch.Tensor,
+    crop_size: int | Sequence[int] = (518, 518),
+    stride: int | Sequence[int] | None = None,
+    threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    overlap_mask_area_threshold: float = 0.8,
+    batch_size: int = 1,
+    input_boxes=None,
+    return_binary_maps: bool = False,
+    device: torch.device | str | None = None,
+) -> list[dict]:
+    """Instance segmentation of a large image by a mask transformer (head eomt / pmt), window by window.
+
+    A mask transformer's queries are trained on crops: asked for the whole of a large image at once, a fixed number
+    of queries must cover many times more objects over many times more tokens, and they miss most of them. Here
+    each window of `crop_size` (the training crop) is segmented on its own by
+    `processor.post_process_instance_segmentation`; every detection is kept only by the one window whose centre lies
+    nearest its centroid (StarDist's tiling rule), so with windows half a window apart (the default stride) an
+    object up to half a window across comes whole from a window that sees all of it, and objects cut by a window's
+    border are taken from a neighbour instead. The kept detections are then pasted in descending score order,
+    each taking its still free pixels, and dropped when that is under `overlap_mask_area_threshold` of its area
+    (Mask2Former's panoptic rule; two windows may find overlapping objects).
+
+    Windows follow `sliding_window_starts` (the last one ends on the border); an image smaller than the window along
+    an axis is zero-padded up to it (zero is the mean after the processor's normalisation) and the padding cut.
+
+    Args:
+        model: a `ViTSegForUniversalSegmentation` (call `model.eval()` first).
+        processor: its `ViTSegImageProcessor` (for the instance post-processing).
+        pixel_values: `(B, C, H, W)` processor output, any `H` and `W`.
+        crop_size: `(h, w)` window (or one int), multiples of `model.size_divisor`: the crop size the model was
+            trained at.
+        stride: `(sh, sw)` step between windows (or one int), at most the window; default half the window.
+        threshold, mask_threshold: as `post_process_instance_segmentation`'s, per window.
+        overlap_mask_area_threshold: the least share of its area a detection must find free when pasted.
+        batch_size: windows per forward pass.
+        input_boxes: the processor's `input_boxes` `(B, 4)` (`top, left, height, width` of each image in the padded
+            `pixel_values`): only that box is segmented and the results cover it exactly. Default the whole input.
+        return_binary_maps: return every kept detection's `(N, H, W)` boolean mask (before pasting, so they may
+            overlap: what mask AP scores) instead of the id map.
+        device: where the windows run; default the model's device. Results stay on the CPU.
+
+    Returns:
+        `list[dict]`, one per image, in `post_process_instance_segmentation`'s format: `segmentation`, an `(H, W)`
+        float32 map of instance ids (-1 where no instance lies), or the `(N, H, W)` masks; `segments_info`, a list of
+        `{"id", "label_id", "was_fused": False, "score"}` (`id` the instance's value in the map, or its mask's index).
+        `(H, W)` is the image's box in `pixel_values`.
+    """
+    divisor = resolve_size_divisor(model, None)
+    crop = _pair(crop_size, "crop_size")
+    stride = tuple(max(1, side // 2) for side in crop) if stride is None else stride
+    (crop_h, crop_w), (stride_h, stride_w) = check_window(crop, stride, divisor)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must be (B, C, H, W), got shape {tuple(pixel_values.shape)}.")
+    if not 0 <= overlap_mask_area_threshold <= 1:
+        raise ValueError(f"overlap_mask_area_threshold must lie in [0, 1], got {overlap_mask_area_threshold}.")
+    batch, _, canvas_h, canvas_w = pixel_values.shape
+    if input_boxes is None:
+        boxes = [(0, 0, canvas_h, canvas_w)] * batch
+    else:
+        boxes = [tuple(int(v) for v in box) for box in (input_boxes.tolist() if hasattr(input_boxes, "tolist")
+                                                         else input_boxes)]
+        if len(boxes) != batch or any(len(box) != 4 for box in boxes):
+            raise ValueError(f"input_boxes must be {batch} (top, left, height, width) rows, one per image.")
+        for top, left, height, width in boxes:
+            if top < 0 or left < 0 or height < 1 or width < 1 or top + height > canvas_h or left + width > canvas_w:
+                raise ValueError(f"input box {(top, left, height, width)} does not lie in the {canvas_h}x{canvas_w} "
+                                 "pixel_values.")
+    parameter = next(model.parameters())
+    device = resolve_device(model, device, pixel_values.device)
+    results = []
+    for index, (top, left, height, width) in enumerate(boxes):
+        image = pixel_values[index, :, top : top + height, left : left + width]
+        padded_h, padded_w = max(height, crop_h), max(width, crop_w)
+        if (padded_h, padded_w) != (height, width):
+            image = F.pad(image, (0, padded_w - width, 0, padded_h - height))
+        starts_h = sliding_window_starts(padded_h, crop_h, stride_h)
+        starts_w = sliding_window_starts(padded_w, crop_w, stride_w)
+        centres_h = torch.tensor(starts_h, dtype=torch.float64) + (crop_h - 1) / 2
+        centres_w = torch.tensor(starts_w, dtype=torch.float64) + (crop_w - 1) / 2
+        windows = [(row, column) for row in range(len(starts_h)) for column in range(len(starts_w))]
+        detections, scores, infos = [], [], []  # (y0, x0, cut mask) in image coordinates; score; segments_info
+        for first in range(0, len(windows), batch_size):
+            chunk = windows[first : first + batch_size]
+            crops = torch.stack([image[:, starts_h[r] : starts_h[r] + crop_h, starts_w[c] : starts_w[c] + crop_w]
+                                 for r, c in chunk])
+            outputs = model(pixel_values=crops.to(device, parameter.dtype))
+            found = processor.post_process_instance_segmentation(
+                outputs, threshold=threshold, mask_threshold=mask_threshold, return_binary_maps=True,
+                target_sizes=[(crop_h, crop_w)] * len(chunk))
+            for (row, column), result in zip(chunk, found):
+                if not result["segments_info"]:
+                    continue
+                y0, x0 = starts_h[row], starts_w[column]
+                # the part of the window inside the image (not its zero padding)
+                masks = result["segmentation"].bool().cpu()[:, : height - y0, : width - x0]
+                for mask, info in zip(masks, result["segments_info"]):
+                    rows, columns = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+                    if rows.numel() == 0:
+                        continue
+                    ys, xs = mask.nonzero(as_tuple=True)
+                    if (_nearest(centres_h, y0 + ys.double().mean().item()) != row
+                            or _nearest(centres_w, x0 + xs.double().mean().item()) != column):
+                        continue
+                    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
+                    detections.append((y0 + r0, x0 + c0, mask[r0:r1, c0:c1].clone()))
+                    scores.append(float(info["score"]))
+                    infos.append({"label_id": int(info["label_id"]), "was_fused": False, "score": info["score"]})
+        if return_binary_maps:
+            order = sorted(range(len(scores)), key=lambda i: -scores[i])
+            maps = torch.zeros(len(order), height, width, dtype=torch.bool)
+            for number, i in enumerate(order):
+                y, x, mask = detections[i]
+                maps[number, y : y + mask.shape[0], x : x + mask.shape[1]] = mask
+            results.append({"segmentation": maps,
+                            "segments_info": [{"id": n, **infos[i]} for n, i in enumerate(order)]})
+            continue
+        segmentation, kept = paste_by_score(detections, scores, (height, width), overlap_mask_area_threshold)
+        results.append({"segmentation": segmentation, "segments_info": [{"id": n, **infos[i]}
+                                                                         for n, i in enumerate(kept)]})
+    return results
