@@ -448,7 +448,8 @@ def mask_rows(head, args, data, backbone, num_layers, patch_size, processor, row
         *_, features = last_layer_features(backbone, num_layers, views["pixel_values"], patch_size)
         log(f"pmt feature cache (last layer, {len(views['instances'])} views): {time.perf_counter() - started:.0f}s")
     runs = []
-    for seed in range(args.seeds if head == "pmt" else args.eomt_seeds):
+    count = args.seeds if head == "pmt" else args.eomt_seeds
+    for seed in range(args.first_seed, args.first_seed + count):
         model, seconds, curve = train_mask_model(head, backbone, seed, views, args, features)
         if args.save_models:
             model.save_pretrained(Path(args.save_models) / f"{head}_{data.split.scale:g}x_seed{seed}")
@@ -459,7 +460,7 @@ def mask_rows(head, args, data, backbone, num_layers, patch_size, processor, row
         result.update({f"whole_{key}": value for key, value in score_instances(*whole, data).items()})
         instances = windowed[0]
         runs.append({"seed": seed, **result, "train_seconds": seconds, "loss_curve": curve})
-        if seed == 0:
+        if seed == args.first_seed:
             predictions[f"{data.split.scale:g}|{head}"] = instances
         log(f"{head} seed {seed}: windows PQ {result['pq']:.3f} AP50 {result['ap50']:.3f} fg IoU "
             f"{result['fg_iou']:.3f} ({result['num_instances']} segments, {result['num_detections']} detections); "
@@ -526,6 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "--semantic-heads instead of training those heads again")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--eomt-seeds", type=int, default=None, help="seeds of the (costly) eomt row; default --seeds")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="eomt / pmt: the first seed (seeds run in separate processes, then --merge)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="merge the rows of earlier --json results (same method, scale and steps: their seeds "
+                             "pooled) into one table with its targets, without training")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of the semantic heads")
     parser.add_argument("--mask-steps", type=int, default=None, help="optimizer steps of eomt / pmt; default --steps")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -576,8 +582,51 @@ def score_saved(folders: list[str], scale: float, threshold: float, crop: int) -
     return results
 
 
+def merge_results(paths: list[str]) -> dict:
+    """Rows of several result files as one: runs of the same method (name), scale and steps pooled, one run per
+    seed (a seed found twice is an error: the files overlap; a seedless, deterministic row counts once). Returns
+    `{"sources", "scales": {scale: {"rows", "targets"}}}`."""
+    grouped: dict[tuple, dict] = {}
+    for path in paths:
+        for scale, section in json.loads(Path(path).read_text())["scales"].items():
+            for row in section["rows"]:
+                if "error" in row:
+                    continue
+                key = (scale, row["name"], row.get("steps"))
+                entry = grouped.setdefault(key, {"row": row, "runs": {}})
+                for run in row["runs"]:
+                    seed = run.get("seed")
+                    if seed is None and seed in entry["runs"] and entry["runs"][seed].get("pq") == run.get("pq"):
+                        continue  # a deterministic row (the watershed) found in several files: one run
+                    if seed in entry["runs"]:
+                        raise SystemExit(f"{path}: {row['name']} at {scale}x, {row.get('steps')} steps, seed {seed} "
+                                         "is in two of the files; merge results of different seeds.")
+                    entry["runs"][seed] = run
+    scales: dict[str, dict] = {}
+    for (scale, name, _), entry in grouped.items():
+        extra = {k: v for k, v in entry["row"].items()
+                 if k not in ("name", "kind", "runs") and not k.endswith(("_mean", "_std"))}
+        runs = [entry["runs"][seed] for seed in sorted(entry["runs"], key=lambda s: (s is None, s))]
+        scales.setdefault(scale, {"rows": []})["rows"].append(make_row(name, entry["row"]["kind"], runs, **extra))
+    for section in scales.values():
+        section["targets"] = check_targets(section["rows"])
+    return {"sources": list(paths), "scales": scales}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.merge:
+        if args.json and Path(args.json).exists() and not args.overwrite:
+            raise SystemExit(f"{args.json} exists; pass --overwrite to replace it or choose another --json.")
+        merged = merge_results(args.merge)
+        for scale, section in merged["scales"].items():
+            print("\n" + format_table(section["rows"], float(scale)) + "\n")
+            for target in section["targets"]:
+                print(f"- {'met' if target['met'] else 'MISSED'}: {target['target']} ({target['evidence']})")
+        if args.json:
+            merged["command"] = "python benchmarks/instances.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            Path(args.json).write_text(json.dumps(merged, indent=1))
+        return merged
     if args.score_saved:
         if args.json and Path(args.json).exists() and not args.overwrite:
             raise SystemExit(f"{args.json} exists; pass --overwrite to replace it or choose another --json.")

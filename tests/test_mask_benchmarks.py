@@ -90,6 +90,30 @@ def test_instances_quick_end_to_end(tiny_backbone_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_seeds_run_apart_and_merge_into_one_row(tiny_backbone_dir, tmp_path, monkeypatch):
+    image, labels = discs(96)
+    monkeypatch.setattr("hf_vitseg.demo.assets.load_stardist_instances", lambda: (image, labels))
+    files = []
+    for first in (0, 1):
+        files.append(tmp_path / f"seed{first}.json")
+        instances.main(["--quick", "--backbone", str(tiny_backbone_dir), "--rows", "watershed", "pmt", "--scale", "1",
+                        "--first-seed", str(first), "--json", str(files[-1])])
+    runs = [json.loads(f.read_text())["scales"]["1"]["rows"][1]["runs"] for f in files]
+    assert [r[0]["seed"] for r in runs] == [0, 1]
+    merged_path = tmp_path / "merged.json"
+    merged = instances.main(["--merge", *map(str, files), "--json", str(merged_path)])
+    rows = {r["kind"]: r for r in merged["scales"]["1"]["rows"]}
+    assert [run["seed"] for run in rows["pmt"]["runs"]] == [0, 1]
+    assert rows["pmt"]["pq_mean"] == pytest.approx((runs[0][0]["pq"] + runs[1][0]["pq"]) / 2)
+    assert rows["pmt"]["ap50_std"] == pytest.approx(np.std([runs[0][0]["ap50"], runs[1][0]["ap50"]], ddof=1))
+    assert merged["scales"]["1"]["targets"][0]["target"] == "pmt beats the classical baseline on PQ"
+    assert json.loads(merged_path.read_text())["sources"] == [str(f) for f in files]
+    assert len(rows["watershed"]["runs"]) == 1  # deterministic: in both files, one run
+    with pytest.raises(SystemExit, match="pmt .* seed 0 is in two of the files"):
+        instances.main(["--merge", str(files[0]), str(files[0])])
+
+
+@pytest.mark.slow
 def test_mask_speed_runs_on_a_tiny_config(tmp_path):
     from benchmarks import mask_speed
 
