@@ -184,6 +184,37 @@ def test_predict_finds_instances_in_windows(trained, instances, tmp_path):  # no
     assert max(s["score"] for s in one) == max(s["score"] for s in whole)
 
 
+def test_predict_in_windows_maps_a_resized_image_back_to_its_size(trained, instances, tmp_path,  # noqa: F811
+                                                                    monkeypatch):
+    import shutil
+
+    from hf_vitseg.inference import sliding_window
+
+    seen = []
+    original = sliding_window.sliding_window_instances
+
+    def recording(model, processor, pixel_values, *args, **kwargs):
+        seen.append(tuple(pixel_values.shape[-2:]))
+        return original(model, processor, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(sliding_window, "sliding_window_instances", recording)
+
+    out, _ = trained
+    images, _ = instances
+    folder = tmp_path / "resizing"
+    shutil.copytree(out, folder)
+    processor = ViTSegImageProcessor.from_pretrained(folder)
+    processor.do_resize, processor.size = True, {"height": 96, "width": 96}  # 48 px images processed at 96
+    processor.save_pretrained(folder)
+    assert main(["predict", str(images / "000.png"), "--model", str(folder), "--task", "instance", "--threshold", "0",
+                 "--sliding-window", "--crop-size", "48", "--out", str(tmp_path / "p")]) == 0
+    segment_map = np.array(Image.open(tmp_path / "p" / "000_segments.png"))
+    segments = json.loads((tmp_path / "p" / "000_segments.json").read_text())["segments"]
+    assert seen == [(96, 96)]  # the windows ran on the resized image
+    assert segment_map.shape == (48, 48) and segments
+    assert set(np.unique(segment_map)) <= set(range(len(segments) + 1)) and segment_map.max() > 0
+
+
 def test_one_window_detects_what_one_pass_does_with_a_real_model(trained, instances):  # noqa: F811
     from hf_vitseg import ViTSegForUniversalSegmentation
 
@@ -217,3 +248,68 @@ def test_predict_refuses_windows_for_panoptic_and_semantic(trained, instances, t
                   "--out", str(tmp_path / "c")], capsys)
     assert "--crop-size" in err and "multiple" in err
     assert not any((tmp_path / name).exists() for name in ("panoptic", "semantic", "c"))
+
+
+# -- evaluation ------------------------------------------------------------------------------------------------------
+def test_update_results_scores_given_segments():
+    from hf_vitseg.training.universal_metrics import compute_universal_metrics, encode_mask_targets
+
+    ids = scene(40, 56, seed=6)
+    truth = [torch.from_numpy(ids == value) for value in range(1, int(ids.max()) + 1)]
+    targets = encode_mask_targets([torch.stack(truth).float()], [torch.zeros(len(truth), dtype=torch.long)],
+                                  torch.zeros(1, 40, 56, dtype=torch.bool), size=(40, 56))
+    metric = compute_universal_metrics(PROCESSOR, "instance", 1, {0: "nucleus"})
+    perfect = {"segmentation": torch.from_numpy(ids - 1).float(),
+               "segments_info": [{"id": k, "label_id": 0, "score": 0.9} for k in range(int(ids.max()))]}
+    metric.update_results([perfect], *targets)
+    scores = metric.compute()
+    assert scores["pq"] == pytest.approx(1.0) and scores["map_50"] == pytest.approx(1.0)
+    metric.reset()
+    metric.update_results([{"segmentation": torch.full((40, 56), -1.0), "segments_info": []}], *targets)
+    assert metric.compute()["pq"] == 0.0
+    with pytest.raises(ValueError, match="post-process to the targets' size"):
+        metric.update_results([{"segmentation": torch.full((8, 8), -1.0), "segments_info": []}], *targets)
+    semantic = compute_universal_metrics(PROCESSOR, "semantic", 1)
+    with pytest.raises(ValueError, match="update_results counts instance or panoptic"):
+        semantic.update_results([perfect], *targets)
+
+
+def test_evaluate_finds_instances_in_windows(trained, tmp_path, capsys):  # noqa: F811
+    from test_mask_training import make_instance_folder
+
+    out, _ = trained
+    images, masks = make_instance_folder(tmp_path / "big", num_images=2, size=96, seed=3)
+    argv = ["evaluate", "--model", str(out), "--task", "instance", "--instance-masks", "--images", str(images),
+            "--masks", str(masks), "--json"]
+    assert main(argv) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--sliding-window", "--crop-size", "48"]) == 0
+    windows = json.loads(capsys.readouterr().out)
+    assert windows.keys() == whole.keys() and windows["num_images"] == 2
+    assert all(0 <= windows[key] <= 1 for key in ("pq", "sq", "rq", "map", "map_50"))
+    # the windows run: 3 x 3 windows of 48 px half a window apart, against one pass
+    from hf_vitseg.training import evaluation
+
+    calls = []
+    original = evaluation.torch.nn.Module.__call__
+
+    def counting(module, *args, **kwargs):
+        if type(module).__name__ == "ViTSegForUniversalSegmentation":
+            calls.append(tuple(kwargs["pixel_values"].shape[-2:]))
+        return original(module, *args, **kwargs)
+
+    try:
+        evaluation.torch.nn.Module.__call__ = counting
+        assert main([*argv, "--sliding-window", "--crop-size", "48"]) == 0
+    finally:
+        evaluation.torch.nn.Module.__call__ = original
+    capsys.readouterr()
+    assert calls == [(48, 48)] * 18
+
+
+def test_evaluate_refuses_windows_for_other_tasks(trained, instances, capsys):  # noqa: F811
+    out, _ = trained
+    images, masks = instances
+    err = _error(["evaluate", "--model", str(out), "--task", "panoptic", "--instance-masks", "--images", str(images),
+                  "--masks", str(masks), "--sliding-window", "--crop-size", "32"], capsys)
+    assert "--sliding-window is for pixel heads" in err and "--task instance" in err and "--task panoptic" in err

@@ -48,6 +48,7 @@ PYTHON_TO_FLAG = {
     "or pass instance_class for one class for all": "or pass --instance-class for one class for all",
     "task='instance'": "--task instance",
     "task='panoptic'": "--task panoptic",
+    "task='semantic'": "--task semantic",
     "sliding_window is for pixel heads": "--sliding-window is for pixel heads",
     "train_dataset: ": "training data: ",
     "eval_dataset: ": "evaluation data: ",

@@ -147,9 +147,6 @@ def predict_segments(model, processor, image, task: str, threshold: float | None
         result = sliding_window_instances(
             model, processor, pixel_values, crop_size=sliding_window["crop_size"], stride=sliding_window["stride"],
             batch_size=sliding_window.get("batch_size", 1), input_boxes=input_boxes, device=device, **kwargs)[0]
-        if tuple(result["segmentation"].shape) != (height, width):  # the processor resized the image
-            result["segmentation"] = torch.nn.functional.interpolate(
-                result["segmentation"][None, None], size=(height, width), mode="nearest-exact")[0, 0]
     else:
         with torch.no_grad():
             outputs = model(pixel_values=pixel_values.to(device, parameter.dtype))
@@ -157,6 +154,9 @@ def predict_segments(model, processor, image, task: str, threshold: float | None
         result = post_process(outputs, target_sizes=[(height, width)], input_boxes=input_boxes,
                               padded_size=tuple(pixel_values.shape[-2:]), **kwargs)[0]
     segmentation = torch.as_tensor(result["segmentation"]).long().cpu().numpy()
+    if segmentation.shape != (height, width):  # windows: found at the processor's size, which resized the image
+        segmentation = np.asarray(Image.fromarray(segmentation.astype(np.int32)).resize((width, height),
+                                                                                        Image.Resampling.NEAREST))
     segment_map = np.zeros(segmentation.shape, dtype=np.int32)
     segments = []
     for number, info in enumerate(result["segments_info"], start=1):

@@ -45,7 +45,9 @@ def evaluate_model(
         task: a mask transformer's (`ViTSegForUniversalSegmentation`'s) metrics, as `train`'s `task`:
             `"semantic"` (default), `"instance"` (mask AP, AP50, AP75 and PQ of the instances) or `"panoptic"`
             (PQ, SQ, RQ); its annotations are semantic maps, or instance maps with an `instance_classes` column
-            (`hf_vitseg.data.datasets.load_instance_folder`). Whole images (no sliding window).
+            (`hf_vitseg.data.datasets.load_instance_folder`). Whole images, except task `"instance"` with
+            `sliding_window`: instances found window by window (`hf_vitseg.inference.sliding_window_instances`,
+            `crop_size` the training crop, `stride` default half of it).
 
     Returns:
         `mean_iou`, `pixel_accuracy`, `mean_accuracy`, `iou_<class>` (NaN for a class absent from both
@@ -56,11 +58,14 @@ def evaluate_model(
     config = model.config
     task = check_task(task, is_mask_model(model))
     if is_mask_model(model):
-        if sliding_window:
-            raise ValueError("sliding_window is for pixel heads: a mask transformer (head eomt / pmt) predicts whole "
-                             "images. Drop it.")
+        if sliding_window and task != "instance":
+            raise ValueError(f"sliding_window is for pixel heads, and for a mask transformer's instances "
+                             f"(task='instance'): task={task!r} predicts whole images. Drop it.")
+        if sliding_window and crop_size is None:
+            raise ValueError("sliding_window needs crop_size (the size the model was trained at, e.g. 512).")
         validate(dataset, config, processor, "dataset")
-        return _evaluate_mask_model(model, dataset, processor, task, batch_size, device)
+        window = {"crop_size": crop_size, "stride": stride} if sliding_window else None
+        return _evaluate_mask_model(model, dataset, processor, task, batch_size, device, window)
     if sliding_window and crop_size is None:
         raise ValueError("sliding_window needs crop_size (the size the model was trained at, e.g. 512).")
     if sliding_window and stride is None:  # 2/3 of the window, a common overlap
@@ -89,9 +94,11 @@ def evaluate_model(
     return {**results, "num_images": len(raw)}
 
 
-def _evaluate_mask_model(model, dataset, processor, task: str, batch_size: int, device) -> dict[str, float]:
+def _evaluate_mask_model(model, dataset, processor, task: str, batch_size: int, device,
+                         window: dict | None = None) -> dict[str, float]:
     """`evaluate_model` for a mask transformer: the processor's targets (`mask_labels` / `class_labels`, from
-    semantic maps or instance maps with their classes), the padding of each image in the batch void."""
+    semantic maps or instance maps with their classes), the padding of each image in the batch void. With `window`
+    (`crop_size`, `stride`; task instance), each image's instances come from `sliding_window_instances`."""
     from ..data.augment import INSTANCE_CLASSES_COLUMN, instance_mapping
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -109,10 +116,21 @@ def _evaluate_mask_model(model, dataset, processor, task: str, batch_size: int, 
         inputs = processor(images=images, segmentation_maps=rows["annotation"], instance_id_to_semantic_id=mapping,
                            return_mask_labels=True, return_input_sizes=True, return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(device)
-        outputs = model(pixel_values=pixel_values)
         size = tuple(pixel_values.shape[-2:])
-        metric.update(outputs, *encode_mask_targets(inputs["mask_labels"], inputs["class_labels"],
-                                                    _padding(inputs["input_boxes"], size), size=size))
+        targets = encode_mask_targets(inputs["mask_labels"], inputs["class_labels"],
+                                      _padding(inputs["input_boxes"], size), size=size)
+        if window is None:
+            metric.update(model(pixel_values=pixel_values), *targets)
+            continue
+        from ..inference.sliding_window import sliding_window_instances
+
+        results = sliding_window_instances(model, processor, pixel_values, window["crop_size"], window["stride"],
+                                           input_boxes=inputs["input_boxes"], **metric.post_kwargs)
+        for result, (top, left, height, width) in zip(results, torch.as_tensor(inputs["input_boxes"]).tolist()):
+            canvas = torch.full(size, -1.0)  # the padding around the image's box: no instance (and void)
+            canvas[top : top + height, left : left + width] = result["segmentation"]
+            result["segmentation"] = canvas
+        metric.update_results(results, *targets)
     return {**metric.compute(), "num_images": len(raw)}
 
 

@@ -203,16 +203,26 @@ class UniversalSegmentationMetrics:
                 for mask, label in zip(target["masks"].cpu(), target["labels"].cpu()):
                     label_map[mask] = label
                 self.confusion.update(_as_tensor(prediction).long().cpu(), label_map)
-        elif self.task == "panoptic":
-            results = self.processor.post_process_panoptic_segmentation(
-                outputs, target_sizes=target_sizes, **self.post_kwargs)
-            for result, target in zip(results, targets):
-                self._update_panoptic(result, target)
         else:
-            results = self.processor.post_process_instance_segmentation(
-                outputs, target_sizes=target_sizes, **self.post_kwargs)
-            for result, target in zip(results, targets):
-                self._update_instance(result, target)
+            post_process = getattr(self.processor, f"post_process_{self.task}_segmentation")
+            self.update_results(post_process(outputs, target_sizes=target_sizes, **self.post_kwargs), target_ids,
+                                target_classes)
+
+    def update_results(self, results: list[dict], target_ids: torch.Tensor, target_classes: torch.Tensor) -> None:
+        """Count one batch of already post-processed segments (task instance / panoptic): `results` in
+        `post_process_instance_segmentation`'s / `post_process_panoptic_segmentation`'s format, one per image, each
+        `segmentation` of the targets' size; e.g. `hf_vitseg.inference.sliding_window_instances`'."""
+        if self.task == "semantic":
+            raise ValueError("update_results counts instance or panoptic segments; task semantic counts the model "
+                             "outputs (update).")
+        target_ids, target_classes = _as_tensor(target_ids).long(), _as_tensor(target_classes).long()
+        if len(results) != len(target_ids):
+            raise ValueError(f"Got {len(results)} results for {len(target_ids)} targets; pass one per image.")
+        for result, target in zip(results, decode_mask_targets(target_ids, target_classes)):
+            if tuple(_as_tensor(result["segmentation"]).shape) != tuple(target_ids.shape[-2:]):
+                raise ValueError(f"A segmentation of shape {tuple(_as_tensor(result['segmentation']).shape)} for "
+                                 f"targets of size {tuple(target_ids.shape[-2:])}; post-process to the targets' size.")
+            (self._update_panoptic if self.task == "panoptic" else self._update_instance)(result, target)
 
     def _update_panoptic(self, result, target) -> None:
         """PQ of one image's segments (`post_process_panoptic_segmentation`'s, or the instance id map)."""
