@@ -313,3 +313,15 @@ def test_evaluate_refuses_windows_for_other_tasks(trained, instances, capsys):  
     err = _error(["evaluate", "--model", str(out), "--task", "panoptic", "--instance-masks", "--images", str(images),
                   "--masks", str(masks), "--sliding-window", "--crop-size", "32"], capsys)
     assert "--sliding-window is for pixel heads" in err and "--task instance" in err and "--task panoptic" in err
+
+
+def test_non_finite_pixels_are_refused(trained, instances):  # noqa: F811
+    from hf_vitseg import ViTSegForUniversalSegmentation
+
+    out, _ = trained
+    model = ViTSegForUniversalSegmentation.from_pretrained(out).eval()
+    processor = ViTSegImageProcessor.from_pretrained(out)
+    pixel_values = torch.zeros(1, 3, 96, 96)
+    pixel_values[0, 0, 70, 70] = float("nan")  # in one window only
+    with pytest.raises(ValueError, match="pixel_values hold 1 non-finite value"):  # the model's own check
+        sliding_window_instances(model, processor, pixel_values, crop_size=48)
