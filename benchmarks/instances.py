@@ -423,18 +423,20 @@ def segment_instances_in_windows(model, processor, test_pixels: torch.Tensor, th
     return instances, scores, masks, detection_scores
 
 
-def score_instances(instances, scores, masks, detection_scores, data) -> dict:
+def score_instances(instances, scores, masks, detection_scores, data, half: str = "test") -> dict:
     """PQ / SQ / RQ of the panoptic map, mask AP / AP50 of the scored detections, fg IoU and mIoU of the
-    foreground, on the test half."""
-    result = evaluate(instances, scores, data.test_instances)
+    foreground, on the test half (or, with `half="train"`, on the training half: how well the model fits the data
+    it was trained on)."""
+    truth = data.test_instances if half == "test" else data.train_instances
+    result = evaluate(instances, scores, truth)
     ap = MaskAP(num_labels=1, max_detections=max(100, len(masks)))
-    truth_ids = [i for i in np.unique(data.test_instances) if i > 0]
-    ap.update(masks, detection_scores, [0] * len(masks), np.stack([data.test_instances == i for i in truth_ids]),
+    truth_ids = [i for i in np.unique(truth) if i > 0]
+    ap.update(masks, detection_scores, [0] * len(masks), np.stack([truth == i for i in truth_ids]),
               [0] * len(truth_ids))
     ap_result = ap.compute()
     result.update(ap50=ap_result["map_50"], ap=ap_result["map"], num_detections=len(masks))
     # the semantic accuracy table's numbers: foreground = any nucleus segment of the instance map
-    fg_iou, miou = foreground_iou((instances > 0).astype(np.uint8), data.split.test_mask)
+    fg_iou, miou = foreground_iou((instances > 0).astype(np.uint8), (truth > 0).astype(np.uint8))
     result.update(fg_iou=fg_iou, miou=miou)
     return result
 
@@ -561,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def score_saved(folders: list[str], scale: float, threshold: float, crop: int) -> dict:
-    """Score saved eomt / pmt models on the test half without training: `{folder: {"windows": ..., "whole": ...}}`."""
+    """Score saved eomt / pmt models without training: `{folder: {"windows": ..., "whole": ..., "train_windows":
+    ...}}`, the test half in windows and in one pass, and the training half in windows."""
     from hf_vitseg import ViTSegForUniversalSegmentation
 
     data = instance_split(scale)
@@ -570,10 +573,14 @@ def score_saved(folders: list[str], scale: float, threshold: float, crop: int) -
         model = ViTSegForUniversalSegmentation.from_pretrained(folder).eval()
         processor = ViTSegImageProcessor.for_model(model, check_labels=False)
         test_pixels = accuracy.encode(data.split.test_image, processor)
+        train_pixels = accuracy.encode(data.split.train_image, processor)
         results[folder] = {
             "windows": score_instances(*segment_instances_in_windows(model, processor, test_pixels, threshold, crop),
                                        data),
             "whole": score_instances(*segment_instances(model, processor, test_pixels, threshold), data),
+            # the training half in the same windows: the fit, against which the test half shows the generalisation
+            "train_windows": score_instances(
+                *segment_instances_in_windows(model, processor, train_pixels, threshold, crop), data, half="train"),
         }
         for mode, result in results[folder].items():
             print(f"{folder} {mode}: PQ {result['pq']:.3f} SQ {result['sq']:.3f} RQ {result['rq']:.3f} AP50 "

@@ -59,6 +59,19 @@ def test_scores_of_a_perfect_a_merged_and_an_empty_prediction():
     assert (empty["pq"], empty["ap50"]) == (0.0, 0.0)
 
 
+def test_score_instances_scores_either_half():
+    image, labels = discs()
+    data = instances.instance_split(1, image=image, instances=labels)
+    for half, truth in (("train", data.train_instances), ("test", data.test_instances)):
+        ids = [i for i in np.unique(truth) if i > 0]
+        masks = np.stack([truth == i for i in ids])
+        result = instances.score_instances(truth, {i: 1.0 for i in ids}, masks, [1.0] * len(ids), data, half=half)
+        assert (result["pq"], result["ap50"], result["fg_iou"], result["num_instances"]) == (1.0, 1.0, 1.0, len(ids))
+    # the training half's instances scored against the test half: a shape mismatch is not silently scored
+    with pytest.raises(ValueError):
+        instances.score_instances(data.train_instances[:, :5], {}, np.zeros((0, 64, 5), bool), [], data)
+
+
 def test_watershed_splits_touching_discs_that_components_merge():
     pytest.importorskip("skimage", reason="the watershed baseline needs scikit-image (benchmarks / dev extra)")
     image, labels = discs()
