@@ -556,15 +556,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-models", default=None, help="folder to save the trained eomt / pmt models in")
     parser.add_argument("--score-saved", nargs="+", default=None, metavar="FOLDER",
                         help="score models saved by --save-models (no training): windows and whole half, --scale")
+    parser.add_argument("--threshold-sweep", type=float, nargs="+", default=None, metavar="T",
+                        help="with --score-saved: also score the test half's windows at each of these thresholds")
     parser.add_argument("--json", default=None)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 1 seed, a 96 px region")
     return parser
 
 
-def score_saved(folders: list[str], scale: float, threshold: float, crop: int) -> dict:
+def score_saved(folders: list[str], scale: float, threshold: float, crop: int,
+                sweep: list[float] | None = None) -> dict:
     """Score saved eomt / pmt models without training: `{folder: {"windows": ..., "whole": ..., "train_windows":
-    ...}}`, the test half in windows and in one pass, and the training half in windows."""
+    ...}}`, the test half in windows and in one pass, and the training half in windows; with `sweep`, also
+    `"threshold_sweep": {threshold: ...}`, the test half's windows at each score threshold."""
     from hf_vitseg import ViTSegForUniversalSegmentation
 
     data = instance_split(scale)
@@ -582,7 +586,20 @@ def score_saved(folders: list[str], scale: float, threshold: float, crop: int) -
             "train_windows": score_instances(
                 *segment_instances_in_windows(model, processor, train_pixels, threshold, crop), data, half="train"),
         }
+        if sweep:  # the test half's windows at each score threshold, from one pass at the lowest
+            _, _, masks, scores = segment_instances_in_windows(model, processor, test_pixels, min(sweep), crop)
+            scores = np.asarray(scores, dtype=float)
+            results[folder]["threshold_sweep"] = {}
+            for value in sweep:
+                keep = scores >= value
+                kept_scores = scores[keep].tolist()
+                results[folder]["threshold_sweep"][f"{value:g}"] = score_instances(
+                    *paste_by_score(masks[keep], kept_scores), masks[keep], kept_scores, data)
         for mode, result in results[folder].items():
+            if mode == "threshold_sweep":
+                print(f"{folder} test windows by score threshold: " + ", ".join(
+                    f"{value}: PQ {r['pq']:.3f} AP50 {r['ap50']:.3f}" for value, r in result.items()), flush=True)
+                continue
             print(f"{folder} {mode}: PQ {result['pq']:.3f} SQ {result['sq']:.3f} RQ {result['rq']:.3f} AP50 "
                   f"{result['ap50']:.3f} AP {result['ap']:.3f} fg IoU {result['fg_iou']:.3f} mIoU {result['miou']:.3f}",
                   flush=True)
@@ -637,7 +654,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.score_saved:
         if args.json and Path(args.json).exists() and not args.overwrite:
             raise SystemExit(f"{args.json} exists; pass --overwrite to replace it or choose another --json.")
-        results = score_saved(args.score_saved, args.scale[0], args.score_threshold, args.crop)
+        results = score_saved(args.score_saved, args.scale[0], args.score_threshold, args.crop, args.threshold_sweep)
         if args.json:
             Path(args.json).write_text(json.dumps({"command": "python benchmarks/instances.py " + " ".join(
                 argv if argv is not None else sys.argv[1:]), "models": results}, indent=1, default=float))

@@ -127,6 +127,29 @@ def test_seeds_run_apart_and_merge_into_one_row(tiny_backbone_dir, tmp_path, mon
 
 
 @pytest.mark.slow
+def test_saved_models_are_scored_on_both_halves_and_a_threshold_sweep(tiny_backbone_dir, tmp_path, monkeypatch):
+    image, labels = discs(96)
+    monkeypatch.setattr("hf_vitseg.demo.assets.load_stardist_instances", lambda: (image, labels))
+    models = tmp_path / "models"
+    instances.main(["--quick", "--backbone", str(tiny_backbone_dir), "--rows", "pmt", "--scale", "1",
+                    "--save-models", str(models), "--json", str(tmp_path / "run.json")])
+    folder = str(models / "pmt_1x_seed0")
+    out = tmp_path / "scored.json"
+    results = instances.main(["--score-saved", folder, "--scale", "1", "--crop", "32", "--score-threshold", "0",
+                              "--threshold-sweep", "0", "0.5", "--json", str(out)])[folder]
+    assert set(results) == {"windows", "whole", "train_windows", "threshold_sweep"}
+    truth = instances.instance_split(1)  # each half scored against its own instances
+    assert truth.train_instances.max() != truth.test_instances.max()
+    assert results["train_windows"]["num_true_instances"] == len(np.unique(truth.train_instances)) - 1
+    assert results["windows"]["num_true_instances"] == len(np.unique(truth.test_instances)) - 1
+    # the sweep's pass at the run's own threshold is the windows' result
+    assert json.dumps(results["threshold_sweep"]["0"], sort_keys=True) == json.dumps(results["windows"],
+                                                                                    sort_keys=True)  # NaN SQ too
+    assert results["threshold_sweep"]["0.5"]["num_detections"] <= results["windows"]["num_detections"]
+    assert json.loads(out.read_text())["models"][folder]["threshold_sweep"].keys() == {"0", "0.5"}
+
+
+@pytest.mark.slow
 def test_mask_speed_runs_on_a_tiny_config(tmp_path):
     from benchmarks import mask_speed
 
