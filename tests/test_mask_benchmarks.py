@@ -72,6 +72,22 @@ def test_score_instances_scores_either_half():
         instances.score_instances(data.train_instances[:, :5], {}, np.zeros((0, 64, 5), bool), [], data)
 
 
+def test_targets_take_each_kinds_best_row():
+    rows = [{"name": "watershed", "kind": "watershed", "pq_mean": 0.5},
+            {"name": "dpt + cc", "kind": "semantic", "pq_mean": 0.67},
+            {"name": "unet + cc", "kind": "semantic", "pq_mean": 0.64},
+            {"name": "eomt, 400 steps", "kind": "eomt", "pq_mean": 0.61},
+            {"name": "eomt, 1000 steps", "kind": "eomt", "pq_mean": 0.58},
+            {"name": "pmt", "kind": "pmt", "pq_mean": 0.45}, {"name": "pmt, failed", "kind": "pmt", "error": "x"}]
+    targets = {t["target"]: t for t in instances.check_targets(rows)}
+    beat_semantic = targets["pmt or eomt beats the best semantic head + components on PQ"]
+    assert not beat_semantic["met"] and beat_semantic["evidence"] == "eomt, 400 steps 0.610 vs dpt + cc 0.670"
+    assert targets["eomt beats the classical baseline on PQ"]["met"]
+    assert targets["pmt beats the classical baseline on PQ"]["met"] is False  # 0.45 < 0.5: missed
+    rows[-2]["pq_mean"] = 0.7
+    assert instances.check_targets(rows)[0]["met"]  # pmt's 0.7 beats dpt's 0.67
+
+
 def test_watershed_splits_touching_discs_that_components_merge():
     pytest.importorskip("skimage", reason="the watershed baseline needs scikit-image (benchmarks / dev extra)")
     image, labels = discs()
