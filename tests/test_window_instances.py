@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_mask_cli import _error, instances, pixel_model, trained  # noqa: F401  (module-scoped fixtures)
+from test_mask_cli import _error, instances, trained  # noqa: F401  (module-scoped fixtures)
 
 from hf_vitseg import ViTSegImageProcessor
 from hf_vitseg.cli import main

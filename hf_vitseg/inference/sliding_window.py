@@ -400,14 +400,11 @@ def sliding_window_instances(
                 # the part of the window inside the image (not its zero padding)
                 masks = result["segmentation"].bool().cpu()[:, : height - y0, : width - x0]
                 for mask, info in zip(masks, result["segments_info"]):
-                    rows, columns = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
-                    if rows.numel() == 0:
-                        continue
                     ys, xs = mask.nonzero(as_tuple=True)
-                    if (_nearest(centres_h, y0 + ys.double().mean().item()) != row
-                            or _nearest(centres_w, x0 + xs.double().mean().item()) != column):
-                        continue
-                    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
+                    if ys.numel() == 0 or (_nearest(centres_h, y0 + ys.double().mean().item()) != row
+                                           or _nearest(centres_w, x0 + xs.double().mean().item()) != column):
+                        continue  # empty inside the image, or another window's: the one nearest its centroid
+                    r0, r1, c0, c1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
                     detections.append((y0 + r0, x0 + c0, mask[r0:r1, c0:c1].clone()))
                     scores.append(float(info["score"]))
                     infos.append({"label_id": int(info["label_id"]), "was_fused": False, "score": info["score"]})
