@@ -325,3 +325,13 @@ def test_non_finite_pixels_are_refused(trained, instances):  # noqa: F811
     pixel_values[0, 0, 70, 70] = float("nan")  # in one window only
     with pytest.raises(ValueError, match="pixel_values hold 1 non-finite value"):  # the model's own check
         sliding_window_instances(model, processor, pixel_values, crop_size=48)
+
+
+def test_evaluate_model_needs_the_window_size(trained):  # noqa: F811
+    from hf_vitseg.training import evaluate_model
+
+    out, _ = trained
+    with pytest.raises(ValueError, match="sliding_window needs crop_size"):  # before the data is read
+        evaluate_model(str(out), None, task="instance", sliding_window=True)
+    with pytest.raises(ValueError, match="task='panoptic' predicts whole images"):
+        evaluate_model(str(out), None, task="panoptic", sliding_window=True, crop_size=32)

@@ -57,17 +57,15 @@ def evaluate_model(
     processor = resolve_processor(processor, model, model_or_path)
     config = model.config
     task = check_task(task, is_mask_model(model))
+    if is_mask_model(model) and sliding_window and task != "instance":
+        raise ValueError(f"sliding_window is for pixel heads, and for a mask transformer's instances "
+                         f"(task='instance'): task={task!r} predicts whole images. Drop it.")
+    if sliding_window and crop_size is None:
+        raise ValueError("sliding_window needs crop_size (the size the model was trained at, e.g. 512).")
     if is_mask_model(model):
-        if sliding_window and task != "instance":
-            raise ValueError(f"sliding_window is for pixel heads, and for a mask transformer's instances "
-                             f"(task='instance'): task={task!r} predicts whole images. Drop it.")
-        if sliding_window and crop_size is None:
-            raise ValueError("sliding_window needs crop_size (the size the model was trained at, e.g. 512).")
         validate(dataset, config, processor, "dataset")
         window = {"crop_size": crop_size, "stride": stride} if sliding_window else None
         return _evaluate_mask_model(model, dataset, processor, task, batch_size, device, window)
-    if sliding_window and crop_size is None:
-        raise ValueError("sliding_window needs crop_size (the size the model was trained at, e.g. 512).")
     if sliding_window and stride is None:  # 2/3 of the window, a common overlap
         if isinstance(crop_size, int):
             stride = max(1, crop_size * 2 // 3)
