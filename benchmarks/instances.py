@@ -567,6 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score models saved by --save-models (no training): windows and whole half, --scale")
     parser.add_argument("--threshold-sweep", type=float, nargs="+", default=None, metavar="T",
                         help="with --score-saved: also score the test half's windows at each of these thresholds")
+    parser.add_argument("--plot-dir", default=None,
+                        help="with --merge: write per scale a PQ bar chart (instances_pq_<scale>x.png) and a grid of "
+                             "each row's test instances (instances_<scale>x.png) into this folder")
+    parser.add_argument("--plot-window", type=int, default=160,
+                        help="with --plot-dir: side of the test window shown, in pixels at 1x (x scale)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 1 seed, a 96 px region")
@@ -615,18 +620,53 @@ def score_saved(folders: list[str], scale: float, threshold: float, crop: int,
     return results
 
 
+def prediction_key(row: dict) -> str:
+    """The name under which `main` saves a row's (first seed's) test instance map in the `.npz` beside its JSON,
+    after `<scale>|`: the kind for watershed / eomt / pmt rows, `<head ...> + components` for semantic rows."""
+    if row["kind"] in ("watershed", "eomt", "pmt"):
+        return row["kind"]
+    return row["name"].removesuffix(" + connected components") + " + components"
+
+
+def merged_maps(merged: dict) -> dict[str, dict[str, np.ndarray]]:
+    """`{scale: {"truth": map, row name: its first seed's test instance map}}` of `merge_results`' rows, read from
+    the `.npz` files beside the merged JSONs (rows whose file or key is missing are left out)."""
+    maps: dict[str, dict[str, np.ndarray]] = {}
+    for scale, section in merged["scales"].items():
+        found = maps.setdefault(scale, {})
+        for row in section["rows"]:
+            npz = Path(row["prediction"]["npz"])
+            if not npz.is_file():
+                continue
+            with np.load(npz) as saved:
+                if row["prediction"]["key"] in saved:
+                    found[row["name"]] = saved[row["prediction"]["key"]]
+                    truth = saved[f"{scale}|truth"]
+                    if "truth" in found and not np.array_equal(found["truth"], truth):
+                        raise SystemExit(f"{npz}: its {scale}x ground truth differs from the other files'; were they "
+                                         "made from other data (e.g. --region)?")
+                    found["truth"] = truth
+    return maps
+
+
 def merge_results(paths: list[str]) -> dict:
     """Rows of several result files as one: runs of the same method (name), scale and steps pooled, one run per
     seed (a seed found twice is an error: the files overlap; a seedless, deterministic row counts once). Returns
     `{"sources", "scales": {scale: {"rows", "targets"}}}`."""
     grouped: dict[tuple, dict] = {}
+    regions = set()
     for path in paths:
-        for scale, section in json.loads(Path(path).read_text())["scales"].items():
+        results = json.loads(Path(path).read_text())
+        regions.add(results.get("settings", {}).get("region"))
+        if len(regions) > 1:
+            raise SystemExit(f"{path}: its --region differs from the other files' ({sorted(regions, key=str)}); "
+                             "merge results of the same test half.")
+        for scale, section in results["scales"].items():
             for row in section["rows"]:
                 if "error" in row:
                     continue
                 key = (scale, row["name"], row.get("steps"))
-                entry = grouped.setdefault(key, {"row": row, "runs": {}})
+                entry = grouped.setdefault(key, {"row": row, "runs": {}, "sources": {}})
                 for run in row["runs"]:
                     seed = run.get("seed")
                     if seed is None and seed in entry["runs"] and entry["runs"][seed].get("pq") == run.get("pq"):
@@ -635,6 +675,7 @@ def merge_results(paths: list[str]) -> dict:
                         raise SystemExit(f"{path}: {row['name']} at {scale}x, {row.get('steps')} steps, seed {seed} "
                                          "is in two of the files; merge results of different seeds.")
                     entry["runs"][seed] = run
+                    entry["sources"][seed] = path
     scales: dict[str, dict] = {}
     names = [(scale, name) for scale, name, _ in grouped]
     for (scale, name, steps), entry in grouped.items():
@@ -642,15 +683,22 @@ def merge_results(paths: list[str]) -> dict:
             name = f"{name}, {steps} steps"
         extra = {k: v for k, v in entry["row"].items()
                  if k not in ("name", "kind", "runs") and not k.endswith(("_mean", "_std"))}
-        runs = [entry["runs"][seed] for seed in sorted(entry["runs"], key=lambda s: (s is None, s))]
+        seeds = sorted(entry["runs"], key=lambda s: (s is None, s))
+        # the first seed's test instances: in the `.npz` beside the file that ran it (each file saves its first seed's)
+        extra["prediction"] = {"npz": str(Path(entry["sources"][seeds[0]]).with_suffix(".npz")),
+                               "key": f"{scale}|{prediction_key(entry['row'])}"}
+        runs = [entry["runs"][seed] for seed in seeds]
         scales.setdefault(scale, {"rows": []})["rows"].append(make_row(name, entry["row"]["kind"], runs, **extra))
     for section in scales.values():
         section["targets"] = check_targets(section["rows"])
-    return {"sources": list(paths), "scales": scales}
+    return {"sources": list(paths), "region": regions.pop() if regions else None, "scales": scales}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plot_dir and not args.merge:
+        parser.error("--plot-dir plots merged results: give the result files with --merge.")
     if args.merge:
         if args.json and Path(args.json).exists() and not args.overwrite:
             raise SystemExit(f"{args.json} exists; pass --overwrite to replace it or choose another --json.")
@@ -662,6 +710,20 @@ def main(argv: list[str] | None = None) -> dict:
         if args.json:
             merged["command"] = "python benchmarks/instances.py " + " ".join(argv if argv is not None else sys.argv[1:])
             Path(args.json).write_text(json.dumps(merged, indent=1))
+        if args.plot_dir:
+            from benchmarks.plots import plot_instance_maps, plot_instance_pq
+
+            out_dir = Path(args.plot_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            maps = merged_maps(merged)
+            for scale, section in merged["scales"].items():
+                test_image = instance_split(float(scale), merged["region"]).split.test_image
+                window = round(args.plot_window * float(scale))
+                written = [plot_instance_pq(section["rows"], scale, out_dir / f"instances_pq_{scale}x.png"),
+                           plot_instance_maps(section["rows"], scale, maps[scale], test_image,
+                                              out_dir / f"instances_{scale}x.png", window)]
+                for path in filter(None, written):
+                    print(f"wrote {path}")
         return merged
     if args.score_saved:
         if args.json and Path(args.json).exists() and not args.overwrite:

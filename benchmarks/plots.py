@@ -78,7 +78,11 @@ def load_results(*json_paths: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 def short_name(name: str) -> str:
     """A row name short enough to label a point: "upernet + full fine-tune, layer decay" -> "upernet FT"."""
-    return name.replace(" + full fine-tune, layer decay", " FT").replace(" + LoRA", " LoRA")
+    for long, short in ((" + full fine-tune, layer decay", " FT"), (" + LoRA", " LoRA"),
+                        (" + connected components", " + CC"), (" (fine-tuned, layer decay)", ""),
+                        (" (frozen backbone)", "")):
+        name = name.replace(long, short)
+    return name
 
 
 def plot_accuracy_vs_time(scale_results: dict, scale: str, path: Path, backbone: str = "") -> Path:
@@ -198,6 +202,82 @@ def make_plots(json_paths, out_dir: str | Path | None = None, window: int = 256)
         if grid is not None:
             written.append(grid)
     return written
+
+
+
+INSTANCE_KIND_COLOURS = {"watershed": "tab:gray", "semantic": "tab:blue", "eomt": "tab:red", "pmt": "tab:purple"}
+
+
+def plot_instance_pq(rows: list[dict], scale: str, path: Path) -> Path:
+    """`benchmarks/instances.py` rows as horizontal bars: mean PQ ± std over seeds, each seed's PQ a dot, AP50 a
+    cross; the watershed's PQ a dashed line."""
+    plt = _matplotlib()
+    rows = [r for r in rows if "pq_mean" in r]
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.4), dpi=110)
+    for y, row in enumerate(rows):
+        colour = INSTANCE_KIND_COLOURS.get(row["kind"], "black")
+        ax.barh(y, row["pq_mean"], xerr=row["pq_std"], color=colour, alpha=0.55, capsize=3)
+        ax.plot([run["pq"] for run in row["runs"]], [y] * len(row["runs"]), "o", color=colour, markersize=3)
+        if "ap50_mean" in row:
+            ax.plot(row["ap50_mean"], y, "x", color="black", markersize=5)
+        ax.annotate(f"{row['pq_mean']:.3f} ({len(row['runs'])} seed{'s' if len(row['runs']) > 1 else ''})",
+                    (0.005, y), xycoords=("axes fraction", "data"), va="center", fontsize=7, color="white")
+        if row["kind"] == "watershed":
+            ax.axvline(row["pq_mean"], color="black", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(rows)), [short_name(r["name"]) for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("panoptic quality of the nuclei on the test half (bar: mean ± std; dots: seeds; x: AP50; "
+                  "dashed: watershed)", fontsize=8)
+    ax.set_title(f"Instance segmentation of the nuclei at {scale}x", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_instance_maps(rows: list[dict], scale: str, maps: dict[str, np.ndarray], image: np.ndarray, path: Path,
+                       window: int = 256) -> Path | None:
+    """A grid: a window of the test half `image` (float in [0, 1] or uint8), its true nuclei, then each row's
+    instances (its first seed), every instance in its own colour with its contour
+    (`hf_vitseg.inference.overlay_instances`), titled with that seed's PQ on the whole test half."""
+    from hf_vitseg.inference import overlay_instances
+
+    truth = maps.get("truth")
+    if truth is None:
+        return None
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    if image.shape != truth.shape:
+        raise ValueError(f"The test image at {scale}x is {image.shape} but the saved ground truth {truth.shape}; "
+                         "were the results made from other data?")
+    height, width = truth.shape
+    size_h, size_w = min(window, height), min(window, width)
+    top, left = (height - size_h) // 2, (width - size_w) // 2
+    crop = (slice(top, top + size_h), slice(left, left + size_w))
+    panels = [(image[crop], "test window"),
+              (np.asarray(overlay_instances(image[crop], truth[crop])), f"ground truth ({int(truth.max())} nuclei)")]
+    for row in rows:
+        if row["name"] in maps and "pq_mean" in row:
+            seed = row["runs"][0].get("seed")
+            panels.append((np.asarray(overlay_instances(image[crop], maps[row["name"]][crop])),
+                           f"{short_name(row['name'])}\nPQ {row['runs'][0]['pq']:.3f}"
+                           + (f" (seed {seed})" if seed is not None else "")))
+    plt = _matplotlib()
+    columns = min(5, len(panels))
+    grid_rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(2.3 * columns, 2.8 * grid_rows), dpi=90, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (panel, title) in zip(axes.ravel(), panels):
+        ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, interpolation="nearest")
+        ax.set_title(title, fontsize=6.5)
+    fig.suptitle(f"Test half at {scale}x, central {size_h}x{size_w} window: one colour per instance", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -127,19 +128,41 @@ def test_seeds_run_apart_and_merge_into_one_row(tiny_backbone_dir, tmp_path, mon
         files.append(tmp_path / f"seed{first}.json")
         instances.main(["--quick", "--backbone", str(tiny_backbone_dir), "--rows", "watershed", "pmt", "--scale", "1",
                         "--first-seed", str(first), "--json", str(files[-1])])
-    runs = [json.loads(f.read_text())["scales"]["1"]["rows"][1]["runs"] for f in files]
+    # a semantic row (another kind of name in the .npz) in a third file
+    files.append(tmp_path / "semantic.json")
+    instances.main(["--quick", "--backbone", str(tiny_backbone_dir), "--rows", "semantic", "--semantic-heads", "linear",
+                    "--scale", "1", "--json", str(files[-1])])
+    runs = [json.loads(f.read_text())["scales"]["1"]["rows"][1]["runs"] for f in files[:2]]
     assert [r[0]["seed"] for r in runs] == [0, 1]
     merged_path = tmp_path / "merged.json"
-    merged = instances.main(["--merge", *map(str, files), "--json", str(merged_path)])
+    merged = instances.main(["--merge", *map(str, files), "--json", str(merged_path), "--plot-dir",
+                             str(tmp_path / "plots")])
     rows = {r["kind"]: r for r in merged["scales"]["1"]["rows"]}
+    # every row's instance map is found, and it is its first seed's (the pmt map of the seed-0 file, not seed 1's)
+    maps = instances.merged_maps(merged)["1"]
+    assert set(maps) == {"truth", *(r["name"] for r in merged["scales"]["1"]["rows"])}
+    with np.load(files[0].with_suffix(".npz")) as first, np.load(files[1].with_suffix(".npz")) as second:
+        assert np.array_equal(maps[rows["pmt"]["name"]], first["1|pmt"])
+        assert np.array_equal(maps["truth"], first["1|truth"]) and np.array_equal(second["1|truth"], first["1|truth"])
+    with np.load(files[2].with_suffix(".npz")) as semantic:
+        assert np.array_equal(maps[rows["semantic"]["name"]], semantic["1|linear + components"])
+    for name in ("instances_pq_1x.png", "instances_1x.png"):
+        with Image.open(tmp_path / "plots" / name) as png:
+            assert png.format == "PNG" and min(png.size) > 200
     assert [run["seed"] for run in rows["pmt"]["runs"]] == [0, 1]
     assert rows["pmt"]["pq_mean"] == pytest.approx((runs[0][0]["pq"] + runs[1][0]["pq"]) / 2)
     assert rows["pmt"]["ap50_std"] == pytest.approx(np.std([runs[0][0]["ap50"], runs[1][0]["ap50"]], ddof=1))
-    assert merged["scales"]["1"]["targets"][0]["target"] == "pmt beats the classical baseline on PQ"
+    assert [t["target"] for t in merged["scales"]["1"]["targets"]] == [
+        "pmt or eomt beats the best semantic head + components on PQ", "pmt beats the classical baseline on PQ"]
     assert json.loads(merged_path.read_text())["sources"] == [str(f) for f in files]
     assert len(rows["watershed"]["runs"]) == 1  # deterministic: in both files, one run
     with pytest.raises(SystemExit, match="pmt .* seed 0 is in two of the files"):
         instances.main(["--merge", str(files[0]), str(files[0])])
+    other_region = json.loads(files[1].read_text())
+    other_region["settings"]["region"] = 128
+    (tmp_path / "other_region.json").write_text(json.dumps(other_region))
+    with pytest.raises(SystemExit, match="--region differs"):
+        instances.main(["--merge", str(files[0]), str(tmp_path / "other_region.json")])
 
 
 @pytest.mark.slow
