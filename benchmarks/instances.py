@@ -153,7 +153,38 @@ def evaluate(instances: np.ndarray, scores: dict[int, float], truth: np.ndarray)
     ap_result = ap.compute()
     return {"pq": pq_result["per_class_pq"][NUCLEUS], "sq": pq_result["per_class_sq"][NUCLEUS],
             "rq": pq_result["per_class_rq"][NUCLEUS], "ap50": ap_result["map_50"], "ap": ap_result["map"],
-            "num_instances": len(pred_ids), "num_true_instances": len(truth_ids)}
+            "num_instances": len(pred_ids), "num_true_instances": len(truth_ids),
+            "errors": error_breakdown(instances, truth)}
+
+
+def error_breakdown(instances: np.ndarray, truth: np.ndarray) -> dict[str, int]:
+    """Where the nuclei are lost: each true nucleus is `matched` (a segment with IoU > 0.5, PQ's match), `merged`
+    (most of it lies in one segment that also holds most of another true nucleus: touching nuclei not split),
+    `missed` (less than half of it covered by any segment) or `other` (split in pieces or badly outlined); `false`
+    counts the segments matching no nucleus, `false_on_background` those lying mostly on background."""
+    instances, truth = np.asarray(instances, np.int64), np.asarray(truth, np.int64)
+    columns = int(instances.max(initial=0)) + 1
+    overlap = np.bincount((truth * columns + instances).ravel(),
+                          minlength=(int(truth.max(initial=0)) + 1) * columns).reshape(-1, columns)
+    truth_area, segment_area = overlap.sum(1), overlap.sum(0)
+    iou = overlap / np.maximum(truth_area[:, None] + segment_area[None, :] - overlap, 1)
+    truth_ids, segment_ids = np.flatnonzero(truth_area[1:]) + 1, np.flatnonzero(segment_area[1:]) + 1
+    mostly_in = overlap[:, 1:] > 0.5 * truth_area[:, None]  # (true nucleus, segment): most of the nucleus in it
+    counts = {"matched": 0, "merged": 0, "missed": 0, "other": 0}
+    for t in truth_ids:
+        holder = np.flatnonzero(mostly_in[t])
+        if (iou[t, 1:] > 0.5).any():
+            counts["matched"] += 1
+        elif len(holder) and mostly_in[1:, holder[0]].sum() >= 2:
+            counts["merged"] += 1
+        elif overlap[t, 1:].sum() < 0.5 * truth_area[t]:
+            counts["missed"] += 1
+        else:
+            counts["other"] += 1
+    false = [s for s in segment_ids if not (iou[1:, s] > 0.5).any()]
+    counts["false"] = len(false)
+    counts["false_on_background"] = sum(int(overlap[0, s] > 0.5 * segment_area[s]) for s in false)
+    return counts
 
 
 def _panoptic(instances: np.ndarray) -> tuple[np.ndarray, list[dict]]:
@@ -498,6 +529,20 @@ def format_table(rows: list[dict], scale: float) -> str:
     return "\n".join(lines)
 
 
+def format_errors_table(rows: list[dict], scale: float, truth: np.ndarray) -> str:
+    """Markdown: each row's `error_breakdown` (its first seed's saved test instances, `first_seed_errors`)."""
+    lines = [f"**{scale:g}x, where the {len(np.unique(truth)) - 1} true nuclei go** (first seed of each row; merged: "
+             "most of the nucleus in a segment holding another; missed: under half covered)", "",
+             "| method | matched | merged | missed | other | false segments (on background) |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        if "first_seed_errors" in row:
+            e = row["first_seed_errors"]
+            lines.append(f"| {row['name']} | {e['matched']} | {e['merged']} | {e['missed']} | {e['other']} | "
+                         f"{e['false']} ({e['false_on_background']}) |")
+    return "\n".join(lines)
+
+
 def check_targets(rows: list[dict]) -> list[dict]:
     """The issue's targets: a mask transformer beats the best semantic head + components on PQ; both beat watershed.
     Each kind is represented by its best row (mean PQ over seeds), e.g. eomt's best training budget."""
@@ -703,10 +748,16 @@ def main(argv: list[str] | None = None) -> dict:
         if args.json and Path(args.json).exists() and not args.overwrite:
             raise SystemExit(f"{args.json} exists; pass --overwrite to replace it or choose another --json.")
         merged = merge_results(args.merge)
+        maps = merged_maps(merged)
         for scale, section in merged["scales"].items():
+            for row in section["rows"]:
+                if row["name"] in maps[scale]:
+                    row["first_seed_errors"] = error_breakdown(maps[scale][row["name"]], maps[scale]["truth"])
             print("\n" + format_table(section["rows"], float(scale)) + "\n")
             for target in section["targets"]:
                 print(f"- {'met' if target['met'] else 'MISSED'}: {target['target']} ({target['evidence']})")
+            if "truth" in maps[scale]:
+                print("\n" + format_errors_table(section["rows"], float(scale), maps[scale]["truth"]))
         if args.json:
             merged["command"] = "python benchmarks/instances.py " + " ".join(argv if argv is not None else sys.argv[1:])
             Path(args.json).write_text(json.dumps(merged, indent=1))
@@ -715,7 +766,6 @@ def main(argv: list[str] | None = None) -> dict:
 
             out_dir = Path(args.plot_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            maps = merged_maps(merged)
             for scale, section in merged["scales"].items():
                 test_image = instance_split(float(scale), merged["region"]).split.test_image
                 window = round(args.plot_window * float(scale))

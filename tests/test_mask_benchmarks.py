@@ -58,6 +58,24 @@ def test_scores_of_a_perfect_a_merged_and_an_empty_prediction():
     assert result["rq"] == pytest.approx(4 / (4 + 0.5 * 1))
     empty = instances.evaluate(np.zeros_like(labels), {}, labels)
     assert (empty["pq"], empty["ap50"]) == (0.0, 0.0)
+    # where the nuclei go: the merged component matches one disc, the other is counted as merged, not missed
+    assert perfect["errors"] == {"matched": 5, "merged": 0, "missed": 0, "other": 0, "false": 0,
+                                 "false_on_background": 0}
+    assert result["errors"] == {"matched": 4, "merged": 1, "missed": 0, "other": 0, "false": 0,
+                                "false_on_background": 0}
+    assert empty["errors"]["missed"] == 5 and empty["errors"]["matched"] == 0
+
+
+def test_error_breakdown_tells_missed_split_and_false_nuclei_apart():
+    _, labels = discs()
+    prediction = labels.copy()
+    prediction[labels == 3] = 0  # disc 3 not found
+    columns = np.broadcast_to(np.arange(labels.shape[1]), labels.shape)
+    for piece, (low, high) in enumerate(((0, 14), (14, 18), (18, 64)), start=10):  # disc 4 (columns 10-22) in thirds
+        prediction[(labels == 4) & (columns >= low) & (columns < high)] = piece
+    prediction[58:62, 2:6] = 7  # a blob on the background
+    errors = instances.error_breakdown(prediction, labels)
+    assert errors == {"matched": 3, "merged": 0, "missed": 1, "other": 1, "false": 4, "false_on_background": 1}
 
 
 def test_score_instances_scores_either_half():
@@ -144,6 +162,8 @@ def test_seeds_run_apart_and_merge_into_one_row(tiny_backbone_dir, tmp_path, mon
     with np.load(files[0].with_suffix(".npz")) as first, np.load(files[1].with_suffix(".npz")) as second:
         assert np.array_equal(maps[rows["pmt"]["name"]], first["1|pmt"])
         assert np.array_equal(maps["truth"], first["1|truth"]) and np.array_equal(second["1|truth"], first["1|truth"])
+    for row in merged["scales"]["1"]["rows"]:  # recounted from the saved map = counted when the first seed ran
+        assert row["first_seed_errors"] == row["runs"][0]["errors"], row["name"]
     with np.load(files[2].with_suffix(".npz")) as semantic:
         assert np.array_equal(maps[rows["semantic"]["name"]], semantic["1|linear + components"])
     for name in ("instances_pq_1x.png", "instances_1x.png"):
