@@ -14,6 +14,8 @@ Rows (`--rows`):
   then the distance transform of the foreground, its local maxima as markers and scikit-image's watershed of
   the negated distance inside the foreground (`pip install scikit-image`, the `benchmarks` extra). Its settings
   (threshold, smoothing, marker distance, least area) are fitted on the TRAINING half (best PQ there).
+- `ceiling`: connected components of the TRUE foreground, the best any pixel head + components can do (its
+  foreground perfect, so only truly touching nuclei merge); also scored on the training half (`train_half`).
 - `semantic`: the best semantic heads of the accuracy table (`--semantic-heads`, frozen backbone, the accuracy
   table's training exactly: `benchmarks/accuracy.py`'s feature cache, views, batch order and schedule), their
   sliding-window foreground followed by connected components (8-connected); each component scored by its mean
@@ -60,7 +62,7 @@ from benchmarks.data import NucleiSplit, foreground_iou, nuclei_split, otsu_thre
 from hf_vitseg import ViTSegImageProcessor  # noqa: E402
 from hf_vitseg.training.mask_metrics import MaskAP, PanopticQuality  # noqa: E402
 
-ROW_KINDS = ("watershed", "semantic", "pmt", "eomt")
+ROW_KINDS = ("watershed", "ceiling", "semantic", "pmt", "eomt")
 NUCLEUS_ID2LABEL = {0: "nucleus"}
 BACKGROUND, NUCLEUS = 0, 1  # the classes PQ is counted over: background (stuff) and nucleus (things)
 
@@ -667,8 +669,9 @@ def score_saved(folders: list[str], scale: float, threshold: float, crop: int,
 
 def prediction_key(row: dict) -> str:
     """The name under which `main` saves a row's (first seed's) test instance map in the `.npz` beside its JSON,
-    after `<scale>|`: the kind for watershed / eomt / pmt rows, `<head ...> + components` for semantic rows."""
-    if row["kind"] in ("watershed", "eomt", "pmt"):
+    after `<scale>|`: the kind for watershed / ceiling / eomt / pmt rows, `<head ...> + components` for semantic
+    rows."""
+    if row["kind"] in ("watershed", "ceiling", "eomt", "pmt"):
         return row["kind"]
     return row["name"].removesuffix(" + connected components") + " + components"
 
@@ -825,6 +828,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            "test_instances": int(data.test_instances.max())}
         row_makers = {
             "watershed": lambda: watershed_row(args, data, scale, rows, predictions, log),
+            "ceiling": lambda: ceiling_row(data, scale, rows, predictions, log),
             "semantic": lambda: (
                 saved_semantic_rows(args, data, rows, predictions, log) if args.semantic_predictions
                 else semantic_rows(args, data, backbone, num_layers, patch_size, processor, rows, predictions, log)
@@ -849,6 +853,18 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"- {'met' if target['met'] else 'MISSED'}: {target['target']} ({target['evidence']})")
         save()
     return results
+
+
+def ceiling_row(data: InstanceSplit, scale: float, rows: list, predictions: dict, log) -> None:
+    """Connected components of the true foreground: a pixel head + components at best (perfect foreground, so only
+    nuclei that truly touch merge); with the same on the training half, which shows how many touch there."""
+    instances, scores = connected_components((data.test_instances > 0).astype(float))
+    train = evaluate(*connected_components((data.train_instances > 0).astype(float)), data.train_instances)
+    rows.append(make_row("connected components of the true foreground (pixel heads' ceiling)", "ceiling",
+                         [evaluate(instances, scores, data.test_instances)], train_half=train))
+    predictions[f"{scale:g}|ceiling"] = instances
+    log(f"ceiling: PQ {rows[-1]['pq_mean']:.3f} on the test half ({rows[-1]['runs'][0]['errors']}), {train['pq']:.3f} "
+        f"on the training half ({train['errors']})")
 
 
 def watershed_row(args, data: InstanceSplit, scale: float, rows: list, predictions: dict, log) -> None:

@@ -205,7 +205,8 @@ def make_plots(json_paths, out_dir: str | Path | None = None, window: int = 256)
 
 
 
-INSTANCE_KIND_COLOURS = {"watershed": "tab:gray", "semantic": "tab:blue", "eomt": "tab:red", "pmt": "tab:purple"}
+INSTANCE_KIND_COLOURS = {"watershed": "tab:gray", "ceiling": "black", "semantic": "tab:blue", "eomt": "tab:red",
+                         "pmt": "tab:purple"}
 
 
 def plot_instance_pq(rows: list[dict], scale: str, path: Path) -> Path:

@@ -148,7 +148,8 @@ def test_seeds_run_apart_and_merge_into_one_row(tiny_backbone_dir, tmp_path, mon
                         "--first-seed", str(first), "--json", str(files[-1])])
     # a semantic row (another kind of name in the .npz) in a third file
     files.append(tmp_path / "semantic.json")
-    instances.main(["--quick", "--backbone", str(tiny_backbone_dir), "--rows", "semantic", "--semantic-heads", "linear",
+    instances.main(["--quick", "--backbone", str(tiny_backbone_dir), "--rows", "ceiling", "semantic",
+                    "--semantic-heads", "linear",
                     "--scale", "1", "--json", str(files[-1])])
     runs = [json.loads(f.read_text())["scales"]["1"]["rows"][1]["runs"] for f in files[:2]]
     assert [r[0]["seed"] for r in runs] == [0, 1]
@@ -162,6 +163,9 @@ def test_seeds_run_apart_and_merge_into_one_row(tiny_backbone_dir, tmp_path, mon
     with np.load(files[0].with_suffix(".npz")) as first, np.load(files[1].with_suffix(".npz")) as second:
         assert np.array_equal(maps[rows["pmt"]["name"]], first["1|pmt"])
         assert np.array_equal(maps["truth"], first["1|truth"]) and np.array_equal(second["1|truth"], first["1|truth"])
+    ceiling = rows["ceiling"]  # components of the true foreground: nothing missed, nothing on background
+    assert ceiling["runs"][0]["errors"]["missed"] == ceiling["train_half"]["errors"]["missed"] == 0
+    assert ceiling["runs"][0]["errors"]["false_on_background"] == 0 and ceiling["pq_mean"] > 0.5
     for row in merged["scales"]["1"]["rows"]:  # recounted from the saved map = counted when the first seed ran
         assert row["first_seed_errors"] == row["runs"][0]["errors"], row["name"]
     with np.load(files[2].with_suffix(".npz")) as semantic:
