@@ -109,8 +109,11 @@ def resample_labels(labels: np.ndarray, scale: float) -> np.ndarray:
     return np.asarray(Image.fromarray(labels.astype(np.int32), mode="I").resize(size, Image.NEAREST)).astype(np.int32)
 
 
-def instance_split(scale: float, region: int | None = None, image=None, instances=None) -> InstanceSplit:
-    """The accuracy table's split of the nuclei image, with `mask2d.tif`'s instance ids (or given arrays)."""
+def instance_split(scale: float, region: int | None = None, image=None, instances=None,
+                   swap_halves: bool = False) -> InstanceSplit:
+    """The accuracy table's split of the nuclei image, with `mask2d.tif`'s instance ids (or given arrays). With
+    `swap_halves`, the other fold: the image mirrored left-right first, so the models train on the (mirrored) right
+    half and are tested on the left one."""
     if image is None or instances is None:
         from hf_vitseg.demo.assets import load_stardist_instances
 
@@ -120,6 +123,10 @@ def instance_split(scale: float, region: int | None = None, image=None, instance
         top, left = (image.shape[0] - region) // 2, (image.shape[1] - region) // 2
         image = image[top : top + region, left : left + region]
         instances = instances[top : top + region, left : left + region]
+    if swap_halves:
+        if image.shape[1] % 2:
+            raise ValueError(f"--swap-halves needs an even image width to swap the halves exactly; got {image.shape}.")
+        image, instances = image[:, ::-1], instances[:, ::-1]
     split = nuclei_split(scale, image=image, mask=instances > 0, region=None)
     half = image.shape[1] // 2
     train, test = (resample_labels(relabel(part), scale) for part in (instances[:, :half], instances[:, half:]))
@@ -607,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--tile-stride", type=int, default=None)
     parser.add_argument("--intensity-views", type=float, nargs="+", default=[1.0, 0.6])
+    parser.add_argument("--swap-halves", action="store_true",
+                        help="the other fold: train on the right half, test on the left (the image mirrored)")
     parser.add_argument("--region", type=int, default=None, help="only the central NxN pixels of the image")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--save-models", default=None, help="folder to save the trained eomt / pmt models in")
@@ -626,13 +635,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def score_saved(folders: list[str], scale: float, threshold: float, crop: int,
-                sweep: list[float] | None = None) -> dict:
+                sweep: list[float] | None = None, swap_halves: bool = False) -> dict:
     """Score saved eomt / pmt models without training: `{folder: {"windows": ..., "whole": ..., "train_windows":
     ...}}`, the test half in windows and in one pass, and the training half in windows; with `sweep`, also
     `"threshold_sweep": {threshold: ...}`, the test half's windows at each score threshold."""
     from hf_vitseg import ViTSegForUniversalSegmentation
 
-    data = instance_split(scale)
+    data = instance_split(scale, swap_halves=swap_halves)
     results = {}
     for folder in folders:
         model = ViTSegForUniversalSegmentation.from_pretrained(folder).eval()
@@ -702,13 +711,14 @@ def merge_results(paths: list[str]) -> dict:
     seed (a seed found twice is an error: the files overlap; a seedless, deterministic row counts once). Returns
     `{"sources", "scales": {scale: {"rows", "targets"}}}`."""
     grouped: dict[tuple, dict] = {}
-    regions = set()
+    halves = set()  # which test half: (--region, --swap-halves) of each file
     for path in paths:
         results = json.loads(Path(path).read_text())
-        regions.add(results.get("settings", {}).get("region"))
-        if len(regions) > 1:
-            raise SystemExit(f"{path}: its --region differs from the other files' ({sorted(regions, key=str)}); "
-                             "merge results of the same test half.")
+        settings = results.get("settings", {})
+        halves.add((settings.get("region"), bool(settings.get("swap_halves"))))
+        if len(halves) > 1:
+            raise SystemExit(f"{path}: its --region / --swap-halves differ from the other files' "
+                             f"({sorted(halves, key=str)}); merge results of the same test half.")
         for scale, section in results["scales"].items():
             for row in section["rows"]:
                 if "error" in row:
@@ -739,7 +749,8 @@ def merge_results(paths: list[str]) -> dict:
         scales.setdefault(scale, {"rows": []})["rows"].append(make_row(name, entry["row"]["kind"], runs, **extra))
     for section in scales.values():
         section["targets"] = check_targets(section["rows"])
-    return {"sources": list(paths), "region": regions.pop() if regions else None, "scales": scales}
+    region, swap_halves = halves.pop() if halves else (None, False)
+    return {"sources": list(paths), "region": region, "swap_halves": swap_halves, "scales": scales}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -770,7 +781,8 @@ def main(argv: list[str] | None = None) -> dict:
             out_dir = Path(args.plot_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             for scale, section in merged["scales"].items():
-                test_image = instance_split(float(scale), merged["region"]).split.test_image
+                test_image = instance_split(float(scale), merged["region"],
+                                            swap_halves=merged["swap_halves"]).split.test_image
                 window = round(args.plot_window * float(scale))
                 written = [plot_instance_pq(section["rows"], scale, out_dir / f"instances_pq_{scale}x.png"),
                            plot_instance_maps(section["rows"], scale, maps[scale], test_image,
@@ -781,7 +793,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.score_saved:
         if args.json and Path(args.json).exists() and not args.overwrite:
             raise SystemExit(f"{args.json} exists; pass --overwrite to replace it or choose another --json.")
-        results = score_saved(args.score_saved, args.scale[0], args.score_threshold, args.crop, args.threshold_sweep)
+        results = score_saved(args.score_saved, args.scale[0], args.score_threshold, args.crop, args.threshold_sweep,
+                              args.swap_halves)
         if args.json:
             Path(args.json).write_text(json.dumps({"command": "python benchmarks/instances.py " + " ".join(
                 argv if argv is not None else sys.argv[1:]), "models": results}, indent=1, default=float))
@@ -821,10 +834,11 @@ def main(argv: list[str] | None = None) -> dict:
     processor = ViTSegImageProcessor(patch_size=patch_size)
     for scale in args.scale:
         log = lambda *a, s=scale: print(f"[{s:g}x {time.strftime('%H:%M:%S')}]", *a, flush=True)  # noqa: E731
-        data = instance_split(scale, region=args.region)
+        data = instance_split(scale, region=args.region, swap_halves=args.swap_halves)
         predictions[f"{scale:g}|truth"] = data.test_instances
         rows = []
-        results["scales"][f"{scale:g}"] = {"split": data.split.describe(), "rows": rows,
+        results["scales"][f"{scale:g}"] = {"split": {**data.split.describe(), "swap_halves": args.swap_halves},
+                                           "rows": rows,
                                            "test_instances": int(data.test_instances.max())}
         row_makers = {
             "watershed": lambda: watershed_row(args, data, scale, rows, predictions, log),

@@ -44,6 +44,13 @@ def test_instance_split_is_the_accuracy_tables_split_with_ids(scale):
     tiles = data.train_tiles(16 * scale)
     assert [t[0].shape for t in tiles] == [(16 * scale, 16 * scale)] * len(tiles)
     np.testing.assert_array_equal(tiles[0][1] > 0, reference.train_tiles(16 * scale)[0][1] > 0)
+    # the other fold: trained on the (mirrored) right half, tested on the mirrored left half
+    swapped = instances.instance_split(scale, image=image, instances=labels, swap_halves=True)
+    np.testing.assert_array_equal(swapped.test_instances > 0, (data.train_instances > 0)[:, ::-1])
+    np.testing.assert_array_equal(swapped.train_instances > 0, (data.test_instances > 0)[:, ::-1])
+    assert (swapped.train_instances.max(), swapped.test_instances.max()) == (2, 4)
+    with pytest.raises(ValueError, match="even image width"):
+        instances.instance_split(scale, image=image[:, :63], instances=labels[:, :63], swap_halves=True)
 
 
 def test_scores_of_a_perfect_a_merged_and_an_empty_prediction():
@@ -185,7 +192,7 @@ def test_seeds_run_apart_and_merge_into_one_row(tiny_backbone_dir, tmp_path, mon
     other_region = json.loads(files[1].read_text())
     other_region["settings"]["region"] = 128
     (tmp_path / "other_region.json").write_text(json.dumps(other_region))
-    with pytest.raises(SystemExit, match="--region differs"):
+    with pytest.raises(SystemExit, match="--region / --swap-halves differ"):
         instances.main(["--merge", str(files[0]), str(tmp_path / "other_region.json")])
 
 
