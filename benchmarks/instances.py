@@ -38,8 +38,13 @@ is a labelled stuff segment, so a false nucleus on background counts) and COCO m
 the nucleus instances on the test half; mean and sample standard deviation over `--seeds`; train seconds of the
 optimizer steps (frozen rows: on the feature cache). The machine is shared: times are indicative only.
 
-Writes a markdown table to stdout, with `--json` the results (rewritten after every row) and the seed-0 test
-instance maps beside it (`.npz`).
+Also per run, `errors` (`error_breakdown`): where each true nucleus goes (matched, merged with a neighbour, missed,
+other) and how many segments match none. `--swap-halves` runs the other fold (train on the right half, test on the
+left one, which has more touching nuclei).
+
+Writes a markdown table to stdout, with `--json` the results (rewritten after every row) and the first seed's test
+instance maps beside it (`.npz`). `--merge` pools the seeds of several such files into one table, prints where the
+nuclei go for each row's first seed, and with `--plot-dir` draws a PQ bar chart and each row's instances.
 """
 
 from __future__ import annotations

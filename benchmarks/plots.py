@@ -151,6 +151,37 @@ def test_image(scale: str, region: int | None = None) -> np.ndarray:
     return (nuclei_split(float(scale), region=region).test_image * 255).round().astype(np.uint8)
 
 
+def central_window(image: np.ndarray, truth: np.ndarray, scale: str, window: int) -> tuple[slice, slice]:
+    """The central `window` x `window` crop (or less) of the test half, after checking that `image` and the saved
+    ground truth `truth` have the same shape."""
+    if image.shape != truth.shape:
+        raise ValueError(f"The test image at {scale}x is {image.shape} but the saved ground truth {truth.shape}; "
+                         "were the results made from other data?")
+    height, width = truth.shape
+    size_h, size_w = min(window, height), min(window, width)
+    top, left = (height - size_h) // 2, (width - size_w) // 2
+    return slice(top, top + size_h), slice(left, left + size_w)
+
+
+def save_panel_grid(panels: list[tuple[np.ndarray, str]], title: str, path: Path, dpi: int = 80,
+                    fontsize: float = 7) -> Path:
+    """Images (gray or RGB) with their titles, five to a row, and a title over them, saved as `path`."""
+    plt = _matplotlib()
+    columns = min(5, len(panels))
+    grid_rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(2.3 * columns, 2.8 * grid_rows), dpi=dpi, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (panel, panel_title) in zip(axes.ravel(), panels):
+        ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, interpolation="nearest")
+        ax.set_title(panel_title, fontsize=fontsize)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_predictions(scale_results: dict, scale: str, predictions: dict[str, np.ndarray], path: Path,
                      window: int = 256, region: int | None = None) -> Path | None:
     """A grid: the test window, its ground truth, then every row's prediction (seed 0) with its fg IoU."""
@@ -158,33 +189,14 @@ def plot_predictions(scale_results: dict, scale: str, predictions: dict[str, np.
     if truth is None:
         return None
     image = test_image(scale, region)
-    if image.shape != truth.shape:
-        raise ValueError(f"The test image at {scale}x is {image.shape} but the saved ground truth {truth.shape}; "
-                         "were the results made from other data?")
-    height, width = truth.shape
-    size_h, size_w = min(window, height), min(window, width)
-    top, left = (height - size_h) // 2, (width - size_w) // 2
-    crop = (slice(top, top + size_h), slice(left, left + size_w))
+    crop = central_window(image, truth, scale, window)
     rows = [r for r in scale_results["rows"] if f"{scale}|{r['name']}" in predictions and "fg_iou_mean" in r]
-    panels = [(image[crop], "test window", None), (error_overlay(image[crop], truth[crop], truth[crop]),
-                                                   "ground truth", None)]
+    panels = [(image[crop], "test window"), (error_overlay(image[crop], truth[crop], truth[crop]), "ground truth")]
     panels += [(error_overlay(image[crop], predictions[f"{scale}|{r['name']}"][crop], truth[crop]),
-                f"{r['name']}\nfg IoU {r['runs'][0]['fg_iou']:.3f}", r) for r in rows]
-    plt = _matplotlib()
-    columns = min(5, len(panels))
-    grid_rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(grid_rows, columns, figsize=(2.3 * columns, 2.8 * grid_rows), dpi=80, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (panel, title, _) in zip(axes.ravel(), panels):
-        ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, interpolation="nearest")
-        ax.set_title(title, fontsize=7)
-    fig.suptitle(f"Test half at {scale}x, central {size_h}x{size_w} window (seed 0). "
-                 "green: correct, red: false positive, blue: missed", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+                f"{r['name']}\nfg IoU {r['runs'][0]['fg_iou']:.3f}") for r in rows]
+    size_h, size_w = image[crop].shape
+    return save_panel_grid(panels, f"Test half at {scale}x, central {size_h}x{size_w} window (seed 0). "
+                           "green: correct, red: false positive, blue: missed", path)
 
 
 def make_plots(json_paths, out_dir: str | Path | None = None, window: int = 256) -> list[Path]:
@@ -250,13 +262,7 @@ def plot_instance_maps(rows: list[dict], scale: str, maps: dict[str, np.ndarray]
         return None
     if image.dtype != np.uint8:
         image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-    if image.shape != truth.shape:
-        raise ValueError(f"The test image at {scale}x is {image.shape} but the saved ground truth {truth.shape}; "
-                         "were the results made from other data?")
-    height, width = truth.shape
-    size_h, size_w = min(window, height), min(window, width)
-    top, left = (height - size_h) // 2, (width - size_w) // 2
-    crop = (slice(top, top + size_h), slice(left, left + size_w))
+    crop = central_window(image, truth, scale, window)
     panels = [(image[crop], "test window"),
               (np.asarray(overlay_instances(image[crop], truth[crop])), f"ground truth ({int(truth.max())} nuclei)")]
     for row in rows:
@@ -265,21 +271,9 @@ def plot_instance_maps(rows: list[dict], scale: str, maps: dict[str, np.ndarray]
             panels.append((np.asarray(overlay_instances(image[crop], maps[row["name"]][crop])),
                            f"{short_name(row['name'])}\nPQ {row['runs'][0]['pq']:.3f}"
                            + (f" (seed {seed})" if seed is not None else "")))
-    plt = _matplotlib()
-    columns = min(5, len(panels))
-    grid_rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(grid_rows, columns, figsize=(2.3 * columns, 2.8 * grid_rows), dpi=90, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (panel, title) in zip(axes.ravel(), panels):
-        ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, interpolation="nearest")
-        ax.set_title(title, fontsize=6.5)
-    fig.suptitle(f"Test half at {scale}x, central {size_h}x{size_w} window: one colour per instance", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
+    size_h, size_w = image[crop].shape
+    return save_panel_grid(panels, f"Test half at {scale}x, central {size_h}x{size_w} window: one colour per instance",
+                           path, dpi=90, fontsize=6.5)
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description="PNGs from benchmarks/accuracy.py results.")
