@@ -524,8 +524,9 @@ def mask_rows(head, args, data, backbone, num_layers, patch_size, processor, row
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def format_table(rows: list[dict], scale: float) -> str:
-    lines = [f"**{scale:g}x** (test: right half; mean ± std over seeds)", "",
+def format_table(rows: list[dict], scale: float, swap_halves: bool = False) -> str:
+    test_half = "left half (--swap-halves)" if swap_halves else "right half"
+    lines = [f"**{scale:g}x** (test: {test_half}; mean ± std over seeds)", "",
              "| method | kind | PQ | SQ | RQ | AP50 | AP | train s | seeds |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
@@ -772,7 +773,7 @@ def main(argv: list[str] | None = None) -> dict:
             for row in section["rows"]:
                 if row["name"] in maps[scale]:
                     row["first_seed_errors"] = error_breakdown(maps[scale][row["name"]], maps[scale]["truth"])
-            print("\n" + format_table(section["rows"], float(scale)) + "\n")
+            print("\n" + format_table(section["rows"], float(scale), merged["swap_halves"]) + "\n")
             for target in section["targets"]:
                 print(f"- {'met' if target['met'] else 'MISSED'}: {target['target']} ({target['evidence']})")
             if "truth" in maps[scale]:
@@ -867,7 +868,7 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append({"name": kind, "kind": kind, "runs": [], "error": f"{type(error).__name__}: {error}"})
             save()
         results["scales"][f"{scale:g}"]["targets"] = check_targets(rows)
-        print("\n" + format_table(rows, scale) + "\n", flush=True)
+        print("\n" + format_table(rows, scale, args.swap_halves) + "\n", flush=True)
         for target in results["scales"][f"{scale:g}"]["targets"]:
             print(f"- {'met' if target['met'] else 'MISSED'}: {target['target']} ({target['evidence']})")
         save()

@@ -112,6 +112,11 @@ def test_targets_take_each_kinds_best_row():
     assert targets["pmt beats the classical baseline on PQ"]["met"] is False  # 0.45 < 0.5: missed
     rows[-2]["pq_mean"] = 0.7
     assert instances.check_targets(rows)[0]["met"]  # pmt's 0.7 beats dpt's 0.67
+    # a ceiling row (components of the true foreground) is context, never a competitor in the targets
+    rows.append({"name": "ceiling", "kind": "ceiling", "pq_mean": 0.95})
+    assert instances.check_targets(rows)[0]["met"]
+    assert "test: right half" in instances.format_table([], 2)
+    assert "test: left half" in instances.format_table([], 2, swap_halves=True)
 
 
 def test_watershed_splits_touching_discs_that_components_merge():
