@@ -764,6 +764,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.plot_dir and not args.merge:
         parser.error("--plot-dir plots merged results: give the result files with --merge.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.merge:
         if args.json and Path(args.json).exists() and not args.overwrite:
             raise SystemExit(f"{args.json} exists; pass --overwrite to replace it or choose another --json.")
@@ -807,8 +809,6 @@ def main(argv: list[str] | None = None) -> dict:
         return results
     if args.json and Path(args.json).exists() and not args.overwrite:
         raise SystemExit(f"{args.json} exists; pass --overwrite to replace it or choose another --json.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from transformers import AutoConfig
     from transformers.utils import logging as transformers_logging
 
