@@ -80,7 +80,9 @@ def short_name(name: str) -> str:
     """A row name short enough to label a point: "upernet + full fine-tune, layer decay" -> "upernet FT"."""
     for long, short in ((" + full fine-tune, layer decay", " FT"), (" + LoRA", " LoRA"),
                         (" + connected components", " + CC"), (" (fine-tuned, layer decay)", ""),
-                        (" (frozen backbone)", "")):
+                        (" (frozen backbone)", ""), ("Otsu + distance-transform watershed", "watershed"),
+                        ("connected components of the true foreground (pixel heads' ceiling)",
+                         "true foreground + CC (ceiling)")):
         name = name.replace(long, short)
     return name
 
