@@ -218,7 +218,6 @@ def make_plots(json_paths, out_dir: str | Path | None = None, window: int = 256)
     return written
 
 
-
 INSTANCE_KIND_COLOURS = {"watershed": "tab:gray", "ceiling": "black", "semantic": "tab:blue", "eomt": "tab:red",
                          "pmt": "tab:purple"}
 
